@@ -1,0 +1,150 @@
+"""Typed configuration, loaded once from params.yaml and passed down as arguments.
+
+Every section forbids unknown keys, so a typo fails at load time instead of being ignored.
+`load_config` validates the whole file (types, then rules that span several keys) before
+anything runs, and its errors name the key path and the offending value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+METHODS = ("single", "avgpool", "maxpool", "explicit", "hierarchical")
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is wrong; the message names the key and the value."""
+
+
+def _check_scale_set(scales: list[float]) -> list[float]:
+    if not scales:
+        raise ValueError("a scale set needs at least one scale")
+    bad = [s for s in scales if s <= 0]
+    if bad:
+        raise ValueError(f"scales must be positive, got {bad}")
+    if len(set(scales)) != len(scales):
+        raise ValueError(f"scales must not repeat, got {scales}")
+    # A scale set is a set: keep one canonical (ascending) order everywhere.
+    return sorted(float(s) for s in scales)
+
+
+ScaleSet = Annotated[list[float], AfterValidator(_check_scale_set)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Section):
+    method: Literal["single", "avgpool", "maxpool", "explicit", "hierarchical"] = "hierarchical"
+    trunk: str = "resnet18"
+    output_stride: Literal[8, 16] = 8
+    decoder: str = "deeplabv3plus"
+    decoder_channels: int = Field(256, gt=0)
+    attention_channels: int = Field(256, gt=0)
+    num_classes: int = Field(19, gt=1)
+    train_scales: ScaleSet = [0.5, 1.0]
+    aux_scale_weight: float = Field(0.05, ge=0)
+    explicit_scale_weight: float = Field(1.0, ge=0)
+    pretrained: str | None = None
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(4, gt=0)
+    crop_size: tuple[int, int] = (256, 256)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    poly_power: float = Field(0.9, ge=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    sync_batchnorm: bool = True
+    seed: int = 0
+
+
+class EvaluateConfig(Section):
+    scale_sets: list[ScaleSet] = [[1.0], [0.5, 1.0], [0.5, 1.0, 2.0]]
+
+
+class PipelineConfig(Section):
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+
+def allowed_eval_scales_problem(method: str, train_scales: list[float], scales: list[float]) -> str | None:
+    """Why `method`, trained on `train_scales`, cannot be evaluated on `scales` (None if it can).
+
+    Shared by config validation and the model wrapper so both enforce one rule.
+    """
+    if method == "single" and scales != [1.0]:
+        return "method 'single' predicts at scale 1.0 only; use avgpool/maxpool/hierarchical for several scales"
+    if method == "explicit" and scales != list(train_scales):
+        return f"method 'explicit' evaluates on its training scales {list(train_scales)} only"
+    if method in ("avgpool", "maxpool", "hierarchical") and 1.0 not in scales:
+        return f"method '{method}' needs 1.0 in every scale set (the output is at the 1.0 resolution)"
+    return None
+
+
+def _consistency_problems(cfg: PipelineConfig) -> list[str]:
+    model = cfg.model
+    problems = []
+    if model.method in ("single", "avgpool", "maxpool") and model.train_scales != [1.0]:
+        problems.append(
+            f"model.train_scales = {model.train_scales}: method '{model.method}' trains at scale 1.0 only, "
+            "set model.train_scales to [1.0]"
+        )
+    if model.method == "hierarchical" and (1.0 not in model.train_scales or len(model.train_scales) < 2):
+        problems.append(
+            f"model.train_scales = {model.train_scales}: hierarchical trains on at least two scales including 1.0"
+        )
+    if model.method == "explicit" and len(model.train_scales) < 2:
+        problems.append(f"model.train_scales = {model.train_scales}: explicit needs at least two scales")
+    for i, scales in enumerate(cfg.evaluate.scale_sets):
+        why = allowed_eval_scales_problem(model.method, model.train_scales, scales)
+        if why:
+            problems.append(f"evaluate.scale_sets[{i}] = {scales}: {why}")
+    return problems
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for item in err.errors():
+        path = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in item["loc"])
+        path = path.replace(".[", "[")
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against params.yaml)"
+        lines.append(f"  {path}: {msg} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def validate_config(raw: dict[str, Any], source: str = "<dict>") -> PipelineConfig:
+    """Validate a parsed params dict: types and ranges first, then cross-key rules."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+    problems = _consistency_problems(cfg)
+    if problems:
+        raise ConfigError(f"invalid configuration in {source}:\n  " + "\n  ".join(problems))
+    return cfg
+
+
+def load_config(path: str | Path = "params.yaml") -> PipelineConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    return validate_config(raw, source=str(path))

@@ -1,0 +1,106 @@
+"""One wrapper that runs a Segmenter at several scales and fuses, for all five methods.
+
+- single: p_1.0 only.
+- avgpool / maxpool: trained at 1.0; at inference any set containing 1.0, fused by mean / max.
+- explicit (Chen et al. 2016): a fixed scale set at train and eval; an attention module reads the
+  per-scale decoder features (resized to the 1.0 grid) and outputs one score map per scale.
+- hierarchical (Tao et al. 2020): attention between adjacent scales, so any set containing 1.0
+  works at inference, including sets never seen in training.
+
+The output type is the same in training and inference; losses live outside (components.losses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from components.config import allowed_eval_scales_problem
+from components.models import fusion
+from components.models.segmenter import Segmenter
+
+
+@dataclass
+class MultiScaleOutput:
+    fused: torch.Tensor  # (N, C, H1, W1) logits at the 1.0 resolution
+    logits: dict[float, torch.Tensor] = field(default_factory=dict)  # per-scale logits
+    # Per-scale attention: sigmoid maps (hierarchical) or softmax weights on the 1.0 grid (explicit).
+    attention: dict[float, torch.Tensor] = field(default_factory=dict)
+
+
+class ExplicitScaleAttention(nn.Module):
+    """Reads concatenated per-scale features and scores each scale at each pixel (Chen et al. 2016)."""
+
+    def __init__(self, feature_channels: int, num_scales: int, channels: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(feature_channels * num_scales, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, num_scales, 1),
+        )
+
+    def forward(self, stacked_features: torch.Tensor) -> torch.Tensor:
+        return self.net(stacked_features)
+
+
+def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+class MultiScaleSegmenter(nn.Module):
+    def __init__(self, segmenter: Segmenter, method: str, train_scales: list[float], attention_channels: int = 256):
+        super().__init__()
+        self.segmenter = segmenter
+        self.method = method
+        self.train_scales = sorted(train_scales)
+        self.explicit_attention = None
+        if method == "explicit":
+            self.explicit_attention = ExplicitScaleAttention(
+                segmenter.decoder.out_channels, len(self.train_scales), attention_channels
+            )
+
+    def check_scales(self, scales: list[float]) -> list[float]:
+        scales = sorted(float(s) for s in scales)
+        if len(set(scales)) != len(scales) or any(s <= 0 for s in scales):
+            raise ValueError(f"scale set {scales}: scales must be positive and distinct")
+        why = allowed_eval_scales_problem(self.method, self.train_scales, scales)
+        if why:
+            raise ValueError(f"scale set {scales}: {why}")
+        return scales
+
+    def _images_at(self, images: torch.Tensor | dict[float, torch.Tensor], scales: list[float]):
+        """The image at each scale: taken from a given pyramid when present, else resized from 1.0."""
+        if isinstance(images, dict):
+            if 1.0 not in images:
+                raise ValueError(f"an image pyramid needs its 1.0 level, got {sorted(images)}")
+            base = images[1.0]
+        else:
+            base, images = images, {}
+        size = base.shape[-2:]
+        return {s: images[s] if s in images else fusion.resize(base, scaled_size(size, s)) for s in scales}
+
+    def forward(
+        self, images: torch.Tensor | dict[float, torch.Tensor], scales: list[float] | None = None
+    ) -> MultiScaleOutput:
+        scales = self.check_scales(self.train_scales if scales is None else scales)
+        per_scale = {s: self.segmenter(img) for s, img in self._images_at(images, scales).items()}
+        logits = {s: out.logits for s, out in per_scale.items()}
+        if self.method == "single":
+            return MultiScaleOutput(fused=logits[1.0], logits=logits)
+        if self.method == "avgpool":
+            return MultiScaleOutput(fused=fusion.avg_fuse(logits), logits=logits)
+        if self.method == "maxpool":
+            return MultiScaleOutput(fused=fusion.max_fuse(logits), logits=logits)
+        if self.method == "hierarchical":
+            attention = {s: out.attention for s, out in per_scale.items()}
+            return MultiScaleOutput(fused=fusion.hierarchical_fuse(logits, attention), logits=logits, attention=attention)
+        # explicit: features of every scale on the 1.0 feature grid, concatenated in ascending order.
+        grid = per_scale[1.0].features.shape[-2:]
+        stacked = torch.cat([fusion.resize(per_scale[s].features, grid) for s in scales], dim=1)
+        scores = self.explicit_attention(stacked)
+        weights = fusion.explicit_weights(fusion.resize(scores, logits[1.0].shape[-2:]))
+        attention = {s: weights[:, i : i + 1] for i, s in enumerate(scales)}
+        return MultiScaleOutput(fused=fusion.explicit_fuse(logits, scores), logits=logits, attention=attention)

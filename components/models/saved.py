@@ -1,0 +1,63 @@
+"""The saved-model format: a directory with `weights.safetensors` and `config.json`.
+
+config.json holds the model config and a format version, so evaluation, registration and
+prediction rebuild the network without any training code and without unpickling anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from components.atomic import atomic_dir
+from components.config import ModelConfig
+from components.models.build import build_model
+from components.models.multiscale import MultiScaleSegmenter
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def save_model(model: MultiScaleSegmenter, cfg: ModelConfig, directory: str | Path, metadata: dict | None = None) -> Path:
+    """Write the model atomically: the directory appears complete or not at all."""
+    directory = Path(directory)
+    # Saved models never point at a local pretrained file: the weights are all in the directory.
+    config = cfg.model_copy(update={"pretrained": None}).model_dump(mode="json")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_dir(directory) as tmp:
+        save_file(state, tmp / WEIGHTS_FILE)
+        document = {"format_version": FORMAT_VERSION, "model": config, "metadata": metadata or {}}
+        (tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
+    return directory
+
+
+def read_saved_config(directory: str | Path) -> tuple[ModelConfig, dict]:
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a saved model: {CONFIG_FILE} is missing")
+    try:
+        document = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    version = document.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {version!r} is not supported (this code reads version {FORMAT_VERSION})"
+        )
+    return ModelConfig.model_validate(document["model"]), document.get("metadata", {})
+
+
+def load_saved_model(directory: str | Path) -> tuple[MultiScaleSegmenter, ModelConfig]:
+    """Rebuild the model from config.json and load its weights; returns it in eval mode."""
+    directory = Path(directory)
+    cfg, _ = read_saved_config(directory)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{directory} is not a saved model: {WEIGHTS_FILE} is missing")
+    model = build_model(cfg)
+    model.load_state_dict(load_file(weights), strict=True)
+    return model.eval(), cfg

@@ -1,0 +1,19 @@
+import pytest
+import torch
+
+from components.config import ModelConfig
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+    """A model small enough for 64x64 CPU tests: tiny trunk, 32-channel decoder and heads."""
+    values = dict(trunk="tiny", decoder="deeplabv3plus", decoder_channels=32, attention_channels=32, num_classes=5)
+    values.update(overrides)
+    if "train_scales" not in overrides:
+        method = values.get("method", "hierarchical")
+        values["train_scales"] = [1.0] if method in ("single", "avgpool", "maxpool") else [0.5, 1.0]
+    return ModelConfig(**values)
