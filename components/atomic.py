@@ -14,11 +14,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def remove_stale_temporaries(target: Path) -> None:
+    """Delete temporaries that a killed run (SIGKILL, power loss) left next to `target`.
+
+    Stages run one at a time per output (DVC locks the repository), so any such leftover is stale.
+    """
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory that replaces `target` only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp

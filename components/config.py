@@ -66,11 +66,59 @@ class TrainConfig(Section):
     seed: int = 0
 
 
+class SyntheticConfig(Section):
+    """The bundled procedural street scenes (components.data.synthetic)."""
+
+    train_images: int = Field(80, gt=0)
+    val_images: int = Field(24, gt=0)
+    height: int = Field(192, ge=32)
+    width: int = Field(384, ge=32)
+    seed: int = 0
+
+
+class PrepareConfig(Section):
+    dataset: Literal["synthetic", "cityscapes", "mapillary", "voc", "folder"] = "synthetic"
+    source: str | None = None  # the raw dataset's directory (unused for synthetic)
+    output: str = "data/raw/synthetic"
+    on_bad_sample: Literal["error", "skip"] = "error"
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class PyramidConfig(Section):
+    scales: ScaleSet = [0.25, 0.5, 1.0, 2.0]
+    output: str = "data/pyramid/synthetic"  # a local path or s3://bucket/prefix
+    shard_size: int = Field(64, gt=0)
+
+
+class StorageConfig(Section):
+    """Where s3:// paths live; credentials come from the environment (boto3's chain), never from here."""
+
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+
+
+class LoaderConfig(Section):
+    # Random scale augmentation: the pyramid level that plays the role of 1.0 for a sample.
+    random_scales: ScaleSet = [0.5, 1.0, 2.0]
+    flip: bool = True
+    brightness: float = Field(0.25, ge=0)
+    contrast: float = Field(0.25, ge=0)
+    saturation: float = Field(0.25, ge=0)
+    hue: float = Field(0.02, ge=0, le=0.5)
+    photometric_probability: float = Field(0.8, ge=0, le=1)
+    class_uniform: float = Field(0.0, ge=0, le=1)  # share of samples drawn by rare-class sampling
+    workers: int = Field(1, ge=0)
+
+
 class EvaluateConfig(Section):
     scale_sets: list[ScaleSet] = [[1.0], [0.5, 1.0], [0.5, 1.0, 2.0]]
 
 
 class PipelineConfig(Section):
+    prepare: PrepareConfig = PrepareConfig()
+    pyramid: PyramidConfig = PyramidConfig()
+    storage: StorageConfig = StorageConfig()
+    loader: LoaderConfig = LoaderConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
@@ -104,6 +152,17 @@ def _consistency_problems(cfg: PipelineConfig) -> list[str]:
         )
     if model.method == "explicit" and len(model.train_scales) < 2:
         problems.append(f"model.train_scales = {model.train_scales}: explicit needs at least two scales")
+    if cfg.prepare.dataset != "synthetic" and not cfg.prepare.source:
+        problems.append(f"prepare.source = None: dataset '{cfg.prepare.dataset}' needs the path of its directory")
+    levels = {round(s, 6) for s in cfg.pyramid.scales}
+    if 1.0 not in levels:
+        problems.append(f"pyramid.scales = {cfg.pyramid.scales}: the pyramid needs its 1.0 level")
+    missing = sorted({round(r * s, 6) for r in cfg.loader.random_scales for s in model.train_scales} - levels)
+    if missing:
+        problems.append(
+            f"loader.random_scales = {cfg.loader.random_scales}: with model.train_scales {model.train_scales} "
+            f"the loader reads pyramid levels {missing}, which pyramid.scales {cfg.pyramid.scales} lacks"
+        )
     for i, scales in enumerate(cfg.evaluate.scale_sets):
         why = allowed_eval_scales_problem(model.method, model.train_scales, scales)
         if why:

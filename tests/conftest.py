@@ -17,3 +17,13 @@ def tiny_model_config(**overrides) -> ModelConfig:
         method = values.get("method", "hierarchical")
         values["train_scales"] = [1.0] if method in ("single", "avgpool", "maxpool") else [0.5, 1.0]
     return ModelConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS) with credential checks, for the whole session."""
+    from tests.services import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()

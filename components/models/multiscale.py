@@ -20,6 +20,7 @@ from torch import nn
 from components.config import allowed_eval_scales_problem
 from components.models import fusion
 from components.models.segmenter import Segmenter
+from components.scales import scaled_size
 
 
 @dataclass
@@ -44,10 +45,6 @@ class ExplicitScaleAttention(nn.Module):
 
     def forward(self, stacked_features: torch.Tensor) -> torch.Tensor:
         return self.net(stacked_features)
-
-
-def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
-    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
 class MultiScaleSegmenter(nn.Module):

@@ -1,0 +1,1 @@
+"""Dataset readers, the synthetic street-scene generator, pyramid writer/reader and loaders."""

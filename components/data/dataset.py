@@ -1,0 +1,139 @@
+"""Torch datasets over a scale pyramid.
+
+Training samples are taken from the pyramid, not resized on the fly: a random pyramid level r plays
+the role of scale 1.0 (random scale augmentation), a crop is cut from it, and for every training
+scale s the matching region is cut from level r*s. Crop position, flip and colour jitter are the
+same for all levels of one sample, so the levels stay aligned.
+"""
+
+from __future__ import annotations
+
+import math
+
+import albumentations as A
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from components.config import LoaderConfig
+from components.data.pyramid import PyramidReader
+
+MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
+STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> 3xHxW float, normalised with the ImageNet statistics the trunks expect."""
+    return torch.from_numpy(((image.astype(np.float32) - MEAN) / STD).transpose(2, 0, 1).copy())
+
+
+def photometric_pipeline(cfg: LoaderConfig, level_keys: list[str]) -> A.Compose:
+    """Colour jitter applied with identical parameters to every pyramid level of a sample."""
+    return A.Compose(
+        [A.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, p=cfg.photometric_probability)],
+        additional_targets={key: "image" for key in level_keys},
+        strict=True,
+        is_check_shapes=False,
+    )
+
+
+def _pad(array: np.ndarray, height: int, width: int, value: int) -> np.ndarray:
+    pad_h, pad_w = max(0, height - array.shape[0]), max(0, width - array.shape[1])
+    if not (pad_h or pad_w):
+        return array
+    widths = ((0, pad_h), (0, pad_w)) + ((0, 0),) * (array.ndim - 2)
+    return np.pad(array, widths, constant_values=value)
+
+
+def class_uniform_order(entries: list[dict], num_classes: int, share: float, rng: np.random.Generator) -> np.ndarray:
+    """Sample indices for one epoch: a `share` of them drawn by picking a class uniformly, then an
+    image that contains it (rare classes are seen as often as common ones); the rest uniformly."""
+    n = len(entries)
+    if share <= 0:
+        return np.arange(n)
+    holders = [[i for i, e in enumerate(entries) if c in e["classes"]] for c in range(num_classes)]
+    present = [h for h in holders if h]
+    weights = np.full(n, (1 - share) / n)
+    for h in present:
+        weights[h] += share / (len(present) * len(h))
+    return rng.choice(n, size=n, replace=True, p=weights / weights.sum())
+
+
+class PyramidTrainDataset(Dataset):
+    """Yields {"images": {scale: 3xhxw}, "label": HxW int64} with crops aligned across scales."""
+
+    def __init__(self, reader: PyramidReader, split: str, train_scales: list[float], crop_size: tuple[int, int],
+                 cfg: LoaderConfig, seed: int = 0):
+        self.reader, self.split = reader, split
+        self.entries = reader.entries(split)
+        if not self.entries:
+            raise ValueError(f"split {split!r} of the pyramid at {reader.root} is empty")
+        self.train_scales = sorted(train_scales)
+        self.crop_size = tuple(crop_size)
+        self.cfg, self.seed, self.epoch = cfg, seed, 0
+        self.photometric = photometric_pipeline(cfg, [f"level{i}" for i in range(len(self.train_scales))])
+        self.order = np.arange(len(self.entries))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Re-draw the epoch's sample order (class-uniform sampling) deterministically from the seed."""
+        self.epoch = epoch
+        rng = np.random.default_rng([self.seed, epoch])
+        self.order = class_uniform_order(self.entries, self.reader.num_classes, self.cfg.class_uniform, rng)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        sample = int(self.order[index])
+        r = float(rng.choice(self.cfg.random_scales))
+        levels = self.reader.read(self.split, sample, [round(r * s, 6) for s in self.train_scales])
+        _, base_label = levels[round(r, 6)]
+        crop_h, crop_w = self.crop_size
+        # The crop origin is a multiple of `step` so that it maps to whole pixels at every scale.
+        step = max(1, math.ceil(1 / min(self.train_scales)))
+        top = int(rng.integers(0, max(0, base_label.shape[0] - crop_h) // step + 1)) * step
+        left = int(rng.integers(0, max(0, base_label.shape[1] - crop_w) // step + 1)) * step
+        flip = self.cfg.flip and rng.random() < 0.5
+        images, label = {}, None
+        for s in self.train_scales:
+            image, lab = levels[round(r * s, 6)]
+            h, w = max(1, round(crop_h * s)), max(1, round(crop_w * s))
+            y, x = round(top * s), round(left * s)
+            image = _pad(image[y : y + h, x : x + w], h, w, 0)
+            if flip:
+                image = image[:, ::-1]
+            images[s] = np.ascontiguousarray(image)
+            if s == 1.0:
+                label = _pad(lab[y : y + h, x : x + w], h, w, 255)
+                label = np.ascontiguousarray(label[:, ::-1] if flip else label)
+        keys = [f"level{i}" for i in range(len(self.train_scales))]
+        jittered = self.photometric(image=images[1.0], **{k: images[s] for k, s in zip(keys, self.train_scales)})
+        return {
+            "images": {s: to_tensor(jittered[k]) for k, s in zip(keys, self.train_scales)},
+            "label": torch.from_numpy(label.astype(np.int64)),
+        }
+
+
+class PyramidEvalDataset(Dataset):
+    """Whole images of a split at the pyramid levels it has among `scales` (others are resized by
+    the model). Yields {"images": {scale: 3xHxW}, "label": HxW int64 at 1.0, "index": int}."""
+
+    def __init__(self, reader: PyramidReader, split: str, scales: list[float]):
+        self.reader, self.split = reader, split
+        self.entries = reader.entries(split)
+        if not self.entries:
+            raise ValueError(f"split {split!r} of the pyramid at {reader.root} is empty")
+        stored = {round(s, 6) for s in reader.scales}
+        self.scales = sorted({1.0, *[s for s in scales if round(s, 6) in stored]})
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        levels = self.reader.read(self.split, index, self.scales)
+        return {
+            "images": {s: to_tensor(levels[s][0]) for s in self.scales},
+            "label": torch.from_numpy(levels[1.0][1].astype(np.int64)),
+            "index": index,
+        }

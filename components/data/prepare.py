@@ -1,0 +1,137 @@
+"""Turn any supported dataset into one canonical layout plus a manifest, checking every sample.
+
+Layout: images/<split>/<id>.png (RGB), labels/<split>/<id>.png (class indices, 255 ignored),
+manifest.json (splits, classes, colours, groups, ignore index, class frequencies, checksums) and
+skipped.json (samples dropped under on_bad_sample=skip, each with the reason).
+The directory is written under a temporary name and renamed at the end: never partial.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from components.atomic import atomic_dir
+from components.data.classes import IGNORE_INDEX
+from components.data.readers import DatasetReader, RawSample
+
+FORMAT_VERSION = 1
+
+
+class BadSampleError(ValueError):
+    """A sample that cannot be used; the message names the file and the problem."""
+
+
+def _open_image(path: Path, what: str) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()
+        return image
+    except FileNotFoundError:
+        raise BadSampleError(f"{path}: {what} file is missing") from None
+    except Exception as err:  # PIL raises many types for corrupt files
+        raise BadSampleError(f"{path}: unreadable {what} ({type(err).__name__}: {err})") from None
+
+
+def convert_sample(sample: RawSample, lookup: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decode and check one sample; returns (RGB uint8 image, uint8 class-index label)."""
+    if sample.label_path is None:
+        raise BadSampleError(f"{sample.image_path}: no label file for sample {sample.sample_id!r}")
+    image = np.asarray(_open_image(sample.image_path, "image").convert("RGB"))
+    label_image = _open_image(sample.label_path, "label")
+    if label_image.mode not in ("L", "P", "I", "I;16"):
+        raise BadSampleError(f"{sample.label_path}: label must be single-channel (L or P), got mode {label_image.mode}")
+    raw = np.asarray(label_image)
+    if raw.shape != image.shape[:2]:
+        raise BadSampleError(
+            f"{sample.label_path}: label is {raw.shape[1]}x{raw.shape[0]} but image {sample.image_path} "
+            f"is {image.shape[1]}x{image.shape[0]}"
+        )
+    if raw.max(initial=0) > 255:
+        raise BadSampleError(f"{sample.label_path}: label values up to {raw.max()} exceed 255")
+    mapped = lookup[raw.astype(np.uint8)]
+    undefined = np.unique(raw[mapped < 0])
+    if undefined.size:
+        raise BadSampleError(f"{sample.label_path}: label ids {undefined.tolist()[:10]} are not in the class map")
+    return image, mapped.astype(np.uint8)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _duplicates(samples: list[RawSample]) -> dict[int, str]:
+    """Index -> reason, for every occurrence of a sample id after its first."""
+    first: dict[str, RawSample] = {}
+    problems = {}
+    for i, s in enumerate(samples):
+        if s.sample_id in first:
+            problems[i] = f"{s.image_path}: duplicate sample id {s.sample_id!r} (also {first[s.sample_id].image_path})"
+        else:
+            first[s.sample_id] = s
+    return problems
+
+
+def prepare_dataset(reader: DatasetReader, output: str | Path, on_bad_sample: str = "error",
+                    progress=None, source_info: dict | None = None) -> dict:
+    """Convert every sample of `reader` into the canonical layout at `output`; returns the manifest."""
+    if on_bad_sample not in ("error", "skip"):
+        raise ValueError(f"prepare.on_bad_sample: expected 'error' or 'skip', got {on_bad_sample!r}")
+    if not reader.samples:
+        raise ValueError(f"{reader.name}: no samples found in the dataset directory")
+    num_classes = len(reader.classes.names)
+    duplicates = _duplicates(reader.samples)
+    splits: dict[str, list[str]] = {s: [] for s in dict.fromkeys(x.split for x in reader.samples)}
+    checksums, skipped = {}, []
+    pixel_counts = np.zeros(num_classes, dtype=np.int64)
+    with atomic_dir(output) as tmp:
+        for index, sample in enumerate(reader.samples):
+            try:
+                if index in duplicates:
+                    raise BadSampleError(duplicates[index])
+                image, label = convert_sample(sample, reader.lookup)
+            except BadSampleError as err:
+                if on_bad_sample == "error":
+                    raise
+                skipped.append({"sample_id": sample.sample_id, "split": sample.split, "reason": str(err)})
+                continue
+            finally:
+                if progress is not None:
+                    progress.update(1)
+            for kind, array in (("images", image), ("labels", label)):
+                path = tmp / kind / sample.split / f"{sample.sample_id}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(path)
+                checksums[path.relative_to(tmp).as_posix()] = _sha256(path)
+            splits[sample.split].append(sample.sample_id)
+            if sample.split == "train":
+                pixel_counts += np.bincount(label[label != IGNORE_INDEX].ravel(), minlength=num_classes)[:num_classes]
+        empty = [name for name, ids in splits.items() if not ids]
+        if empty:
+            raise ValueError(f"{reader.name}: split(s) {empty} are empty after checking samples "
+                             f"({len(skipped)} skipped, see the reasons above)")
+        total = max(int(pixel_counts.sum()), 1)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "dataset": reader.name,
+            "source": source_info or {},
+            "ignore_index": IGNORE_INDEX,
+            "classes": reader.classes.to_dict(),
+            "class_frequencies": {n: float(c) / total for n, c in zip(reader.classes.names, pixel_counts)},
+            "splits": splits,
+            "checksums": checksums,
+            "skipped": len(skipped),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        (tmp / "skipped.json").write_text(json.dumps(skipped, indent=1) + "\n")
+    return manifest
+
+
+def manifest_hash(manifest: dict) -> str:
+    """A short, stable fingerprint of a dataset manifest (for MLflow tags and lineage)."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+

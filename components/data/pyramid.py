@@ -1,0 +1,142 @@
+"""Scale pyramids: every image and label of a prepared dataset at every configured scale.
+
+Images below 1.0 are area-resized (each output pixel averages the pixels it covers, no aliasing),
+above 1.0 bilinear; labels are resized with nearest neighbour. All levels of a sample lie next to
+each other in one shard file (raw uint8, image then label per level), so a loader fetches a whole
+pyramid with one ranged read, locally or from S3. manifest.json indexes every sample.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from components.data.prepare import manifest_hash
+from components.scales import scale_key, scaled_size
+from components.storage import Storage, join
+
+FORMAT_VERSION = 1
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    h, w = size
+    if (h, w) == image.shape[:2]:
+        return image
+    shrink = h < image.shape[0]
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    h, w = size
+    if (h, w) == label.shape[:2]:
+        return label
+    return cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST)
+
+
+def build_pyramid(prepared_dir: str | Path, scales: list[float], shard_size: int, storage: Storage,
+                  output: str, progress=None) -> dict:
+    """Write the pyramid of a prepared dataset to `output` (local path or s3://); returns the manifest."""
+    prepared_dir = Path(prepared_dir)
+    source_path = prepared_dir / "manifest.json"
+    if not source_path.is_file():
+        raise FileNotFoundError(f"pyramid.input: {source_path} is missing; run the prepare stage first")
+    source = json.loads(source_path.read_text())
+    num_classes = len(source["classes"]["names"])
+    staging_parent = Path(output).parent if not str(output).startswith("s3://") else None
+    if staging_parent is not None:
+        staging_parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".pyramid.tmp-", dir=staging_parent))
+    try:
+        splits = {}
+        for split, ids in source["splits"].items():
+            entries, shard, handle, offset = [], -1, None, 0
+            for i, sample_id in enumerate(ids):
+                if i % shard_size == 0:
+                    if handle:
+                        handle.close()
+                    shard, offset = shard + 1, 0
+                    handle = open(staging / f"{split}-{shard:05d}.bin", "wb")
+                image = np.asarray(Image.open(prepared_dir / "images" / split / f"{sample_id}.png").convert("RGB"))
+                label = np.asarray(Image.open(prepared_dir / "labels" / split / f"{sample_id}.png"))
+                present = np.unique(label[label < num_classes]).tolist()
+                levels = {}
+                for s in scales:
+                    size = scaled_size(label.shape, s)
+                    img_s, lab_s = resize_image(image, size), resize_label(label, size)
+                    handle.write(np.ascontiguousarray(img_s).tobytes())
+                    handle.write(np.ascontiguousarray(lab_s).tobytes())
+                    levels[scale_key(s)] = {"offset": offset, "height": size[0], "width": size[1]}
+                    offset += size[0] * size[1] * 4
+                entries.append({"id": sample_id, "shard": f"{split}-{shard:05d}.bin", "levels": levels,
+                                "classes": present})
+                if progress is not None:
+                    progress.update(1)
+            if handle:
+                handle.close()
+            splits[split] = entries
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "scales": [float(s) for s in scales],
+            "classes": source["classes"],
+            "ignore_index": source["ignore_index"],
+            "class_frequencies": source["class_frequencies"],
+            "dataset": source["dataset"],
+            "source_manifest": manifest_hash(source),
+            "splits": splits,
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest) + "\n")
+        storage.publish_dir(staging, output)
+    finally:
+        if staging.exists():
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+class PyramidReader:
+    """Random access to (image, label) of any sample at any pyramid level."""
+
+    def __init__(self, root: str, storage: Storage | None = None):
+        self.root = str(root)
+        self.storage = storage or Storage()
+        manifest_uri = join(self.root, "manifest.json")
+        try:
+            self.manifest = json.loads(self.storage.read_bytes(manifest_uri))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{manifest_uri} is missing: build the pyramid first (dvc repro pyramid)") from None
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{manifest_uri}: unsupported pyramid format {self.manifest.get('format_version')!r}")
+        self.scales = self.manifest["scales"]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest["classes"]["names"])
+
+    def entries(self, split: str) -> list[dict]:
+        if split not in self.manifest["splits"]:
+            raise KeyError(f"split {split!r} is not in the pyramid at {self.root}; it has {list(self.manifest['splits'])}")
+        return self.manifest["splits"][split]
+
+    def read(self, split: str, index: int, scales: list[float]) -> dict[float, tuple[np.ndarray, np.ndarray]]:
+        """{scale: (image HxWx3 uint8, label HxW uint8)} for one sample, in one ranged read."""
+        entry = self.entries(split)[index]
+        missing = [s for s in scales if scale_key(s) not in entry["levels"]]
+        if missing:
+            raise KeyError(f"scales {missing} are not in the pyramid at {self.root} (it has {self.scales})")
+        levels = [entry["levels"][scale_key(s)] for s in scales]
+        start = min(lv["offset"] for lv in levels)
+        end = max(lv["offset"] + lv["height"] * lv["width"] * 4 for lv in levels)
+        blob = self.storage.read_range(join(self.root, entry["shard"]), start, end - start)
+        out = {}
+        for s, lv in zip(scales, levels):
+            h, w, at = lv["height"], lv["width"], lv["offset"] - start
+            image = np.frombuffer(blob, np.uint8, h * w * 3, at).reshape(h, w, 3)
+            label = np.frombuffer(blob, np.uint8, h * w, at + h * w * 3).reshape(h, w)
+            out[s] = (image, label)
+        return out

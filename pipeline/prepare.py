@@ -1,0 +1,42 @@
+"""Stage `prepare`: a raw dataset (or the bundled synthetic one) -> canonical layout + manifest."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from components.config import PipelineConfig
+from components.data.prepare import prepare_dataset
+from components.data.readers import open_dataset, read_cityscapes
+from components.data.synthetic import write_cityscapes_layout
+from pipeline.common import run_stage
+
+
+def main(cfg: PipelineConfig) -> None:
+    pc = cfg.prepare
+    with tempfile.TemporaryDirectory(prefix="synthetic-cityscapes-") as scratch:
+        if pc.dataset == "synthetic":
+            sc = pc.synthetic
+            splits = {"train": sc.train_images, "val": sc.val_images}
+            with tqdm(total=sum(splits.values()), desc="generate", unit="img") as bar:
+                # Written in the Cityscapes layout and read back by the Cityscapes reader.
+                write_cityscapes_layout(scratch, splits, sc.height, sc.width, sc.seed, progress=bar)
+            reader = read_cityscapes(scratch)
+            source_info = {"generator": "synthetic", **sc.model_dump()}
+        else:
+            reader = open_dataset(pc.dataset, pc.source)
+            source_info = {"path": pc.source}
+        with tqdm(total=len(reader.samples), desc="prepare", unit="img") as bar:
+            manifest = prepare_dataset(reader, pc.output, pc.on_bad_sample, progress=bar, source_info=source_info)
+    counts = {split: len(ids) for split, ids in manifest["splits"].items()}
+    print(f"prepared {reader.name} into {pc.output}: {counts}, {manifest['skipped']} skipped")
+    if manifest["skipped"]:
+        for item in json.loads((Path(pc.output) / "skipped.json").read_text()):
+            print(f"  skipped {item['split']}/{item['sample_id']}: {item['reason']}")
+
+
+if __name__ == "__main__":
+    run_stage(main, __doc__)
