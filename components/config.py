@@ -7,6 +7,7 @@ anything runs, and its errors name the key path and the offending value.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -62,8 +63,32 @@ class TrainConfig(Section):
     weight_decay: float = Field(1e-4, ge=0)
     poly_power: float = Field(0.9, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    sync_batchnorm: bool = True
+    channels_last: bool = True
+    sync_batchnorm: bool = True  # multi-GPU only: BN statistics over the global batch
     seed: int = 0
+    steps_per_epoch: int | None = Field(None, gt=0)  # cap per epoch (quick runs); None: the whole split
+    output: str = "models/model"  # the saved-model directory of the best epoch
+    metrics: str = "results/train/metrics.json"
+    curves: str = "results/train/curves.csv"
+    run_record: str = "results/train/run.json"  # the MLflow run and logged model of this training
+
+
+class RayConfig(Section):
+    address: str | None = None  # None: RAY_ADDRESS, else a local Ray started by the stage
+    num_workers: int = Field(1, gt=0)
+    use_gpu: Literal["auto", True, False] = "auto"  # auto: GPU workers when the cluster has GPUs
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    storage_path: str = "ray_results"  # checkpoints; a local path or s3://bucket/prefix
+    max_failures: int = Field(2, ge=-1)
+    checkpoints_to_keep: int = Field(2, gt=0)
+
+
+class MlflowConfig(Section):
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    artifact_location: str = "mlartifacts"  # used when this code creates the experiment locally
+    experiment: str = "hmsa"
 
 
 class SyntheticConfig(Section):
@@ -111,7 +136,46 @@ class LoaderConfig(Section):
 
 
 class EvaluateConfig(Section):
+    model: str | None = None  # None: train.output; or a saved-model directory, or models:/name@alias
     scale_sets: list[ScaleSet] = [[1.0], [0.5, 1.0], [0.5, 1.0, 2.0]]
+    flip: bool = False
+    pictures: int = Field(4, ge=0)  # val images drawn in the attention figure
+    output_dir: str = "results/eval"
+
+
+class RegisterConfig(Section):
+    model_name: str = "hmsa"
+    scale_set: ScaleSet = [0.5, 1.0, 2.0]  # the evaluated set whose mIoU and GFLOPs gate promotion
+    min_delta: float = Field(0.0, ge=0)  # the candidate must beat the champion's mIoU by more than this
+    max_gflops: float | None = Field(None, gt=0)  # a candidate above this cost is never champion
+    output: str = "results/register/registration.json"
+
+
+class AblationMethod(Section):
+    train_scales: ScaleSet
+    eval_scales: ScaleSet
+
+
+class AblationConfig(Section):
+    """The paper's method table on this data: every method trained with the same budget."""
+
+    epochs: int = Field(6, gt=0)
+    crop_size: tuple[int, int] = (128, 128)
+    # One augmentation for all methods, valid for the widest training set (explicit's).
+    random_scales: ScaleSet = [0.5, 1.0]
+    output_dir: str = "results/ablation"
+    methods: dict[Literal["single", "avgpool", "maxpool", "explicit", "hierarchical"], AblationMethod] = {
+        "single": AblationMethod(train_scales=[1.0], eval_scales=[1.0]),
+        "avgpool": AblationMethod(train_scales=[1.0], eval_scales=[0.5, 1.0, 2.0]),
+        "maxpool": AblationMethod(train_scales=[1.0], eval_scales=[0.5, 1.0, 2.0]),
+        "explicit": AblationMethod(train_scales=[0.5, 1.0, 2.0], eval_scales=[0.5, 1.0, 2.0]),
+        "hierarchical": AblationMethod(train_scales=[0.5, 1.0], eval_scales=[0.5, 1.0, 2.0]),
+    }
+
+
+# The stage is called `register`, which pydantic warns shadows ABCMeta.register on the class; the
+# field is only ever read on instances, where it is the section. Silence that one warning.
+warnings.filterwarnings("ignore", message='Field name "register" in "PipelineConfig" shadows')
 
 
 class PipelineConfig(Section):
@@ -121,6 +185,10 @@ class PipelineConfig(Section):
     loader: LoaderConfig = LoaderConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    ray: RayConfig = RayConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    register: RegisterConfig = RegisterConfig()
+    ablation: AblationConfig = AblationConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
 
@@ -163,11 +231,31 @@ def _consistency_problems(cfg: PipelineConfig) -> list[str]:
             f"loader.random_scales = {cfg.loader.random_scales}: with model.train_scales {model.train_scales} "
             f"the loader reads pyramid levels {missing}, which pyramid.scales {cfg.pyramid.scales} lacks"
         )
+    if cfg.register.scale_set not in cfg.evaluate.scale_sets:
+        problems.append(f"register.scale_set = {cfg.register.scale_set}: not among evaluate.scale_sets "
+                        f"{cfg.evaluate.scale_sets}, so it has no evaluation to gate on")
     for i, scales in enumerate(cfg.evaluate.scale_sets):
         why = allowed_eval_scales_problem(model.method, model.train_scales, scales)
         if why:
             problems.append(f"evaluate.scale_sets[{i}] = {scales}: {why}")
     return problems
+
+
+def ablation_config(cfg: PipelineConfig, method: str) -> PipelineConfig:
+    """The full config of one ablation run: the base config with the method, its scales and the
+    shared budget swapped in, validated like any other (so a bad method entry names its key)."""
+    if method not in cfg.ablation.methods:
+        raise ConfigError(f"ablation.methods has no entry {method!r}; it has {sorted(cfg.ablation.methods)}")
+    entry, ab = cfg.ablation.methods[method], cfg.ablation
+    raw = cfg.model_dump(mode="json")
+    raw["model"].update(method=method, train_scales=entry.train_scales)
+    out = f"{ab.output_dir}/{method}"
+    raw["train"].update(epochs=ab.epochs, crop_size=list(ab.crop_size), output=f"{out}/model",
+                        metrics=f"{out}/train_metrics.json", curves=f"{out}/curves.csv", run_record=f"{out}/run.json")
+    raw["loader"]["random_scales"] = ab.random_scales
+    raw["evaluate"].update(scale_sets=[entry.eval_scales], output_dir=f"{out}/eval", model=None)
+    raw["mlflow"]["experiment"] = f"{cfg.mlflow.experiment}-ablation"
+    return validate_config(raw, source=f"ablation.methods.{method}")
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

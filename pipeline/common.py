@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 
 from components.config import ConfigError, PipelineConfig, load_config
+from pipeline.cluster import ClusterError
 
 
 def run_stage(main: Callable[[PipelineConfig], None], description: str) -> None:
@@ -17,6 +18,6 @@ def run_stage(main: Callable[[PipelineConfig], None], description: str) -> None:
     try:
         cfg = load_config(args.params)
         main(cfg)
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as err:
+    except (ConfigError, ClusterError, FileNotFoundError, ValueError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

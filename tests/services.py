@@ -18,6 +18,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def python_env(**extra) -> dict:
+    """The environment for service and stage subprocesses.
+
+    Ray turns a loopback address into the machine's external IP unless told that this is a
+    single-machine setup; tests keep every Ray connection on loopback.
+    """
+    env = dict(os.environ)
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    env.update(extra)
+    return env
+
+
 def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -89,7 +101,50 @@ class SeaweedS3:
         stop(self.proc, grace=2)  # throwaway data: no need to wait for a clean shutdown
 
 
-def python_env(**extra) -> dict:
-    env = dict(os.environ)
-    env.update(extra)
-    return env
+class RayHead:
+    """A local Ray cluster started with `ray start --head`, which stage subprocesses join."""
+
+    def __init__(self, num_cpus: int = 4):
+        import tempfile
+
+        # Ray's Unix socket paths must stay short: a temp dir right under /tmp.
+        workdir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        ray_bin = str(Path(sys.executable).parent / "ray")
+        # Ray clusters started with `ray start` require token authentication; this one has its own.
+        self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}
+        self.env = python_env(RAY_ADDRESS="", **self.auth)
+        subprocess.run([ray_bin, "start", "--head", f"--port={self.port}", f"--num-cpus={num_cpus}",
+                        "--num-gpus=0", "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
+                        f"--temp-dir={workdir}"], check=True, capture_output=True, env=self.env)
+        self._ray_bin = ray_bin
+
+    def client_env(self) -> dict:
+        """What a stage subprocess needs to join this cluster."""
+        return {"RAY_ADDRESS": self.address, **self.auth}
+
+    def stop(self) -> None:
+        subprocess.run([self._ray_bin, "stop", "--force"], capture_output=True, env=self.env)
+
+
+class MlflowServer:
+    """A real `mlflow server` process with a SQLite backend and a local artifact root."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / "mlflow.log"
+        mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+        self.proc = subprocess.Popen(
+            [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+             "--artifacts-destination", str(workdir / "artifacts"), "--workers", "1"],
+            stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=workdir)
+        import urllib.request
+
+        wait_until(lambda: urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200, 90,
+                   "mlflow server", self.proc, self.log)
+
+    def stop(self) -> None:
+        stop(self.proc)

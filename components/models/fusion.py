@@ -57,12 +57,16 @@ def hierarchical_fuse(logits: dict[float, Tensor], attn: dict[float, Tensor]) ->
 def avg_fuse(logits: dict[float, Tensor]) -> Tensor:
     """Mean over scales of every p_s resized to the 1.0 resolution."""
     size = _base_size(logits)
+    if len(logits) == 1:  # trained at 1.0 alone: nothing to pool
+        return logits[1.0]
     return torch.stack([resize(p, size) for p in logits.values()]).mean(dim=0)
 
 
 def max_fuse(logits: dict[float, Tensor]) -> Tensor:
     """Elementwise maximum over scales of every p_s resized to the 1.0 resolution."""
     size = _base_size(logits)
+    if len(logits) == 1:
+        return logits[1.0]
     return torch.stack([resize(p, size) for p in logits.values()]).amax(dim=0)
 
 

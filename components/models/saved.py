@@ -21,17 +21,23 @@ WEIGHTS_FILE = "weights.safetensors"
 CONFIG_FILE = "config.json"
 
 
-def save_model(model: MultiScaleSegmenter, cfg: ModelConfig, directory: str | Path, metadata: dict | None = None) -> Path:
-    """Write the model atomically: the directory appears complete or not at all."""
+def write_model_files(model: MultiScaleSegmenter, cfg: ModelConfig, directory: str | Path,
+                      metadata: dict | None = None) -> None:
+    """Write the two files into an existing directory (a checkpoint's, or save_model's temporary)."""
     directory = Path(directory)
     # Saved models never point at a local pretrained file: the weights are all in the directory.
     config = cfg.model_copy(update={"pretrained": None}).model_dump(mode="json")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, directory / WEIGHTS_FILE)
+    document = {"format_version": FORMAT_VERSION, "model": config, "metadata": metadata or {}}
+    (directory / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
+
+
+def save_model(model: MultiScaleSegmenter, cfg: ModelConfig, directory: str | Path, metadata: dict | None = None) -> Path:
+    """Write the model atomically: the directory appears complete or not at all."""
     with atomic_dir(directory) as tmp:
-        save_file(state, tmp / WEIGHTS_FILE)
-        document = {"format_version": FORMAT_VERSION, "model": config, "metadata": metadata or {}}
-        (tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
-    return directory
+        write_model_files(model, cfg, tmp, metadata)
+    return Path(directory)
 
 
 def read_saved_config(directory: str | Path) -> tuple[ModelConfig, dict]:
@@ -52,12 +58,15 @@ def read_saved_config(directory: str | Path) -> tuple[ModelConfig, dict]:
 
 
 def load_saved_model(directory: str | Path) -> tuple[MultiScaleSegmenter, ModelConfig]:
-    """Rebuild the model from config.json and load its weights; returns it in eval mode."""
+    """Rebuild the model from config.json and load its weights; returns it in eval mode.
+
+    The model's `metadata` attribute holds config.json's metadata (epoch, class names, colours)."""
     directory = Path(directory)
-    cfg, _ = read_saved_config(directory)
+    cfg, metadata = read_saved_config(directory)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{directory} is not a saved model: {WEIGHTS_FILE} is missing")
     model = build_model(cfg)
     model.load_state_dict(load_file(weights), strict=True)
+    model.metadata = metadata
     return model.eval(), cfg

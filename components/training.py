@@ -1,0 +1,125 @@
+"""Framework-free pieces of the training loop: optimiser, schedule, precision, one epoch, validation.
+
+Ray Train wiring (workers, checkpoints, reports) lives in pipeline/; everything here runs the same
+in a single process, under DDP, and in tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+
+import torch
+from torch import nn
+
+from components.config import ModelConfig, TrainConfig
+from components.losses import segmentation_loss
+from components.metrics import ConfusionMatrix
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), so autocast pays off."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a `train.precision` value on `device`; None means full fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_supports_bf16() else None
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if device.type == "cpu" and dtype is torch.float16:
+        raise ValueError("train.precision = fp16 is for GPUs; use bf16 or fp32 on CPU")
+    return dtype
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD with momentum; no weight decay on norm layers and biases (standard for segmentation)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def poly_lr(base_lr: float, step: int, total_steps: int, power: float) -> float:
+    """The poly schedule of DeepLab: base_lr * (1 - step / total) ** power."""
+    return base_lr * max(0.0, 1 - step / max(total_steps, 1)) ** power
+
+
+def _to_device(batch: dict, device: torch.device, channels_last: bool) -> tuple[dict, torch.Tensor]:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    images = {s: t.to(device, non_blocking=True).contiguous(memory_format=fmt) for s, t in batch["images"].items()}
+    return images, batch["label"].to(device, non_blocking=True)
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, model_cfg: ModelConfig,
+                    train_cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None,
+                    first_step: int, total_steps: int, scaler: torch.amp.GradScaler | None = None,
+                    channels_last: bool = True, max_steps: int | None = None) -> dict:
+    """One pass over `loader`; returns mean loss, images seen, seconds and the last learning rate."""
+    model.train()
+    total_loss, images, step, lr = 0.0, 0, first_step, train_cfg.lr
+    start = time.perf_counter()
+    for i, batch in enumerate(loader):
+        if max_steps is not None and i >= max_steps:
+            break
+        lr = poly_lr(train_cfg.lr, step, total_steps, train_cfg.poly_power)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        inputs, target = _to_device(batch, device, channels_last)
+        with autocast(device, amp_dtype):
+            output = model(inputs)
+        loss = segmentation_loss(output, target, model_cfg)  # in fp32: cross_entropy upcasts
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower train.lr")
+        total_loss += loss.item() * target.shape[0]
+        images += target.shape[0]
+        step += 1
+    seconds = time.perf_counter() - start
+    return {"loss": total_loss / max(images, 1), "images": images, "seconds": seconds, "lr": lr, "steps": step}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, scales: list[float], num_classes: int, device: torch.device,
+             amp_dtype: torch.dtype | None = None, channels_last: bool = True, flip: bool = False) -> ConfusionMatrix:
+    """Confusion matrix of the fused prediction at `scales` over `loader` (this process's share only)."""
+    model.eval()
+    matrix = ConfusionMatrix(num_classes)
+    for batch in loader:
+        inputs, target = _to_device(batch, device, channels_last)
+        with autocast(device, amp_dtype):
+            logits = model(inputs, scales).fused.float()
+            if flip:
+                flipped = {s: torch.flip(x, dims=[-1]) for s, x in inputs.items()}
+                logits = logits + torch.flip(model(flipped, scales).fused.float(), dims=[-1])
+        matrix.update(logits.argmax(1), target)
+    return matrix
+
+
+def parameter_digest(model: nn.Module) -> str:
+    """SHA-256 of every parameter's bytes: equal across DDP ranks exactly when the replicas agree."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for param in model.parameters():
+            digest.update(param.detach().float().cpu().numpy().tobytes())  # C order, whatever the strides
+    return digest.hexdigest()

@@ -1,0 +1,94 @@
+"""Stage `evaluate`: the val split at every scale set of evaluate.scale_sets.
+
+Writes <output_dir>/metrics.json (per set: mIoU, per-class IoU, thin/small and large mIoU,
+GFLOPs and latency per image), pareto.csv (mIoU against GFLOPs, Pareto front marked),
+attention_by_class.json, and attention/*.png pictures; logs the same to an MLflow run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from components.atomic import atomic_dir
+from components.config import PipelineConfig
+from components.data.dataset import PyramidEvalDataset
+from components.data.pyramid import PyramidReader
+from components.evaluation import attention_by_class, evaluate_scale_set, pareto_front
+from components.flops import inference_flops
+from components.storage import storage_for
+from components.viz import attention_figure
+from pipeline import tracking
+from pipeline.common import run_stage
+from pipeline.model_source import load_model
+
+
+def evaluate_all(model, model_cfg, reader: PyramidReader, scale_sets: list[list[float]], flip: bool) -> list[dict]:
+    classes = reader.manifest["classes"]
+    rows = []
+    for scales in scale_sets:
+        model.check_scales(scales)  # a scale set the method cannot use fails before any work
+    for scales in scale_sets:
+        dataset = PyramidEvalDataset(reader, "val", scales)
+        size = tuple(dataset[0]["label"].shape)
+        with tqdm(total=len(dataset), desc=f"evaluate {scales}", unit="img") as bar:
+            row = evaluate_scale_set(model, dataset, scales, classes, flip, progress=bar)
+        row["gflops"] = inference_flops(model_cfg, scales, size) * (2 if flip else 1) / 1e9
+        rows.append(row)
+    for row, front in zip(rows, pareto_front(rows)):
+        row["pareto"] = front
+    return rows
+
+
+def write_outputs(out: Path, rows: list[dict], model, model_cfg, reader: PyramidReader, pictures: int) -> None:
+    classes = reader.manifest["classes"]
+    key = lambda scales: ",".join(f"{s:g}" for s in scales)  # noqa: E731
+    (out / "metrics.json").write_text(json.dumps({key(r["scales"]): r for r in rows}, indent=2) + "\n")
+    with open(out / "pareto.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["scales", "gflops", "miou", "thin_miou", "large_miou", "latency_ms", "pareto"])
+        for r in rows:
+            writer.writerow([key(r["scales"]), r["gflops"], r["miou"], r["thin_miou"], r["large_miou"],
+                             r["latency_ms"], int(r["pareto"])])
+    widest = max((r["scales"] for r in rows), key=len)
+    (out / "attention").mkdir()
+    dataset = PyramidEvalDataset(reader, "val", widest)
+    if model_cfg.method in ("hierarchical", "explicit"):
+        means = attention_by_class(model, dataset, widest, len(classes["names"]))
+        table = {f"{s:g}": {n: (None if np.isnan(v) else float(v)) for n, v in zip(classes["names"], means[s])}
+                 for s in widest}
+        (out / "attention_by_class.json").write_text(json.dumps(table, indent=2) + "\n")
+    for i in range(min(pictures, len(dataset))):
+        attention_figure(model, dataset[i], widest, classes["colors"]).save(out / "attention" / f"val_{i:02d}.png")
+
+
+def main(cfg: PipelineConfig) -> None:
+    import mlflow
+
+    source = cfg.evaluate.model or cfg.train.output
+    model, model_cfg = load_model(source, cfg)
+    reader = PyramidReader(cfg.pyramid.output, storage_for(cfg.pyramid.output, cfg.storage.s3_endpoint_url))
+    torch.set_grad_enabled(False)
+    rows = evaluate_all(model, model_cfg, reader, cfg.evaluate.scale_sets, cfg.evaluate.flip)
+    with atomic_dir(cfg.evaluate.output_dir) as out:
+        write_outputs(out, rows, model, model_cfg, reader, cfg.evaluate.pictures)
+    experiment_id = tracking.setup_experiment(cfg.mlflow)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"evaluate-{model_cfg.method}",
+                          tags={"stage": "evaluate", "model_source": source, "method": model_cfg.method}):
+        for r in rows:
+            tag = "_".join(f"{s:g}" for s in r["scales"])
+            mlflow.log_metrics({f"miou_{tag}": r["miou"], f"gflops_{tag}": r["gflops"],
+                                f"thin_miou_{tag}": r["thin_miou"], f"large_miou_{tag}": r["large_miou"]})
+        mlflow.log_artifacts(cfg.evaluate.output_dir, artifact_path="eval")
+    for r in rows:
+        print(f"{str(r['scales']):28s} mIoU {r['miou']:.4f}  thin {r['thin_miou']:.4f}  large {r['large_miou']:.4f}  "
+              f"{r['gflops']:7.2f} GFLOPs  {r['latency_ms']:7.1f} ms{'  pareto' if r['pareto'] else ''}")
+
+
+if __name__ == "__main__":
+    run_stage(main, __doc__)

@@ -1,0 +1,114 @@
+"""Stage `register`: the trained model into the MLflow registry, promoted only when it is better.
+
+The candidate becomes `champion` only if its mIoU at register.scale_set beats the current champion's
+by more than register.min_delta and its GFLOPs are within register.max_gflops; the old champion
+then keeps the alias `previous`. Otherwise the candidate is aliased `challenger`. The same weights
+registered twice reuse their version (matched by the SHA-256 of the weights). A failure after a
+version was created deletes it again: no half-registered models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from components.atomic import atomic_file
+from components.config import PipelineConfig
+from components.models.saved import WEIGHTS_FILE
+from pipeline import tracking
+from pipeline.common import run_stage
+
+
+def scale_key(scales: list[float]) -> str:
+    return ",".join(f"{s:g}" for s in scales)
+
+
+def decide(candidate: dict, champion: dict | None, min_delta: float, max_gflops: float | None) -> tuple[bool, str]:
+    """(promote?, reason) for a candidate {version, miou, gflops} against the champion (or None)."""
+    if max_gflops is not None and candidate["gflops"] > max_gflops:
+        return False, f"{candidate['gflops']:.2f} GFLOPs exceeds register.max_gflops = {max_gflops}"
+    if champion is None:
+        return True, "no champion yet"
+    if champion["version"] == candidate["version"]:
+        return False, "this version is already the champion"
+    if candidate["miou"] > champion["miou"] + min_delta:
+        return True, (f"mIoU {candidate['miou']:.4f} beats champion v{champion['version']} "
+                      f"({champion['miou']:.4f}) by more than {min_delta}")
+    return False, (f"mIoU {candidate['miou']:.4f} does not beat champion v{champion['version']} "
+                   f"({champion['miou']:.4f}) by more than {min_delta}")
+
+
+def _champion(client, name: str) -> dict | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        return None
+    return {"version": version.version, "miou": float(version.tags["val_miou"]),
+            "gflops": float(version.tags["gflops"])}
+
+
+def register(cfg: PipelineConfig) -> dict:
+    import mlflow
+
+    rc = cfg.register
+    run = json.loads(Path(cfg.train.run_record).read_text())
+    evaluation = json.loads((Path(cfg.evaluate.output_dir) / "metrics.json").read_text())[scale_key(rc.scale_set)]
+    weights_sha = hashlib.sha256((Path(cfg.train.output) / WEIGHTS_FILE).read_bytes()).hexdigest()
+    tracking.setup_experiment(cfg.mlflow)
+    client = mlflow.MlflowClient()
+    existing = [v for v in client.search_model_versions(f"name = '{rc.model_name}'")
+                if v.tags.get("weights_sha256") == weights_sha]
+    created = not existing
+    tags = {"weights_sha256": weights_sha, "val_miou": str(evaluation["miou"]), "gflops": str(evaluation["gflops"]),
+            "eval_scales": str(rc.scale_set), "method": cfg.model.method, "train_scales": str(cfg.model.train_scales),
+            "dataset_manifest": client.get_run(run["run_id"]).data.tags.get("dataset_manifest", ""),
+            "git_commit": tracking.git_commit()}
+    version = existing[0] if existing else mlflow.register_model(run["model_uri"], rc.model_name, tags=tags)
+    try:
+        candidate = {"version": version.version, "miou": evaluation["miou"], "gflops": evaluation["gflops"]}
+        champion = _champion(client, rc.model_name)
+        promote, reason = decide(candidate, champion, rc.min_delta, rc.max_gflops)
+        if promote:
+            if champion is not None:
+                client.set_registered_model_alias(rc.model_name, "previous", champion["version"])
+            client.set_registered_model_alias(rc.model_name, "champion", version.version)
+        elif not (champion and champion["version"] == version.version):
+            client.set_registered_model_alias(rc.model_name, "challenger", version.version)
+        key = scale_key(rc.scale_set).replace(",", "_")
+        with mlflow.start_run(run_id=run["run_id"]):
+            mlflow.log_metrics({f"val_miou_{key}": evaluation["miou"], f"gflops_{key}": evaluation["gflops"]},
+                               model_id=run["model_uri"].removeprefix("models:/"))
+    except Exception:
+        if created:  # leave no version behind that the gate never judged
+            client.delete_model_version(rc.model_name, version.version)
+        raise
+    aliases = {a: v for a, v in ((a, _alias(client, rc.model_name, a)) for a in ("champion", "challenger",
+                                                                                 "previous")) if v}
+    return {"model_name": rc.model_name, "version": version.version, "created_version": created,
+            "promoted": promote, "reason": reason, "candidate": candidate, "previous_champion": champion,
+            "aliases": aliases, "run_id": run["run_id"]}
+
+
+def _alias(client, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias).version
+    except MlflowException:
+        return None
+
+
+def main(cfg: PipelineConfig) -> None:
+    decision = register(cfg)
+    with atomic_file(cfg.register.output, "w") as handle:
+        json.dump(decision, handle, indent=2)
+    verdict = "champion" if decision["promoted"] else "not promoted"
+    print(f"{cfg.register.model_name} v{decision['version']}: {verdict} ({decision['reason']}); "
+          f"aliases {decision['aliases']}")
+
+
+if __name__ == "__main__":
+    run_stage(main, __doc__)

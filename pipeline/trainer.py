@@ -1,0 +1,161 @@
+"""The one TorchTrainer builder shared by the `train` and `tune` stages, and its worker loop.
+
+Each worker: builds the model, restores the latest checkpoint when Ray hands one over (after a
+worker failure, or when the same run is started again after a driver crash), trains with DDP on
+its shard, validates on its share of the val split, all-reduces the confusion matrices, and
+reports. Rank 0 writes the checkpoint (a saved-model directory plus the training state) and logs
+the epoch to MLflow; every worker reports, as Ray Train requires.
+"""
+
+from __future__ import annotations
+
+import resource
+import tempfile
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from components.config import PipelineConfig, validate_config
+from components.data.dataset import PyramidEvalDataset, PyramidTrainDataset
+from components.data.pyramid import PyramidReader
+from components.models import build_model
+from components.models.saved import WEIGHTS_FILE, write_model_files
+from components.storage import storage_for
+from components.training import (autocast_dtype, build_optimizer, evaluate, parameter_digest,
+                                 train_one_epoch)
+from pipeline.tracking import log_epoch
+
+STATE_FILE = "train_state.pt"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this worker: allocated GPU memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def validation_scales(cfg: PipelineConfig) -> list[float]:
+    """Scales used for the per-epoch validation: what the method trains on."""
+    return cfg.model.train_scales if cfg.model.method in ("explicit", "hierarchical") else [1.0]
+
+
+def _restore(model, optimizer) -> dict:
+    """Load the latest checkpoint Ray hands over, if any; returns the training state."""
+    from safetensors.torch import load_file
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return {"epoch": 0, "history": [], "resumed_at_epochs": [], "step": 0}
+    with checkpoint.as_directory() as directory:
+        model.load_state_dict(load_file(Path(directory) / WEIGHTS_FILE))
+        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state.pop("optimizer"))
+    state["resumed_at_epochs"] = [*state["resumed_at_epochs"], state["epoch"]]
+    return state
+
+
+def _loaders(cfg: PipelineConfig, rank: int, world: int):
+    storage = storage_for(cfg.pyramid.output, cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
+    reader = PyramidReader(cfg.pyramid.output, storage)
+    train_set = PyramidTrainDataset(reader, "train", cfg.model.train_scales, cfg.train.crop_size, cfg.loader,
+                                    seed=cfg.train.seed + rank)
+    loader_args = dict(num_workers=cfg.loader.workers, persistent_workers=cfg.loader.workers > 0)
+    train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
+                              **loader_args)
+    # DistributedSampler shards the training set; it is not used for validation because it pads
+    # shards with repeated images, which would count them twice in the confusion matrix.
+    train_loader = ray.train.torch.prepare_data_loader(train_loader, move_to_device=False)
+    val_set = PyramidEvalDataset(reader, "val", validation_scales(cfg))
+    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size=1, **loader_args)
+    return train_set, train_loader, val_loader, reader.manifest["classes"]
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = validate_config(loop_config["params"], source="train_loop_config")
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed)
+    amp_dtype = autocast_dtype(cfg.train.precision, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
+
+    model = build_model(cfg.model)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.train)
+    state = _restore(model, optimizer)
+    if cfg.train.sync_batchnorm and world > 1 and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = ray.train.torch.prepare_model(model)
+    bare = model.module if hasattr(model, "module") else model
+
+    train_set, train_loader, val_loader, classes = _loaders(cfg, rank, world)
+    num_classes = len(classes["names"])
+    steps_per_epoch = len(train_loader) if cfg.train.steps_per_epoch is None else min(
+        cfg.train.steps_per_epoch, len(train_loader))
+    total_steps = steps_per_epoch * cfg.train.epochs
+    for epoch in range(state["epoch"], cfg.train.epochs):
+        train_set.set_epoch(epoch)
+        if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(model, train_loader, optimizer, cfg.model, cfg.train, device, amp_dtype,
+                                state["step"], total_steps, scaler, cfg.train.channels_last, steps_per_epoch)
+        matrix = evaluate(model, val_loader, validation_scales(cfg), num_classes, device, amp_dtype,
+                          cfg.train.channels_last).all_reduce()
+        digests = [None] * world
+        if world > 1:
+            torch.distributed.all_gather_object(digests, parameter_digest(bare))
+        row = {
+            "epoch": epoch + 1,
+            "loss": stats["loss"],
+            "val_miou": matrix.miou(),
+            "val_pixel_accuracy": matrix.pixel_accuracy(),
+            "lr": stats["lr"],
+            "images_per_s": stats["images"] * world / max(stats["seconds"], 1e-9),
+            "epoch_seconds": stats["seconds"],
+            "step_seconds": stats["seconds"] / max(stats["steps"] - state["step"], 1),
+            "peak_memory_mb": peak_memory_mb(device),
+            "replicas_in_sync": int(len(set(digests)) == 1),
+        }
+        state.update(epoch=epoch + 1, step=stats["steps"], history=[*state["history"], row])
+        report = {**row, "resumed_at_epochs": state["resumed_at_epochs"]}
+        if rank != 0:
+            ray.train.report(report, checkpoint=None)
+            continue
+        if loop_config.get("mlflow_run_id"):
+            log_epoch(loop_config["mlflow_uri"], loop_config["mlflow_run_id"], row, step=epoch + 1)
+        with tempfile.TemporaryDirectory(prefix="hmsa-checkpoint-") as checkpoint_dir:
+            # A checkpoint is a saved-model directory plus the training state.
+            metadata = {"epoch": epoch + 1, **row, "classes": classes}
+            write_model_files(bare, cfg.model, checkpoint_dir, metadata=metadata)
+            torch.save({**state, "optimizer": optimizer.state_dict()}, Path(checkpoint_dir) / STATE_FILE)
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
+
+
+def build_trainer(cfg: PipelineConfig, params: dict, run_name: str, use_gpu: bool,
+                  mlflow: dict | None = None, callbacks: list | None = None,
+                  storage_path: str | None = None) -> ray.train.torch.TorchTrainer:
+    """A TorchTrainer for this config. `params` is the validated config as a plain dict (it travels
+    to the workers); `mlflow` holds {"mlflow_uri", "mlflow_run_id"} when epochs are to be logged."""
+    rc = cfg.ray
+    resources = {"CPU": rc.cpus_per_worker, **({"GPU": rc.gpus_per_worker} if use_gpu else {})}
+    return ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"params": params, **(mlflow or {})},
+        scaling_config=ray.train.ScalingConfig(num_workers=rc.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources,
+                                               placement_strategy=rc.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage_path or rc.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=rc.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=rc.checkpoints_to_keep,
+                                                         checkpoint_score_attribute="val_miou",
+                                                         checkpoint_score_order="max"),
+            callbacks=callbacks,
+        ),
+    )

@@ -1,0 +1,112 @@
+"""The registry gate against a real `mlflow server`, idempotent registration, and predict."""
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from components.models import build_model, save_model
+from pipeline import tracking
+from pipeline.register import decide
+from tests.conftest import tiny_model_config
+from tests.services import MlflowServer, python_env
+from tests.train_helpers import write_params
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    yield srv
+    srv.stop()
+
+
+def trained_candidate(workdir, server, seed: int, miou: float, gflops: float = 5.0):
+    """A model logged to MLflow as training does, and an evaluation file with the given scores
+    (the gate's inputs; the scores are chosen so the test knows which candidate is better)."""
+    torch.manual_seed(seed)
+    cfg = tiny_model_config(num_classes=19)
+    save_model(build_model(cfg).eval(), cfg, workdir / "model", metadata={"classes": {"colors": [[seed, 0, 0]] * 19}})
+    mlflow.set_tracking_uri(server.uri)
+    experiment = mlflow.get_experiment_by_name("hmsa") or mlflow.get_experiment(mlflow.create_experiment("hmsa"))
+    with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
+        model_uri = tracking.log_saved_model(workdir / "model", [0.5, 1.0])
+    (workdir / "run.json").write_text(json.dumps({"run_id": run.info.run_id, "model_uri": model_uri}))
+    (workdir / "eval").mkdir()
+    (workdir / "eval" / "metrics.json").write_text(json.dumps({"0.5,1,2": {"miou": miou, "gflops": gflops}}))
+    return write_params(workdir, workdir, model=cfg.model_dump(mode="json"),
+                        train={"output": str(workdir / "model"), "run_record": str(workdir / "run.json")},
+                        evaluate={"output_dir": str(workdir / "eval")},
+                        register={"output": str(workdir / "registration.json"), "min_delta": 0.01},
+                        mlflow={"tracking_uri": server.uri})
+
+
+def register(params):
+    done = subprocess.run([sys.executable, "-m", "pipeline.register", "--params", str(params)],
+                          capture_output=True, text=True, env=python_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((params.parent / "registration.json").read_text())
+
+
+def test_gate_idempotence_and_predict(tmp_path, server):
+    first = trained_candidate(tmp_path / "a", server, seed=1, miou=0.30)
+    decision = register(first)
+    assert decision["promoted"] and decision["reason"] == "no champion yet" and decision["version"] == "1"
+
+    again = register(first)  # the same weights: no second version
+    assert not again["created_version"] and again["version"] == "1" and again["aliases"]["champion"] == "1"
+
+    worse = register(trained_candidate(tmp_path / "b", server, seed=2, miou=0.305))  # not by more than 0.01
+    assert not worse["promoted"] and worse["aliases"] == {"champion": "1", "challenger": "2"}
+
+    better = register(trained_candidate(tmp_path / "c", server, seed=3, miou=0.40))
+    assert better["promoted"] and better["aliases"] == {"champion": "3", "challenger": "2", "previous": "1"}
+    client = mlflow.MlflowClient(server.uri)
+    assert len(client.search_model_versions("name = 'hmsa'")) == 3
+    version = client.get_model_version("hmsa", "3")
+    assert version.tags["val_miou"] == "0.4" and version.tags["method"] == "hierarchical"
+
+    # predict through the registry alias, at a scale set the model never trained on
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(
+            images / f"street{i}.png")
+    (images / "broken.png").write_bytes(b"no image here")
+    command = [sys.executable, "-m", "pipeline.predict", str(images / "street0.png"), str(images / "street1.png"),
+               "--model", "models:/hmsa@champion", "--params", str(tmp_path / "c" / "params.yaml"),
+               "--output", str(tmp_path / "out"), "--scales", "0.5", "1", "1.5"]
+    done = subprocess.run(command, capture_output=True, text=True, env=python_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    label = np.array(Image.open(tmp_path / "out" / "street0_label.png"))
+    assert label.shape == (40, 56) and label.max() < 19
+    assert (tmp_path / "out" / "street1_overlay.png").is_file()
+
+    bad_cases = [
+        (["models:/hmsa@nonexistent"], "hmsa@nonexistent"),
+        ([str(tmp_path / "missing-model")], "no such saved-model directory"),
+        (["models:/hmsa@champion", "--scales", "0.5", "2"], "needs 1.0"),
+    ]
+    for extra, message in bad_cases:
+        argv = [sys.executable, "-m", "pipeline.predict", str(images / "street0.png"), "--params",
+                str(tmp_path / "c" / "params.yaml"), "--output", str(tmp_path / "bad"), "--model", *extra]
+        done = subprocess.run(argv, capture_output=True, text=True, env=python_env())
+        assert done.returncode == 1 and message in done.stderr, done.stderr[-2000:]
+    argv = [sys.executable, "-m", "pipeline.predict", "--params", str(tmp_path / "c" / "params.yaml"),
+            "--model", str(tmp_path / "c" / "model"), "--output", str(tmp_path / "bad"), str(images / "broken.png")]
+    done = subprocess.run(argv, capture_output=True, text=True, env=python_env())
+    assert done.returncode == 1 and "broken.png: unreadable image" in done.stderr
+
+
+def test_decide_respects_the_cost_budget():
+    candidate = {"version": "2", "miou": 0.9, "gflops": 50.0}
+    champion = {"version": "1", "miou": 0.5, "gflops": 10.0}
+    assert decide(candidate, champion, 0.0, max_gflops=20.0) == (False, "50.00 GFLOPs exceeds register.max_gflops = 20.0")
+    assert decide(candidate, champion, 0.0, None)[0] is True
+    assert decide(candidate, None, 0.0, None) == (True, "no champion yet")

@@ -1,0 +1,61 @@
+"""A tiny dataset and params for training tests, and a way to run stages as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from components.data.prepare import prepare_dataset
+from components.data.pyramid import build_pyramid
+from components.data.readers import read_cityscapes
+from components.data.synthetic import write_cityscapes_layout
+from components.storage import Storage
+from tests.services import python_env
+
+
+def tiny_pyramid(root: Path, train_images: int = 8, val_images: int = 4, size=(64, 96)) -> Path:
+    write_cityscapes_layout(root / "cs", {"train": train_images, "val": val_images}, *size, seed=5)
+    prepare_dataset(read_cityscapes(root / "cs"), root / "raw")
+    build_pyramid(root / "raw", [0.25, 0.5, 1.0, 2.0], 16, Storage(), str(root / "pyramid"))
+    return root
+
+
+def write_params(workdir: Path, data: Path, **sections) -> Path:
+    """params.yaml for a quick training on the tiny pyramid; `sections` override per section."""
+    params = {
+        "prepare": {"output": str(data / "raw")},
+        "pyramid": {"output": str(data / "pyramid")},
+        "model": {"trunk": "tiny", "decoder_channels": 16, "attention_channels": 16},
+        "train": {"epochs": 3, "batch_size": 2, "crop_size": [64, 64], "output": str(workdir / "model"),
+                  "metrics": str(workdir / "metrics.json"), "curves": str(workdir / "curves.csv")},
+        "loader": {"workers": 0},
+        "ray": {"num_workers": 1, "storage_path": str(workdir / "ray_results")},
+        "mlflow": {"tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}", "artifact_location": str(workdir / "art")},
+    }
+    for section, values in sections.items():
+        params.setdefault(section, {}).update(values)
+    path = workdir / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def stage_command(stage: str, params: Path) -> list[str]:
+    return [sys.executable, "-m", f"pipeline.{stage}", "--params", str(params)]
+
+
+def run_stage(stage: str, params: Path, timeout: float = 600, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(stage_command(stage, params), capture_output=True, text=True, timeout=timeout,
+                          env=python_env(**env))
+
+
+def read_metrics(workdir: Path) -> dict:
+    return json.loads((workdir / "metrics.json").read_text())
+
+
+def curve_epochs(workdir: Path) -> list[int]:
+    lines = (workdir / "curves.csv").read_text().splitlines()[1:]
+    return [int(line.split(",")[0]) for line in lines]
