@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 METHODS = ("single", "avgpool", "maxpool", "explicit", "hierarchical")
 
@@ -143,6 +143,41 @@ class EvaluateConfig(Section):
     output_dir: str = "results/eval"
 
 
+class SearchSpec(Section):
+    """How one hyperparameter is searched: exactly one of the four kinds."""
+
+    choice: list[Any] | None = None
+    grid: list[Any] | None = None  # every value, in order (Tune's grid_search)
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        given = [k for k in ("choice", "grid", "loguniform", "uniform") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of choice, grid, loguniform, uniform (got {given or 'none'})")
+        return self
+
+
+class TuneConfig(Section):
+    num_samples: int = Field(3, gt=0)
+    epochs: int = Field(2, gt=0)  # per trial: ASHA's max_t
+    steps_per_epoch: int | None = Field(8, gt=0)
+    grace_period: int = Field(1, gt=0)
+    reduction_factor: int = Field(2, gt=1)
+    seed: int = 0
+    # Named training scale sets: searchers see the names, trials train on the lists.
+    train_scale_sets: dict[str, ScaleSet] = {"s05_10": [0.5, 1.0], "s075_10": [0.75, 1.0]}
+    search: dict[Literal["train_scales", "lr", "crop_size", "aux_scale_weight", "method"], SearchSpec] = {
+        "train_scales": SearchSpec(choice=["s05_10", "s075_10"]),
+        "lr": SearchSpec(loguniform=(0.005, 0.05)),
+    }
+    eval_scale_sets: dict[str, ScaleSet] = {"s10": [1.0], "s05_10": [0.5, 1.0], "s05_10_20": [0.5, 1.0, 2.0]}
+    max_eval_gflops: float | None = Field(None, gt=0)
+    apply_to_train: bool = True  # the train stage trains the best trial's settings
+    output_dir: str = "results/tune"
+
+
 class RegisterConfig(Section):
     model_name: str = "hmsa"
     scale_set: ScaleSet = [0.5, 1.0, 2.0]  # the evaluated set whose mIoU and GFLOPs gate promotion
@@ -187,6 +222,7 @@ class PipelineConfig(Section):
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    tune: TuneConfig = TuneConfig()
     register: RegisterConfig = RegisterConfig()
     ablation: AblationConfig = AblationConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
@@ -231,6 +267,13 @@ def _consistency_problems(cfg: PipelineConfig) -> list[str]:
             f"loader.random_scales = {cfg.loader.random_scales}: with model.train_scales {model.train_scales} "
             f"the loader reads pyramid levels {missing}, which pyramid.scales {cfg.pyramid.scales} lacks"
         )
+    search = cfg.tune.search
+    if "train_scales" in search:
+        spec = search["train_scales"]
+        unknown = [n for n in (spec.choice or spec.grid or []) if n not in cfg.tune.train_scale_sets]
+        if unknown or spec.loguniform or spec.uniform:
+            problems.append(f"tune.search.train_scales: names {unknown or 'ranges'} are not keys of "
+                            f"tune.train_scale_sets {sorted(cfg.tune.train_scale_sets)}")
     if cfg.register.scale_set not in cfg.evaluate.scale_sets:
         problems.append(f"register.scale_set = {cfg.register.scale_set}: not among evaluate.scale_sets "
                         f"{cfg.evaluate.scale_sets}, so it has no evaluation to gate on")
@@ -241,21 +284,30 @@ def _consistency_problems(cfg: PipelineConfig) -> list[str]:
     return problems
 
 
+def with_overrides(cfg: PipelineConfig, overrides: dict[str, dict], source: str) -> PipelineConfig:
+    """A copy of `cfg` with some keys of some sections replaced, validated as a whole."""
+    raw = cfg.model_dump(mode="json")
+    for section, values in overrides.items():
+        raw[section].update(values)
+    return validate_config(raw, source=source)
+
+
 def ablation_config(cfg: PipelineConfig, method: str) -> PipelineConfig:
     """The full config of one ablation run: the base config with the method, its scales and the
     shared budget swapped in, validated like any other (so a bad method entry names its key)."""
     if method not in cfg.ablation.methods:
         raise ConfigError(f"ablation.methods has no entry {method!r}; it has {sorted(cfg.ablation.methods)}")
     entry, ab = cfg.ablation.methods[method], cfg.ablation
-    raw = cfg.model_dump(mode="json")
-    raw["model"].update(method=method, train_scales=entry.train_scales)
     out = f"{ab.output_dir}/{method}"
-    raw["train"].update(epochs=ab.epochs, crop_size=list(ab.crop_size), output=f"{out}/model",
-                        metrics=f"{out}/train_metrics.json", curves=f"{out}/curves.csv", run_record=f"{out}/run.json")
-    raw["loader"]["random_scales"] = ab.random_scales
-    raw["evaluate"].update(scale_sets=[entry.eval_scales], output_dir=f"{out}/eval", model=None)
-    raw["mlflow"]["experiment"] = f"{cfg.mlflow.experiment}-ablation"
-    return validate_config(raw, source=f"ablation.methods.{method}")
+    return with_overrides(cfg, {
+        "model": {"method": method, "train_scales": entry.train_scales},
+        "train": {"epochs": ab.epochs, "crop_size": list(ab.crop_size), "output": f"{out}/model",
+                  "metrics": f"{out}/train_metrics.json", "curves": f"{out}/curves.csv", "run_record": f"{out}/run.json"},
+        "loader": {"random_scales": ab.random_scales},
+        "evaluate": {"scale_sets": [entry.eval_scales], "output_dir": f"{out}/eval", "model": None},
+        "mlflow": {"experiment": f"{cfg.mlflow.experiment}-ablation"},
+        "tune": {"apply_to_train": False},  # the table compares methods, not tuned settings
+    }, source=f"ablation.methods.{method}")
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

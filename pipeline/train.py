@@ -76,6 +76,13 @@ def _write_outputs(cfg: PipelineConfig, result, use_gpu: bool) -> dict:
 def main(cfg: PipelineConfig) -> None:
     import mlflow
 
+    if cfg.tune.apply_to_train:
+        from pipeline.tune import apply_best
+
+        cfg = apply_best(cfg)
+        print(f"training the tuned settings: method {cfg.model.method}, scales {cfg.model.train_scales}, "
+              f"lr {cfg.train.lr:g}, crop {list(cfg.train.crop_size)}")
+
     storage = storage_for(cfg.pyramid.output, cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
     manifest = PyramidReader(cfg.pyramid.output, storage).manifest
     where = cluster.connect(cfg.ray)

@@ -34,7 +34,8 @@ def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None =
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what} exited early:\n{log.read_text()[-3000:] if log else ''}")
+            output = log.read_text() if log else (proc.stdout.read() if proc.stdout else "")
+            raise RuntimeError(f"{what}: the process exited early:\n{output[-3000:]}")
         try:
             if check():
                 return
@@ -116,7 +117,10 @@ class RayHead:
         self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}
         self.env = python_env(RAY_ADDRESS="", **self.auth)
         subprocess.run([ray_bin, "start", "--head", f"--port={self.port}", f"--num-cpus={num_cpus}",
-                        "--num-gpus=0", "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
+                        "--num-gpus=0", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+                        # The dashboard serves the State API, which Ray Train's placement-group
+                        # cleaner needs to free a stopped Tune trial's workers.
+                        f"--dashboard-port={free_port()}",
                         f"--temp-dir={workdir}"], check=True, capture_output=True, env=self.env)
         self._ray_bin = ray_bin
 

@@ -35,6 +35,7 @@ def write_params(workdir: Path, data: Path, **sections) -> Path:
         "loader": {"workers": 0},
         "ray": {"num_workers": 1, "storage_path": str(workdir / "ray_results")},
         "mlflow": {"tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}", "artifact_location": str(workdir / "art")},
+        "tune": {"apply_to_train": False, "output_dir": str(workdir / "tune")},
     }
     for section, values in sections.items():
         params.setdefault(section, {}).update(values)

@@ -1,0 +1,59 @@
+"""Inference-scale search: evaluate a trained model at every candidate of tune.eval_scale_sets.
+
+No retraining: hierarchical attention is learned between adjacent scales, so any set containing
+1.0 can be evaluated with the weights as they are. Writes eval_scales.csv (mIoU and GFLOPs per
+set, Pareto front marked) and eval_scales.yaml (the best mIoU within tune.max_eval_gflops).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+import yaml
+
+from components.atomic import atomic_file
+from components.config import PipelineConfig
+from components.data.pyramid import PyramidReader
+from components.storage import storage_for
+from pipeline.evaluate import evaluate_all
+from pipeline.model_source import load_model
+
+
+def recommend(rows: list[dict], max_gflops: float | None) -> dict | None:
+    affordable = [r for r in rows if max_gflops is None or r["gflops"] <= max_gflops]
+    return max(affordable, key=lambda r: r["miou"]) if affordable else None
+
+
+def search_eval_scales(cfg: PipelineConfig) -> dict:
+    model, model_cfg = load_model(cfg.evaluate.model or cfg.train.output, cfg)
+    names = list(cfg.tune.eval_scale_sets)
+    reader = PyramidReader(cfg.pyramid.output, storage_for(cfg.pyramid.output, cfg.storage.s3_endpoint_url))
+    with torch.no_grad():
+        rows = evaluate_all(model, model_cfg, reader, [cfg.tune.eval_scale_sets[n] for n in names], flip=False)
+    for name, row in zip(names, rows):
+        row["name"] = name
+    best = recommend(rows, cfg.tune.max_eval_gflops)
+    out = Path(cfg.tune.output_dir)
+    with atomic_file(out / "eval_scales.csv", "w") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["name", "scales", "gflops", "miou", "thin_miou", "large_miou", "latency_ms", "pareto"])
+        for r in rows:
+            writer.writerow([r["name"], " ".join(f"{s:g}" for s in r["scales"]), r["gflops"], r["miou"],
+                             r["thin_miou"], r["large_miou"], r["latency_ms"], int(r["pareto"])])
+    document = {
+        "max_eval_gflops": cfg.tune.max_eval_gflops,
+        "recommended": None if best is None else {"name": best["name"], "scales": best["scales"],
+                                                  "miou": best["miou"], "gflops": best["gflops"]},
+        "pareto_front": [r["name"] for r in rows if r["pareto"]],
+    }
+    if best is None:
+        document["reason"] = f"no candidate is within tune.max_eval_gflops = {cfg.tune.max_eval_gflops}"
+    with atomic_file(out / "eval_scales.yaml", "w") as handle:
+        yaml.safe_dump(document, handle, sort_keys=False)
+    for r in rows:
+        print(f"{r['name']:12s} {str(r['scales']):24s} mIoU {r['miou']:.4f}  {r['gflops']:7.2f} GFLOPs"
+              f"{'  pareto' if r['pareto'] else ''}")
+    print(f"recommended: {document['recommended']}")
+    return document

@@ -1,0 +1,80 @@
+"""A tiny Ray Tune search end to end: ASHA, nested MLflow runs, best.yaml drives train, resume."""
+
+import csv
+import signal
+import subprocess
+
+import mlflow
+import pytest
+import yaml
+
+from tests.services import RayHead, python_env, wait_until
+from tests.train_helpers import run_stage, stage_command, tiny_pyramid, write_params
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    head = RayHead(num_cpus=2)
+    yield head
+    head.stop()
+
+
+def search_params(tmp_path, data):
+    # One trial at a time (each takes the 2 CPUs), so ASHA compares each trial with the ones before.
+    # The first trial learns (lr 0.1); the next two barely move from the initial weights (lr 1e-9),
+    # so at the first rung they fall below the first trial and ASHA stops them.
+    return write_params(
+        tmp_path, data,
+        ray={"cpus_per_worker": 2},
+        train={"batch_size": 2},
+        tune={"num_samples": 1, "epochs": 3, "steps_per_epoch": None, "grace_period": 1, "reduction_factor": 2,
+              "train_scale_sets": {"s05_10": [0.5, 1.0]},
+              "search": {"lr": {"grid": [0.1, 1e-9, 1e-9]}, "train_scales": {"choice": ["s05_10"]}}},
+    )
+
+
+def trial_rows(tmp_path):
+    with open(tmp_path / "tune" / "trials.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.timeout(1500)
+def test_search_asha_mlflow_best_drives_train_and_resume(tmp_path, ray_head):
+    data = tiny_pyramid(tmp_path / "data", train_images=16)
+    params = search_params(tmp_path, data)
+    env = python_env(**ray_head.client_env())
+
+    # Interrupt the search once the first trial has reported, then run the stage again: it resumes.
+    command = [*stage_command("tune", params)[:3], "search", *stage_command("tune", params)[3:]]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    wait_until(lambda: any((tmp_path / "ray_results").glob("tune-*/*/result.json")), 300, "a first trial", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "resuming the interrupted search" in done.stdout
+
+    rows = trial_rows(tmp_path)
+    assert len(rows) == 3 and not any(int(r["failed"]) for r in rows)
+    assert sum(int(r["stopped_early"]) for r in rows) >= 1, rows
+    assert all(float(r["train_gflops"]) > 0 for r in rows)
+    best = yaml.safe_load((tmp_path / "tune" / "best.yaml").read_text())
+    assert best["settings"]["lr"] == 0.1 and best["train_scales"] == [0.5, 1.0]
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("hmsa")
+    parents = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'tune'")
+    assert len(parents) == 1
+    children = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    assert len(children) == 3  # one per trial, the interrupted trial's run reused on resume
+    assert sorted(float(c.data.params["lr"]) for c in children) == [1e-9, 1e-9, 0.1]
+
+    # best.yaml drives train
+    tuned = write_params(tmp_path, data, tune={"apply_to_train": True, "output_dir": str(tmp_path / "tune")},
+                         train={"epochs": 1, "lr": 0.0123})
+    done = run_stage("train", tuned, **ray_head.client_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "training the tuned settings" in done.stdout and "lr 0.1," in done.stdout
