@@ -307,6 +307,7 @@ def ablation_config(cfg: PipelineConfig, method: str) -> PipelineConfig:
         "evaluate": {"scale_sets": [entry.eval_scales], "output_dir": f"{out}/eval", "model": None},
         "mlflow": {"experiment": f"{cfg.mlflow.experiment}-ablation"},
         "tune": {"apply_to_train": False},  # the table compares methods, not tuned settings
+        "register": {"scale_set": entry.eval_scales},
     }, source=f"ablation.methods.{method}")
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import yaml
 
 from components.atomic import atomic_file
-from components.config import ConfigError, PipelineConfig, SearchSpec, load_config, with_overrides
+from components.config import (ConfigError, PipelineConfig, SearchSpec, load_config, validate_config,
+                               with_overrides)
 from components.flops import train_step_flops
 from pipeline import cluster, tracking
 from pipeline.cluster import ClusterError
@@ -103,6 +104,8 @@ def search(cfg: PipelineConfig) -> list[dict]:
     from ray.tune.search import BasicVariantGenerator
 
     check_search_space(cfg)
+    # Tune runs each trial in a working directory of its own: hand the trials absolute paths.
+    cfg = validate_config(cluster.absolute_paths(cfg.model_dump(mode="json")), source="params (absolute paths)")
     cluster.connect(cfg.ray)
     use_gpu = cluster.decide_gpu(cfg.ray)
     storage_path = cluster.check_storage(cfg.ray.storage_path)

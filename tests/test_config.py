@@ -48,3 +48,12 @@ def test_file_errors_name_the_file(tmp_path):
     wrong.write_text("model:\n  num_classes: one\n")
     with pytest.raises(ConfigError, match=r"wrong.yaml[\s\S]*model.num_classes.*'one'"):
         load_config(wrong)
+
+
+def test_every_ablation_entry_of_the_repository_params_is_valid():
+    from components.config import METHODS, ablation_config
+
+    cfg = load_config("params.yaml")
+    for method in METHODS:
+        run = ablation_config(cfg, method)
+        assert run.model.method == method and run.evaluate.scale_sets == [cfg.ablation.methods[method].eval_scales]
