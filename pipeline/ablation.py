@@ -9,22 +9,20 @@ Every method trains through the same Ray Train code as the `train` stage, with t
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from components.atomic import atomic_file
-from components.config import ConfigError, PipelineConfig, ablation_config, load_config
+from components.config import ConfigError, PipelineConfig, ablation_config
 from components.data.pyramid import PyramidReader
 from components.flops import train_step_flops
 from components.memory import saved_activation_bytes
 from components.models import load_saved_model
 from components.storage import storage_for
 from pipeline import evaluate, train
-from pipeline.cluster import ClusterError
+from pipeline.common import run_stage
 
 COLUMNS = ["method", "train scales", "eval scales", "mIoU", "thin mIoU", "large mIoU",
            "train FLOPs vs single", "minibatch s", "peak RSS MB", "activations MB"]
@@ -87,24 +85,19 @@ def write_table(cfg: PipelineConfig) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(cfg: PipelineConfig, args) -> None:
+    if args.command == "run":
+        if not args.method:
+            raise ConfigError("ablation run needs --method (one of ablation.methods)")
+        run_method(cfg, args.method)
+    else:
+        write_table(cfg)
+
+
+def _arguments(parser) -> None:
     parser.add_argument("command", choices=["run", "table"])
     parser.add_argument("--method", help="with run: which entry of ablation.methods")
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args()
-    try:
-        cfg = load_config(args.params)
-        if args.command == "run":
-            if not args.method:
-                raise ConfigError("ablation run needs --method (one of ablation.methods)")
-            run_method(cfg, args.method)
-        else:
-            write_table(cfg)
-    except (ConfigError, ClusterError, FileNotFoundError, ValueError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main, __doc__, _arguments)

@@ -6,18 +6,26 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from components.config import ConfigError, PipelineConfig, load_config
+from components.config import ConfigError, load_config
 from pipeline.cluster import ClusterError
 
+# Errors that are the user's to fix (a key, a path, a cluster setting): one line, no traceback.
+USER_ERRORS = (ConfigError, ClusterError, FileNotFoundError, ValueError, KeyError)
 
-def run_stage(main: Callable[[PipelineConfig], None], description: str) -> None:
-    """Parse `--params`, validate the whole config, run the stage; user errors exit 1 without a traceback."""
+
+def run_stage(main: Callable[..., None], description: str,
+              add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    """Parse `--params` (and a stage's own arguments), validate the whole config, run the stage.
+
+    `main(cfg)` or, when the stage adds arguments, `main(cfg, args)`."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="the parameters file (default: params.yaml)")
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args()
     try:
         cfg = load_config(args.params)
-        main(cfg)
-    except (ConfigError, ClusterError, FileNotFoundError, ValueError, KeyError) as err:
+        main(cfg, args) if add_arguments is not None else main(cfg)
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

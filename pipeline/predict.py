@@ -8,18 +8,17 @@ blended over the image) for every input image; a folder stands for the images in
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from components.config import ConfigError, load_config
+from components.config import PipelineConfig
 from components.data.classes import CITYSCAPES_CLASSES, palette
 from components.data.dataset import to_tensor
 from components.data.readers import IMAGE_SUFFIXES
+from pipeline.common import run_stage
 from pipeline.model_source import load_model
 
 
@@ -63,24 +62,19 @@ def predict(model, images: list[Path], scales: list[float], output: Path, colors
     return written
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(cfg: PipelineConfig, args) -> None:
+    model, _ = load_model(args.model, cfg)
+    colors = getattr(model, "metadata", {}).get("classes", {}).get("colors", CITYSCAPES_CLASSES.colors)
+    written = predict(model, list_images(args.inputs), args.scales, Path(args.output), colors)
+    print(f"wrote {len(written)} label maps and overlays to {args.output}")
+
+
+def _arguments(parser) -> None:
     parser.add_argument("inputs", nargs="+", help="image files or folders of images")
     parser.add_argument("--model", required=True, help="a saved-model directory or models:/name@alias")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0])
     parser.add_argument("--output", default="predictions")
-    parser.add_argument("--params", default="params.yaml", help="for the MLflow tracking URI")
-    args = parser.parse_args()
-    try:
-        cfg = load_config(args.params)
-        model, _ = load_model(args.model, cfg)
-        colors = getattr(model, "metadata", {}).get("classes", {}).get("colors", CITYSCAPES_CLASSES.colors)
-        written = predict(model, list_images(args.inputs), args.scales, Path(args.output), colors)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    print(f"wrote {len(written)} label maps and overlays to {args.output}")
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main, __doc__, _arguments)

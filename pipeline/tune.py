@@ -12,19 +12,16 @@ the stage again after an interruption restores the search from its storage path.
 
 from __future__ import annotations
 
-import argparse
 import csv
-import sys
 from pathlib import Path
 
 import yaml
 
 from components.atomic import atomic_file
-from components.config import (ConfigError, PipelineConfig, SearchSpec, load_config, validate_config,
-                               with_overrides)
+from components.config import PipelineConfig, SearchSpec, validate_config, with_overrides
 from components.flops import train_step_flops
 from pipeline import cluster, tracking
-from pipeline.cluster import ClusterError
+from pipeline.common import run_stage
 
 SEARCHED = ("train_scales", "lr", "crop_size", "aux_scale_weight", "method")
 
@@ -189,24 +186,19 @@ def apply_best(cfg: PipelineConfig) -> PipelineConfig:
                                             "steps_per_epoch": cfg.train.steps_per_epoch}}, source=str(path))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["search", "eval-scales"])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args()
-    try:
-        cfg = load_config(args.params)
-        if args.command == "search":
-            best = write_search_outputs(cfg, search(cfg))
-            print(f"best trial {best['trial']}: val mIoU {best['best_val_miou']:.4f} with {best['settings']}")
-        else:
-            from pipeline.eval_scales import search_eval_scales
+def main(cfg: PipelineConfig, args) -> None:
+    if args.command == "search":
+        best = write_search_outputs(cfg, search(cfg))
+        print(f"best trial {best['trial']}: val mIoU {best['best_val_miou']:.4f} with {best['settings']}")
+    else:
+        from pipeline.eval_scales import search_eval_scales
 
-            search_eval_scales(cfg)
-    except (ConfigError, ClusterError, FileNotFoundError, ValueError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        search_eval_scales(cfg)
+
+
+def _arguments(parser) -> None:
+    parser.add_argument("command", choices=["search", "eval-scales"])
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main, __doc__, _arguments)

@@ -27,3 +27,13 @@ def s3_server(tmp_path_factory):
     server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_head(request):
+    """A `ray start --head` cluster for one test module; the module may set RAY_HEAD_CPUS."""
+    from tests.services import RayHead
+
+    head = RayHead(num_cpus=getattr(request.module, "RAY_HEAD_CPUS", 2))
+    yield head
+    head.stop()

@@ -10,17 +10,13 @@ import mlflow
 import pytest
 
 from components.models import load_saved_model
-from tests.services import MlflowServer, RayHead, python_env, wait_until
+from tests.services import MlflowServer, python_env, wait_until
 from tests.train_helpers import curve_epochs, read_metrics, run_stage, stage_command, tiny_pyramid, write_params
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    head = RayHead(num_cpus=3)
-    yield head
-    head.stop()
+RAY_HEAD_CPUS = 3  # for the ray_head fixture of conftest
 
 
 @pytest.fixture(scope="module")

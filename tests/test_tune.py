@@ -8,17 +8,13 @@ import mlflow
 import pytest
 import yaml
 
-from tests.services import RayHead, python_env, wait_until
+from tests.services import python_env, wait_until
 from tests.train_helpers import run_stage, stage_command, tiny_pyramid, write_params
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    head = RayHead(num_cpus=2)
-    yield head
-    head.stop()
+RAY_HEAD_CPUS = 2  # for the ray_head fixture of conftest
 
 
 def search_params(tmp_path, data):
