@@ -11,3 +11,9 @@ def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
 def scale_key(scale: float) -> str:
     """A stable text key for a scale: 0.5 -> '0.5', 1.0 -> '1', 2.0 -> '2'."""
     return f"{float(scale):g}"
+
+
+def scale_set_key(scales: list[float], separator: str = ",") -> str:
+    """A stable text key for a scale set: [0.5, 1.0, 2.0] -> '0.5,1,2'. The evaluate stage keys its
+    metrics.json by it and the register stage looks them up by it, so both use this one function."""
+    return separator.join(scale_key(s) for s in scales)

@@ -20,6 +20,7 @@ from components.data.pyramid import PyramidReader
 from components.flops import train_step_flops
 from components.memory import saved_activation_bytes
 from components.models import load_saved_model
+from components.scales import scale_set_key
 from components.storage import storage_for
 from pipeline import evaluate, train
 from pipeline.common import run_stage
@@ -64,11 +65,10 @@ def write_table(cfg: PipelineConfig) -> list[dict]:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: run `dvc repro ablation` (or the run for {method!r})")
         rows.append(json.loads(path.read_text()))
-    fmt = lambda scales: ", ".join(f"{s:g}" for s in scales)  # noqa: E731
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {fmt(r['train_scales'])} | {fmt(r['eval_scales'])} | {r['miou']:.4f} | "
+            f"| {r['method']} | {scale_set_key(r['train_scales'], ', ')} | {scale_set_key(r['eval_scales'], ', ')} | {r['miou']:.4f} | "
             f"{r['thin_miou']:.4f} | {r['large_miou']:.4f} | {r['train_flops_vs_single']:.2f}x | "
             f"{r['minibatch_seconds']:.3f} | {r['peak_rss_mb']:.0f} | {r['activation_mb']:.1f} |"
         )

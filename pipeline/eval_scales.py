@@ -16,6 +16,7 @@ import yaml
 from components.atomic import atomic_file
 from components.config import PipelineConfig
 from components.data.pyramid import PyramidReader
+from components.scales import scale_set_key
 from components.storage import storage_for
 from pipeline.evaluate import evaluate_all
 from pipeline.model_source import load_model
@@ -40,7 +41,7 @@ def search_eval_scales(cfg: PipelineConfig) -> dict:
         writer = csv.writer(handle)
         writer.writerow(["name", "scales", "gflops", "miou", "thin_miou", "large_miou", "latency_ms", "pareto"])
         for r in rows:
-            writer.writerow([r["name"], " ".join(f"{s:g}" for s in r["scales"]), r["gflops"], r["miou"],
+            writer.writerow([r["name"], scale_set_key(r["scales"], " "), r["gflops"], r["miou"],
                              r["thin_miou"], r["large_miou"], r["latency_ms"], int(r["pareto"])])
     document = {
         "max_eval_gflops": cfg.tune.max_eval_gflops,

@@ -21,6 +21,7 @@ from components.data.dataset import PyramidEvalDataset
 from components.data.pyramid import PyramidReader
 from components.evaluation import attention_by_class, evaluate_scale_set, pareto_front
 from components.flops import inference_flops
+from components.scales import scale_set_key
 from components.storage import storage_for
 from components.viz import attention_figure
 from pipeline import tracking
@@ -47,13 +48,12 @@ def evaluate_all(model, model_cfg, reader: PyramidReader, scale_sets: list[list[
 
 def write_outputs(out: Path, rows: list[dict], model, model_cfg, reader: PyramidReader, pictures: int) -> None:
     classes = reader.manifest["classes"]
-    key = lambda scales: ",".join(f"{s:g}" for s in scales)  # noqa: E731
-    (out / "metrics.json").write_text(json.dumps({key(r["scales"]): r for r in rows}, indent=2) + "\n")
+    (out / "metrics.json").write_text(json.dumps({scale_set_key(r["scales"]): r for r in rows}, indent=2) + "\n")
     with open(out / "pareto.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["scales", "gflops", "miou", "thin_miou", "large_miou", "latency_ms", "pareto"])
         for r in rows:
-            writer.writerow([key(r["scales"]), r["gflops"], r["miou"], r["thin_miou"], r["large_miou"],
+            writer.writerow([scale_set_key(r["scales"]), r["gflops"], r["miou"], r["thin_miou"], r["large_miou"],
                              r["latency_ms"], int(r["pareto"])])
     widest = max((r["scales"] for r in rows), key=len)
     (out / "attention").mkdir()
@@ -81,7 +81,7 @@ def main(cfg: PipelineConfig) -> None:
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"evaluate-{model_cfg.method}",
                           tags={"stage": "evaluate", "model_source": source, "method": model_cfg.method}):
         for r in rows:
-            tag = "_".join(f"{s:g}" for s in r["scales"])
+            tag = scale_set_key(r["scales"], "_")
             mlflow.log_metrics({f"miou_{tag}": r["miou"], f"gflops_{tag}": r["gflops"],
                                 f"thin_miou_{tag}": r["thin_miou"], f"large_miou_{tag}": r["large_miou"]})
         mlflow.log_artifacts(cfg.evaluate.output_dir, artifact_path="eval")

@@ -16,12 +16,9 @@ from pathlib import Path
 from components.atomic import atomic_file
 from components.config import PipelineConfig
 from components.models.saved import WEIGHTS_FILE
+from components.scales import scale_set_key
 from pipeline import tracking
 from pipeline.common import run_stage
-
-
-def scale_key(scales: list[float]) -> str:
-    return ",".join(f"{s:g}" for s in scales)
 
 
 def decide(candidate: dict, champion: dict | None, min_delta: float, max_gflops: float | None) -> tuple[bool, str]:
@@ -40,11 +37,8 @@ def decide(candidate: dict, champion: dict | None, min_delta: float, max_gflops:
 
 
 def _champion(client, name: str) -> dict | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        version = client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
+    version = _version_by_alias(client, name, "champion")
+    if version is None:
         return None
     return {"version": version.version, "miou": float(version.tags["val_miou"]),
             "gflops": float(version.tags["gflops"])}
@@ -55,7 +49,7 @@ def register(cfg: PipelineConfig) -> dict:
 
     rc = cfg.register
     run = json.loads(Path(cfg.train.run_record).read_text())
-    evaluation = json.loads((Path(cfg.evaluate.output_dir) / "metrics.json").read_text())[scale_key(rc.scale_set)]
+    evaluation = json.loads((Path(cfg.evaluate.output_dir) / "metrics.json").read_text())[scale_set_key(rc.scale_set)]
     weights_sha = hashlib.sha256((Path(cfg.train.output) / WEIGHTS_FILE).read_bytes()).hexdigest()
     tracking.setup_experiment(cfg.mlflow)
     client = mlflow.MlflowClient()
@@ -77,7 +71,7 @@ def register(cfg: PipelineConfig) -> dict:
             client.set_registered_model_alias(rc.model_name, "champion", version.version)
         elif not (champion and champion["version"] == version.version):
             client.set_registered_model_alias(rc.model_name, "challenger", version.version)
-        key = scale_key(rc.scale_set).replace(",", "_")
+        key = scale_set_key(rc.scale_set, "_")
         with mlflow.start_run(run_id=run["run_id"]):
             mlflow.log_metrics({f"val_miou_{key}": evaluation["miou"], f"gflops_{key}": evaluation["gflops"]},
                                model_id=run["model_uri"].removeprefix("models:/"))
@@ -85,18 +79,19 @@ def register(cfg: PipelineConfig) -> dict:
         if created:  # leave no version behind that the gate never judged
             client.delete_model_version(rc.model_name, version.version)
         raise
-    aliases = {a: v for a, v in ((a, _alias(client, rc.model_name, a)) for a in ("champion", "challenger",
-                                                                                 "previous")) if v}
+    found = {a: _version_by_alias(client, rc.model_name, a) for a in ("champion", "challenger", "previous")}
+    aliases = {a: v.version for a, v in found.items() if v is not None}
     return {"model_name": rc.model_name, "version": version.version, "created_version": created,
             "promoted": promote, "reason": reason, "candidate": candidate, "previous_champion": champion,
             "aliases": aliases, "run_id": run["run_id"]}
 
 
-def _alias(client, name: str, alias: str) -> str | None:
+def _version_by_alias(client, name: str, alias: str):
+    """The model version an alias points at, or None when the alias (or the model) does not exist."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_model_version_by_alias(name, alias).version
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
 
