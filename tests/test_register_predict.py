@@ -27,6 +27,14 @@ def server(tmp_path_factory):
     srv.stop()
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri(monkeypatch):
+    """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; undo it after each test, or later
+    tests' stage subprocesses would track to this module's (stopped) server."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset-by-test")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+
 def trained_candidate(workdir, server, seed: int, miou: float, gflops: float = 5.0):
     """A model logged to MLflow as training does, and an evaluation file with the given scores
     (the gate's inputs; the scores are chosen so the test knows which candidate is better)."""
