@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 METHODS = ("single", "avgpool", "maxpool", "explicit", "hierarchical")
 
@@ -66,7 +66,9 @@ class TrainConfig(Section):
     channels_last: bool = True
     sync_batchnorm: bool = True  # multi-GPU only: BN statistics over the global batch
     seed: int = 0
-    steps_per_epoch: int | None = Field(None, gt=0)  # cap per epoch (quick runs); None: the whole split
+    # Cap on an epoch (quick runs): this many steps at the full worker count; None: the whole split.
+    # An epoch is counted in samples, so fewer workers each take more steps to cover it.
+    steps_per_epoch: int | None = Field(None, gt=0)
     output: str = "models/model"  # the saved-model directory of the best epoch
     metrics: str = "results/train/metrics.json"
     curves: str = "results/train/curves.csv"
@@ -74,20 +76,37 @@ class TrainConfig(Section):
 
 
 class RayConfig(Section):
-    address: str | None = None  # None: RAY_ADDRESS, else a local Ray started by the stage
-    num_workers: int = Field(1, gt=0)
+    """How training is spread over Ray workers. Where the cluster is (RAY_ADDRESS) and where
+    checkpoints go (HMSA_STORAGE) are environment, not params: see pipeline/environment.py."""
+
+    # A fixed count, or [min, max] for elastic training: the run goes on with fewer workers when a
+    # node goes and grows again when one comes back.
+    num_workers: int | tuple[int, int] = 1
     use_gpu: Literal["auto", True, False] = "auto"  # auto: GPU workers when the cluster has GPUs
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, gt=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    storage_path: str = "ray_results"  # checkpoints; a local path or s3://bucket/prefix
     max_failures: int = Field(2, ge=-1)
     checkpoints_to_keep: int = Field(2, gt=0)
+    elastic_resize_interval_s: float = Field(60.0, gt=0)  # elastic runs: how often to look for more workers
+
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_range(cls, value):
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1 or high < low:
+            raise ValueError("a positive count, or [min, max] with 1 <= min <= max")
+        return value
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        n = self.num_workers
+        return (n, n) if isinstance(n, int) else (int(n[0]), int(n[1]))
 
 
 class MlflowConfig(Section):
-    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
-    artifact_location: str = "mlartifacts"  # used when this code creates the experiment locally
+    """Where the tracking server is (MLFLOW_TRACKING_URI) is environment, not a param."""
+
     experiment: str = "hmsa"
 
 
@@ -101,25 +120,28 @@ class SyntheticConfig(Section):
     seed: int = 0
 
 
+def _local_output(path: str) -> str:
+    if "://" in path:
+        raise ValueError("an output of a stage is a local path that DVC tracks and caches (`dvc push` moves it "
+                         "to the S3 remote; training publishes the pyramid to HMSA_STORAGE itself)")
+    return path
+
+
+LocalPath = Annotated[str, AfterValidator(_local_output)]
+
+
 class PrepareConfig(Section):
     dataset: Literal["synthetic", "cityscapes", "mapillary", "voc", "folder"] = "synthetic"
     source: str | None = None  # the raw dataset's directory (unused for synthetic)
-    output: str = "data/raw/synthetic"
+    output: LocalPath = "data/raw/synthetic"
     on_bad_sample: Literal["error", "skip"] = "error"
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
 class PyramidConfig(Section):
     scales: ScaleSet = [0.25, 0.5, 1.0, 2.0]
-    output: str = "data/pyramid/synthetic"  # a local path or s3://bucket/prefix
+    output: LocalPath = "data/pyramid/synthetic"  # DVC-tracked; published to HMSA_STORAGE for clusters
     shard_size: int = Field(64, gt=0)
-
-
-class StorageConfig(Section):
-    """Where s3:// paths live; credentials come from the environment (boto3's chain), never from here."""
-
-    s3_endpoint_url: str | None = None
-    s3_region: str | None = None
 
 
 class LoaderConfig(Section):
@@ -216,7 +238,6 @@ warnings.filterwarnings("ignore", message='Field name "register" in "PipelineCon
 class PipelineConfig(Section):
     prepare: PrepareConfig = PrepareConfig()
     pyramid: PyramidConfig = PyramidConfig()
-    storage: StorageConfig = StorageConfig()
     loader: LoaderConfig = LoaderConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -323,10 +344,35 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+# Keys that used to be params and are now environment (they say where the run happens, not what it
+# computes, so changing them must not rerun any stage).
+MOVED_TO_ENVIRONMENT = {
+    ("ray", "address"): "RAY_ADDRESS",
+    ("ray", "storage_path"): "HMSA_STORAGE (s3://bucket/prefix or a shared path)",
+    ("mlflow", "tracking_uri"): "MLFLOW_TRACKING_URI",
+    ("mlflow", "artifact_location"): "the tracking server's --artifacts-destination",
+    ("storage", None): "AWS_ENDPOINT_URL and AWS_REGION",
+}
+
+
+def _moved_keys(raw: dict) -> list[str]:
+    found = []
+    for (section, key), variable in MOVED_TO_ENVIRONMENT.items():
+        value = raw.get(section)
+        if key is None and section in raw:
+            found.append(f"{section}: is environment now, not a param: set {variable}")
+        elif isinstance(value, dict) and key in value:
+            found.append(f"{section}.{key}: is environment now, not a param: set {variable}")
+    return found
+
+
 def validate_config(raw: dict[str, Any], source: str = "<dict>") -> PipelineConfig:
     """Validate a parsed params dict: types and ranges first, then cross-key rules."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    moved = _moved_keys(raw)
+    if moved:
+        raise ConfigError(f"invalid configuration in {source}:\n  " + "\n  ".join(moved))
     try:
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as err:

@@ -9,6 +9,7 @@ manifest last (readers open the manifest first, so a half-uploaded directory is 
 from __future__ import annotations
 
 import shutil
+import uuid
 from pathlib import Path
 
 
@@ -49,6 +50,13 @@ class Storage:
     def exists(self, uri: str) -> bool:
         return Path(uri).exists()
 
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        Path(uri).write_bytes(data)
+
+    def delete(self, uri: str) -> None:
+        Path(uri).unlink(missing_ok=True)
+
     def publish_dir(self, local_dir: Path, target: str, last: str = "manifest.json") -> None:
         """Move a finished local directory to `target`, replacing what was there."""
         target_path = Path(target)
@@ -60,16 +68,37 @@ class Storage:
         Path(local_dir).rename(target_path)
         shutil.rmtree(old, ignore_errors=True)
 
+    def publish_once(self, source_dir: Path, target: str, last: str = "manifest.json") -> bool:
+        """Copy a local directory to `target` unless it is already there (content-addressed targets:
+        what is published is never overwritten). Returns whether this call published it."""
+        target_path = Path(target)
+        if (target_path / last).is_file():
+            return False
+        target_path.parent.mkdir(parents=True, exist_ok=True)
+        staging = target_path.with_name(f".{target_path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        shutil.copytree(source_dir, staging)
+        try:
+            staging.rename(target_path)
+        except OSError:  # another publisher won the race with the same content
+            shutil.rmtree(staging, ignore_errors=True)
+            return False
+        return True
+
 
 class S3Storage(Storage):
-    def __init__(self, endpoint_url: str | None = None, region: str | None = None):
+    def __init__(self, endpoint_url: str | None = None, region: str | None = None, quick: bool = False):
         import boto3  # only here: library code does not import boto3 at module top
+        from botocore.config import Config
 
+        # quick: for checks that must answer in seconds (a dead endpoint is not retried for minutes).
+        config = Config(connect_timeout=3, read_timeout=5, retries={"max_attempts": 1}) if quick else None
         # A session of its own: boto3's default session caches credentials across clients.
-        self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region)
+        self.endpoint_url = endpoint_url
+        self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region,
+                                                     config=config)
 
     def _get(self, uri: str, **kwargs) -> bytes:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         bucket, key = split_s3(uri)
         try:
@@ -77,6 +106,8 @@ class S3Storage(Storage):
         except ClientError as err:
             code = err.response.get("Error", {}).get("Code", "")
             raise FileNotFoundError(f"cannot read {uri}: {code or err}") from None
+        except BotoCoreError as err:  # no answer at all: the endpoint, not the object, is wrong
+            raise ConnectionError(f"cannot read {uri}: {err}") from None
 
     def read_bytes(self, uri: str) -> bytes:
         return self._get(uri)
@@ -107,6 +138,26 @@ class S3Storage(Storage):
             self.client.upload_file(str(path), bucket, key)
         shutil.rmtree(local_dir, ignore_errors=True)
 
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        bucket, key = split_s3(uri)
+        self.client.put_object(Bucket=bucket, Key=key, Body=data)
 
-def storage_for(uri: str, s3_endpoint_url: str | None = None, s3_region: str | None = None) -> Storage:
-    return S3Storage(s3_endpoint_url, s3_region) if is_s3(uri) else Storage()
+    def delete(self, uri: str) -> None:
+        bucket, key = split_s3(uri)
+        self.client.delete_object(Bucket=bucket, Key=key)
+
+    def publish_once(self, source_dir: Path, target: str, last: str = "manifest.json") -> bool:
+        if self.exists(join(target, last)):
+            return False
+        bucket, prefix = split_s3(target)
+        files = sorted(p for p in Path(source_dir).rglob("*") if p.is_file())
+        files.sort(key=lambda p: p.name == last)  # readers open the manifest first: it goes up last
+        for path in files:
+            key = "/".join(filter(None, [prefix.rstrip("/"), path.relative_to(source_dir).as_posix()]))
+            self.client.upload_file(str(path), bucket, key)
+        return True
+
+
+def storage_for(uri: str, s3_endpoint_url: str | None = None, s3_region: str | None = None,
+                quick: bool = False) -> Storage:
+    return S3Storage(s3_endpoint_url, s3_region, quick=quick) if is_s3(uri) else Storage()

@@ -53,9 +53,23 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
 
-def poly_lr(base_lr: float, step: int, total_steps: int, power: float) -> float:
-    """The poly schedule of DeepLab: base_lr * (1 - step / total) ** power."""
-    return base_lr * max(0.0, 1 - step / max(total_steps, 1)) ** power
+def poly_lr(base_lr: float, done: float, total: float, power: float) -> float:
+    """The poly schedule of DeepLab: base_lr * (1 - done / total) ** power. `done` and `total` count
+    training samples, so the curve does not depend on how many workers shared the work."""
+    return base_lr * max(0.0, 1 - done / max(total, 1)) ** power
+
+
+def epoch_plan(train_len: int, cfg: TrainConfig, max_workers: int, world: int) -> tuple[int, int]:
+    """(samples of one epoch, steps of one worker in it) for `world` workers.
+
+    An epoch is a number of samples, not of steps: the whole training split, or with
+    `train.steps_per_epoch` at most that many steps of the full worker count. Fewer workers (an
+    elastic run after a node left) each take more steps to cover the same samples."""
+    samples = train_len
+    if cfg.steps_per_epoch is not None:
+        samples = min(samples, cfg.steps_per_epoch * cfg.batch_size * max_workers)
+    steps = max(1, samples // (cfg.batch_size * world))
+    return samples, steps
 
 
 def _to_device(batch: dict, device: torch.device, channels_last: bool) -> tuple[dict, torch.Tensor]:
@@ -66,16 +80,20 @@ def _to_device(batch: dict, device: torch.device, channels_last: bool) -> tuple[
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, model_cfg: ModelConfig,
                     train_cfg: TrainConfig, device: torch.device, amp_dtype: torch.dtype | None,
-                    first_step: int, total_steps: int, scaler: torch.amp.GradScaler | None = None,
-                    channels_last: bool = True, max_steps: int | None = None) -> dict:
-    """One pass over `loader`; returns mean loss, images seen, seconds and the last learning rate."""
+                    first_sample: int, total_samples: int, samples_per_step: int,
+                    scaler: torch.amp.GradScaler | None = None, channels_last: bool = True,
+                    max_steps: int | None = None) -> dict:
+    """One pass over `loader` (at most `max_steps`); the learning rate follows the global count of
+    samples seen (`samples_per_step` = batch size x workers). Returns mean loss, images this
+    process saw, seconds, steps, the last learning rate and the global sample count at the end."""
     model.train()
-    total_loss, images, step, lr = 0.0, 0, first_step, train_cfg.lr
+    total_loss, images, steps, lr = 0.0, 0, 0, train_cfg.lr
+    samples = first_sample
     start = time.perf_counter()
-    for i, batch in enumerate(loader):
-        if max_steps is not None and i >= max_steps:
+    for batch in loader:
+        if max_steps is not None and steps >= max_steps:
             break
-        lr = poly_lr(train_cfg.lr, step, total_steps, train_cfg.poly_power)
+        lr = poly_lr(train_cfg.lr, samples, total_samples, train_cfg.poly_power)
         for group in optimizer.param_groups:
             group["lr"] = lr
         inputs, target = _to_device(batch, device, channels_last)
@@ -91,12 +109,14 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             loss.backward()
             optimizer.step()
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {step}; lower train.lr")
+            raise FloatingPointError(f"training loss became {loss.item()} after {samples} samples; lower train.lr")
         total_loss += loss.item() * target.shape[0]
         images += target.shape[0]
-        step += 1
+        steps += 1
+        samples += samples_per_step
     seconds = time.perf_counter() - start
-    return {"loss": total_loss / max(images, 1), "images": images, "seconds": seconds, "lr": lr, "steps": step}
+    return {"loss": total_loss / max(images, 1), "images": images, "seconds": seconds, "lr": lr,
+            "steps": steps, "samples": samples}
 
 
 @torch.no_grad()

@@ -21,7 +21,6 @@ from components.flops import train_step_flops
 from components.memory import saved_activation_bytes
 from components.models import load_saved_model
 from components.scales import scale_set_key
-from components.storage import storage_for
 from pipeline import evaluate, train
 from pipeline.common import run_stage
 
@@ -33,7 +32,7 @@ def run_method(cfg: PipelineConfig, method: str) -> dict:
     run_cfg = ablation_config(cfg, method)
     train.main(run_cfg)
     model, model_cfg = load_saved_model(run_cfg.train.output)
-    reader = PyramidReader(cfg.pyramid.output, storage_for(cfg.pyramid.output, cfg.storage.s3_endpoint_url))
+    reader = PyramidReader(cfg.pyramid.output)
     with torch.no_grad():
         (row,) = evaluate.evaluate_all(model, model_cfg, reader, run_cfg.evaluate.scale_sets, flip=False)
     trained = json.loads(Path(run_cfg.train.metrics).read_text())

@@ -1,25 +1,92 @@
 """Connecting to Ray and checking, before training starts, that the run can actually be placed.
 
-Each check fails fast with a message that names the params key to change, instead of letting a
-trainer wait forever for resources the cluster does not have.
+A worker node shares nothing with the driver but the network (DESIGN section 6). So when Ray
+workers may run on another node, the driver ships the code it runs from (a runtime_env
+working_dir) and the variables for storage and tracking, publishes the pyramid to shared storage,
+refuses a tracking store only this machine can write, and runs a pre-flight task on every node.
+Each check fails in seconds with one line that names the setting to change.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import socket
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
 from components.config import PipelineConfig, RayConfig
-from components.storage import is_s3
+from components.data.pyramid import content_hash
+from components.storage import is_s3, join
+from pipeline.environment import Environment
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# The code DVC hashes: a change here is a new run (never a resume of the old one).
+CODE_DIRS = ("components", "pipeline")
+# Never shipped to workers: environments, data and outputs (Ray also honours .gitignore). Patterns
+# are gitignore-style: the leading slash anchors them at the root (`data` alone would also drop
+# components/data).
+WORKING_DIR_EXCLUDES = ["/.git", "/.venv", "/.dvc/cache", "/.dvc/tmp", "/data", "/models", "/results",
+                        "/ray_results", "/mlruns", "/mlartifacts", "*.db", "/.local-stack", "__pycache__"]
+PREFLIGHT_TIMEOUT_S = 60
 
 
 class ClusterError(RuntimeError):
     """The Ray cluster or storage cannot run this configuration; the message says what to change."""
 
+
+# --- services, checked from the driver before Ray starts ---------------------------------------
+
+def check_tracking(env: Environment) -> None:
+    """An MLflow server must answer within seconds (not after minutes of client retries)."""
+    if env.tracking_is_local:
+        return
+    problem = tracking_problem(env.tracking_uri)
+    if problem:
+        raise ClusterError(f"MLFLOW_TRACKING_URI = {env.tracking_uri}: {problem}")
+
+
+def tracking_problem(uri: str) -> str | None:
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as answer:
+            return None if answer.status == 200 else f"the server answered HTTP {answer.status}"
+    except urllib.error.HTTPError as err:
+        return f"the server answered HTTP {err.code}"
+    except (OSError, ValueError) as err:
+        return f"no MLflow server answers there ({getattr(err, 'reason', err)})"
+
+
+def storage_problem(env: Environment, root: str) -> str | None:
+    """Write and delete a probe under `root`; None when that works."""
+    probe = join(root, f".write-test-{uuid.uuid4().hex}")
+    try:
+        storage = env.storage(root, quick=True)
+        storage.write_bytes(probe, b"ok")
+        storage.delete(probe)
+    except Exception as err:  # noqa: BLE001 - botocore and OSError alike become one line
+        text = str(err).split("\n")[0]
+        if is_s3(root) and ("credentials" in text.lower() or "SignatureDoesNotMatch" in text
+                            or "AccessDenied" in text or "InvalidAccessKeyId" in text):
+            text += " (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+        elif is_s3(root) and ("connect" in text.lower() or "endpoint" in text.lower()):
+            text += f" (check AWS_ENDPOINT_URL = {env.s3_endpoint})"
+        return f"cannot write there: {text}"
+    return None
+
+
+def check_storage(env: Environment) -> str:
+    """Make sure checkpoints can be written; returns the checkpoint root."""
+    root = env.checkpoint_root()
+    problem = storage_problem(env, root)
+    if problem:
+        variable = "HMSA_STORAGE" if env.storage_root else "the working directory (./ray_results)"
+        raise ClusterError(f"{variable} = {env.storage_root or root}: {problem}")
+    return root
+
+
+# --- Ray ---------------------------------------------------------------------------------------
 
 def _check_reachable(address: str) -> None:
     if address in ("auto", "local") or address.startswith("ray://"):
@@ -30,25 +97,37 @@ def _check_reachable(address: str) -> None:
             return
     except (OSError, ValueError) as err:
         raise ClusterError(
-            f"ray.address = {address!r}: no Ray cluster answers there ({err}). Start one with `ray start "
-            "--head`, fix the address, or set ray.address to null (and unset RAY_ADDRESS) for a local Ray."
+            f"RAY_ADDRESS = {address!r}: no Ray cluster answers there ({err}). Start one with `ray start "
+            "--head`, fix the address, or unset RAY_ADDRESS for a local Ray."
         ) from None
 
 
-def connect(cfg: RayConfig) -> str:
-    """Join the configured cluster, or start a local Ray; returns a description for the log."""
+def connect(env: Environment) -> str:
+    """Join the cluster of RAY_ADDRESS, or start a local Ray; returns a description for the log.
+
+    On a cluster the job carries the code this checkout holds (what DVC hashed) and the variables
+    workers need; workers never run whatever copy their image happens to have."""
     import ray
 
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return "the Ray instance already running in this process"
-    if address:
-        _check_reachable(address)
-        ray.init(address=address, log_to_driver=True)
-        return f"the Ray cluster at {address}"
+    if env.ray_address:
+        _check_reachable(env.ray_address)
+        runtime_env = {"working_dir": str(REPO_ROOT), "excludes": WORKING_DIR_EXCLUDES,
+                       "env_vars": env.worker_variables()}
+        ray.init(address=env.ray_address, runtime_env=runtime_env, log_to_driver=True)
+        return f"the Ray cluster at {env.ray_address}"
     # A local instance listens on loopback only: nothing outside this machine needs to reach it.
     ray.init(_node_ip_address="127.0.0.1")
     return "a local Ray instance"
+
+
+def workers_may_be_remote() -> bool:
+    """True when the cluster has a node other than the driver's: its workers see none of our files."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    return any(node["Alive"] and node["NodeID"] != here for node in ray.nodes())
 
 
 def decide_gpu(cfg: RayConfig) -> bool:
@@ -60,49 +139,115 @@ def decide_gpu(cfg: RayConfig) -> bool:
     use_gpu = gpus > 0 if cfg.use_gpu == "auto" else cfg.use_gpu
     if use_gpu and gpus == 0:
         raise ClusterError("ray.use_gpu = true, but the cluster has no GPU: set ray.use_gpu to auto or false")
-    need_cpu = cfg.num_workers * cfg.cpus_per_worker
+    # Elastic runs start as soon as their minimum fits; fixed runs need all their workers.
+    needed = cfg.worker_range[0]
+    need_cpu = needed * cfg.cpus_per_worker
     if need_cpu > cpus:
         raise ClusterError(
             f"ray.num_workers = {cfg.num_workers} x ray.cpus_per_worker = {cfg.cpus_per_worker} needs "
             f"{need_cpu:g} CPUs, but the cluster has {cpus:g}: lower ray.num_workers or ray.cpus_per_worker"
         )
-    if use_gpu and cfg.num_workers * cfg.gpus_per_worker > gpus:
+    if use_gpu and needed * cfg.gpus_per_worker > gpus:
         raise ClusterError(
             f"ray.num_workers = {cfg.num_workers} x ray.gpus_per_worker = {cfg.gpus_per_worker} needs "
-            f"{cfg.num_workers * cfg.gpus_per_worker:g} GPUs, but the cluster has {gpus:g}: lower ray.num_workers"
+            f"{needed * cfg.gpus_per_worker:g} GPUs, but the cluster has {gpus:g}: lower ray.num_workers"
         )
     return use_gpu
 
 
-def check_storage(storage_path: str) -> str:
-    """Make sure checkpoints can be written there; returns the path Ray should use (absolute)."""
-    if is_s3(storage_path):
-        return storage_path
-    path = Path(storage_path).resolve()
-    probe = path / f".write-test-{uuid.uuid4().hex}"
+def check_remote_requirements(env: Environment) -> None:
+    """Workers on other nodes need shared storage and a tracking server: refuse before training."""
+    if not env.storage_root:
+        raise ClusterError("HMSA_STORAGE is not set, but this Ray cluster has other nodes, whose workers cannot "
+                           "read this machine's files: set HMSA_STORAGE=s3://bucket/prefix (or a shared path)")
+    if env.tracking_is_local:
+        raise ClusterError(f"MLFLOW_TRACKING_URI = {env.tracking_uri}: workers on other nodes cannot write to this "
+                           "machine's tracking store; set MLFLOW_TRACKING_URI to an MLflow server (http://...)")
+
+
+# --- data --------------------------------------------------------------------------------------
+
+def place_pyramid(env: Environment, pyramid_dir: str, remote: bool) -> str:
+    """The pyramid URI workers read: the local directory when every worker is on this machine, else
+    its copy in shared storage under its content hash (published once, never overwritten)."""
+    if not remote:
+        return str(Path(pyramid_dir).resolve())
+    target = join(env.pyramid_root(), content_hash(pyramid_dir))
+    published = env.storage(target).publish_once(Path(pyramid_dir), target)
+    print(f"pyramid {'published to' if published else 'already in shared storage at'} {target}")
+    return target
+
+
+# --- pre-flight on every node ------------------------------------------------------------------
+
+def _node_checks(pyramid_uri: str, checkpoint_root: str, tracking_uri: str) -> dict:
+    """Runs on one node: read the manifest, write storage, reach the tracking server."""
+    import ray
+
+    env = Environment.from_environ()
+    problems = []
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise ClusterError(f"ray.storage_path = {storage_path!r}: cannot write there ({err.strerror}); "
-                           "choose a writable directory or an s3:// URI") from None
-    return str(path)
+        env.storage(pyramid_uri, quick=True).read_bytes(join(pyramid_uri, "manifest.json"))
+    except Exception as err:  # noqa: BLE001
+        problems.append(f"cannot read the pyramid at {pyramid_uri} ({str(err).splitlines()[0]}); "
+                        "check HMSA_STORAGE and the AWS_* variables")
+    problem = storage_problem(env, checkpoint_root)
+    if problem:
+        problems.append(f"HMSA_STORAGE = {checkpoint_root}: {problem}")
+    if tracking_uri.startswith(("http://", "https://")):
+        problem = tracking_problem(tracking_uri)
+        if problem:
+            problems.append(f"MLFLOW_TRACKING_URI = {tracking_uri}: {problem}")
+    context = ray.get_runtime_context()
+    return {"node": context.get_node_id(), "ip": ray.util.get_node_ip_address(), "problems": problems}
+
+
+def preflight(pyramid_uri: str, checkpoint_root: str, tracking_uri: str) -> int:
+    """Run the checks on every alive node; raises naming the node and setting that fail."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    check = ray.remote(num_cpus=0, max_retries=0)(_node_checks)
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    pending = {check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+               .remote(pyramid_uri, checkpoint_root, tracking_uri): n for n in nodes}
+    ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=PREFLIGHT_TIMEOUT_S)
+    failures = []
+    for ref in late:
+        node = pending[ref]
+        failures.append(f"node {node['NodeManagerAddress']} ({node['NodeID'][:12]}): no answer to the pre-flight "
+                        f"check in {PREFLIGHT_TIMEOUT_S} s (can it install the job's runtime_env?)")
+        ray.cancel(ref, force=True)
+    for ref in ready:
+        node = pending[ref]
+        try:
+            answer = ray.get(ref)
+        except Exception as err:  # noqa: BLE001 - the task itself failed: say why, in one line
+            cause = getattr(err, "cause", None) or err
+            failures.append(f"node {node['NodeManagerAddress']} ({node['NodeID'][:12]}): the check could not run "
+                            f"({type(cause).__name__}: {str(cause).strip().splitlines()[-1]})")
+            continue
+        failures += [f"node {answer['ip']} ({answer['node'][:12]}): {p}" for p in answer["problems"]]
+    if failures:
+        raise ClusterError("pre-flight failed on " + "; ".join(failures))
+    return len(nodes)
+
+
+# --- identity of a run -------------------------------------------------------------------------
+
+def code_fingerprint() -> str:
+    """SHA-256 of the project's Python code, so a code change starts a new run."""
+    digest = hashlib.sha256()
+    for directory in CODE_DIRS:
+        for path in sorted((REPO_ROOT / directory).rglob("*.py")):
+            digest.update(path.relative_to(REPO_ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def run_key(cfg: PipelineConfig, dataset_fingerprint: str) -> str:
-    """A stable id for 'this training': same config and data, same run (so a restart resumes it)."""
+    """A stable id for 'this training': same code, config and data, same run (so a restart resumes
+    it and a finished one is reused); anything changed gives a new id."""
     relevant = {"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
                 "loader": cfg.loader.model_dump(mode="json"), "data": dataset_fingerprint,
-                "workers": cfg.ray.num_workers}
+                "workers": cfg.ray.model_dump(mode="json")["num_workers"], "code": code_fingerprint()}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def absolute_paths(params: dict) -> dict:
-    """A copy of the params with local paths made absolute, for workers in other directories."""
-    out = json.loads(json.dumps(params))
-    for section, key in (("pyramid", "output"), ("prepare", "output"), ("ray", "storage_path")):
-        value = out[section][key]
-        if not is_s3(value):
-            out[section][key] = str(Path(value).resolve())
-    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 
@@ -10,7 +11,7 @@ from components.config import ConfigError, load_config
 from pipeline.cluster import ClusterError
 
 # Errors that are the user's to fix (a key, a path, a cluster setting): one line, no traceback.
-USER_ERRORS = (ConfigError, ClusterError, FileNotFoundError, ValueError, KeyError)
+USER_ERRORS = (ConfigError, ClusterError, FileNotFoundError, ValueError, KeyError, ConnectionError)
 
 
 def run_stage(main: Callable[..., None], description: str,
@@ -23,6 +24,8 @@ def run_stage(main: Callable[..., None], description: str,
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args()
+    # SIGTERM (a scheduler, `kill`, Ray job stop) unwinds like Ctrl-C, so MLflow runs end as KILLED.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         cfg = load_config(args.params)
         main(cfg, args) if add_arguments is not None else main(cfg)

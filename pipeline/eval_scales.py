@@ -17,7 +17,6 @@ from components.atomic import atomic_file
 from components.config import PipelineConfig
 from components.data.pyramid import PyramidReader
 from components.scales import scale_set_key
-from components.storage import storage_for
 from pipeline.evaluate import evaluate_all
 from pipeline.model_source import load_model
 
@@ -30,7 +29,7 @@ def recommend(rows: list[dict], max_gflops: float | None) -> dict | None:
 def search_eval_scales(cfg: PipelineConfig) -> dict:
     model, model_cfg = load_model(cfg.evaluate.model or cfg.train.output, cfg)
     names = list(cfg.tune.eval_scale_sets)
-    reader = PyramidReader(cfg.pyramid.output, storage_for(cfg.pyramid.output, cfg.storage.s3_endpoint_url))
+    reader = PyramidReader(cfg.pyramid.output)
     with torch.no_grad():
         rows = evaluate_all(model, model_cfg, reader, [cfg.tune.eval_scale_sets[n] for n in names], flip=False)
     for name, row in zip(names, rows):

@@ -22,9 +22,9 @@ from components.data.pyramid import PyramidReader
 from components.evaluation import attention_by_class, evaluate_scale_set, pareto_front
 from components.flops import inference_flops
 from components.scales import scale_set_key
-from components.storage import storage_for
 from components.viz import attention_figure
 from pipeline import tracking
+from pipeline.environment import Environment
 from pipeline.common import run_stage
 from pipeline.model_source import load_model
 
@@ -72,12 +72,12 @@ def main(cfg: PipelineConfig) -> None:
 
     source = cfg.evaluate.model or cfg.train.output
     model, model_cfg = load_model(source, cfg)
-    reader = PyramidReader(cfg.pyramid.output, storage_for(cfg.pyramid.output, cfg.storage.s3_endpoint_url))
+    reader = PyramidReader(cfg.pyramid.output)
     torch.set_grad_enabled(False)
     rows = evaluate_all(model, model_cfg, reader, cfg.evaluate.scale_sets, cfg.evaluate.flip)
     with atomic_dir(cfg.evaluate.output_dir) as out:
         write_outputs(out, rows, model, model_cfg, reader, cfg.evaluate.pictures)
-    experiment_id = tracking.setup_experiment(cfg.mlflow)
+    experiment_id = tracking.setup_experiment(Environment.from_environ(), cfg.mlflow.experiment)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"evaluate-{model_cfg.method}",
                           tags={"stage": "evaluate", "model_source": source, "method": model_cfg.method}):
         for r in rows:

@@ -22,12 +22,13 @@ def load_model(source: str, cfg: PipelineConfig) -> tuple[MultiScaleSegmenter, M
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.environment import Environment
 
-    mlflow.set_tracking_uri(tracking_uri(cfg.mlflow))
+    uri = Environment.from_environ().tracking_uri
+    mlflow.set_tracking_uri(uri)
     try:
         wrapper = mlflow.pyfunc.load_model(source).unwrap_python_model()
     except MlflowException as err:
-        raise FileNotFoundError(f"model {source!r} cannot be loaded from {tracking_uri(cfg.mlflow)}: "
+        raise FileNotFoundError(f"model {source!r} cannot be loaded from {uri}: "
                                 f"{err.message}") from None
     return wrapper.model, wrapper.cfg

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from components.config import PipelineConfig
 from components.data.pyramid import build_pyramid
-from components.storage import storage_for
+from components.storage import Storage
 from pipeline.common import run_stage
 
 
@@ -18,9 +18,8 @@ def main(cfg: PipelineConfig) -> None:
     if not source.is_file():
         raise FileNotFoundError(f"{source} is missing: run the prepare stage first (dvc repro prepare)")
     total = sum(len(ids) for ids in json.loads(source.read_text())["splits"].values())
-    storage = storage_for(cfg.pyramid.output, cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
     with tqdm(total=total, desc=f"pyramid {cfg.pyramid.scales}", unit="img") as bar:
-        build_pyramid(cfg.prepare.output, cfg.pyramid.scales, cfg.pyramid.shard_size, storage,
+        build_pyramid(cfg.prepare.output, cfg.pyramid.scales, cfg.pyramid.shard_size, Storage(),
                       cfg.pyramid.output, progress=bar)
     print(f"pyramid of {total} images at scales {cfg.pyramid.scales} written to {cfg.pyramid.output}")
 

@@ -18,6 +18,7 @@ from components.config import PipelineConfig
 from components.models.saved import WEIGHTS_FILE
 from components.scales import scale_set_key
 from pipeline import tracking
+from pipeline.environment import Environment
 from pipeline.common import run_stage
 
 
@@ -51,7 +52,7 @@ def register(cfg: PipelineConfig) -> dict:
     run = json.loads(Path(cfg.train.run_record).read_text())
     evaluation = json.loads((Path(cfg.evaluate.output_dir) / "metrics.json").read_text())[scale_set_key(rc.scale_set)]
     weights_sha = hashlib.sha256((Path(cfg.train.output) / WEIGHTS_FILE).read_bytes()).hexdigest()
-    tracking.setup_experiment(cfg.mlflow)
+    tracking.setup_experiment(Environment.from_environ(), cfg.mlflow.experiment)
     client = mlflow.MlflowClient()
     existing = [v for v in client.search_model_versions(f"name = '{rc.model_name}'")
                 if v.tags.get("weights_sha256") == weights_sha]

@@ -1,40 +1,45 @@
-"""MLflow helpers: where to track, one run per training (found again by a stable key), the model.
+"""MLflow helpers: one run per training (found again by a stable key), its status, the model.
 
-Embedded default: `sqlite:///mlflow.db` with a local artifact folder; a configured tracking URI
-(params mlflow.tracking_uri or MLFLOW_TRACKING_URI) points the same code at a real server.
+Where to track is environment (MLFLOW_TRACKING_URI, see pipeline/environment.py). Embedded
+default: `sqlite:///mlflow.db` with artifacts next to it. With a server, artifacts go through the
+server to its artifact store (S3 on a cluster).
+
+A run's status is true: RUNNING while training, then FINISHED, FAILED or KILLED.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
 import subprocess
 from pathlib import Path
 
-from components.config import MlflowConfig
+from pipeline.environment import Environment
 
 RUN_KEY_TAG = "hmsa.run_key"
+MODEL_URI_TAG = "hmsa.model_uri"
+COMPLETE_TAG = "hmsa.complete"  # set last, when a run's outputs are all recorded: it can be reused
 
 
-def tracking_uri(cfg: MlflowConfig) -> str:
-    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        # Absolute, so Ray workers in other directories write to the same database.
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    return uri
-
-
-def setup_experiment(cfg: MlflowConfig) -> str:
+def setup_experiment(env: Environment, experiment: str) -> str:
     """Point mlflow at the tracking URI and return the experiment id (created when missing)."""
     import mlflow
 
-    uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.get_experiment_by_name(cfg.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
-    local = uri.startswith("sqlite:") or uri.startswith("file:")
-    location = Path(cfg.artifact_location).resolve().as_uri() if local else None
-    return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    mlflow.set_tracking_uri(env.tracking_uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    return mlflow.create_experiment(experiment, artifact_location=env.local_artifact_location())
+
+
+def finished_run(experiment_id: str, run_key: str):
+    """The completed run of `run_key` (FINISHED, and marked complete after its outputs), or None."""
+    from mlflow import MlflowClient
+
+    found = MlflowClient().search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                                       max_results=1)
+    if found and found[0].info.status == "FINISHED" and found[0].data.tags.get(COMPLETE_TAG) == "true":
+        return found[0]
+    return None
 
 
 def find_or_create_run(experiment_id: str, run_key: str, run_name: str, tags: dict) -> str:
@@ -44,6 +49,8 @@ def find_or_create_run(experiment_id: str, run_key: str, run_name: str, tags: di
     client = MlflowClient()
     found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=1)
     if found:
+        if found[0].info.status != "RUNNING":  # resumed after a failure or a kill: running again
+            client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     run = client.create_run(experiment_id, run_name=run_name, tags={RUN_KEY_TAG: run_key, **tags})
     return run.info.run_id
@@ -102,3 +109,20 @@ def log_saved_model(model_dir: str | Path, default_scales: list[float]) -> str:
                           "albumentations", "opencv-python-headless"],
     )
     return info.model_uri
+
+
+@contextlib.contextmanager
+def run_status(run_id: str):
+    """Mark the run FINISHED when the block completes, FAILED on an error, KILLED on an interrupt
+    (Ctrl-C or SIGTERM, which run_stage turns into SystemExit)."""
+    from mlflow import MlflowClient
+
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        MlflowClient().set_terminated(run_id, status="KILLED")
+        raise
+    except BaseException:
+        MlflowClient().set_terminated(run_id, status="FAILED")
+        raise
+    MlflowClient().set_terminated(run_id, status="FINISHED")

@@ -1,8 +1,9 @@
 """Stage `train`: Ray Train on whatever cluster is configured, tracked in MLflow.
 
 Writes the best epoch's saved model (train.output), results/train/metrics.json and curves.csv, and
-logs one MLflow run per training with the model as a pyfunc. The Ray run name is stable for the
-same config and data, so running the stage again after a crash resumes from the last checkpoint.
+logs one MLflow run per training with the model as a pyfunc. The run is named after its code,
+config and data: running the stage again after a crash resumes from the last checkpoint; after a
+completed run it reuses that run's result and says so; after any change it trains a new run.
 """
 
 from __future__ import annotations
@@ -18,26 +19,30 @@ from components.atomic import atomic_dir, atomic_file
 from components.config import PipelineConfig
 from components.data.pyramid import PyramidReader
 from components.models.saved import CONFIG_FILE, WEIGHTS_FILE
-from components.storage import storage_for
 from pipeline import cluster, tracking
 from pipeline.common import run_stage
+from pipeline.environment import Environment
+from pipeline.launch import prepare_launch
 from pipeline.trainer import STATE_FILE, build_trainer, validation_scales
 
 
-def _start_tracking(cfg: PipelineConfig, key: str, name: str, manifest: dict) -> tuple[str, str]:
+def _start_tracking(cfg: PipelineConfig, env: Environment, key: str, name: str, manifest: dict):
+    """(experiment id, run id, finished run or None). A new or resumed run is RUNNING from here on."""
     import mlflow
 
-    experiment_id = tracking.setup_experiment(cfg.mlflow)
+    experiment_id = tracking.setup_experiment(env, cfg.mlflow.experiment)
+    finished = tracking.finished_run(experiment_id, key)
+    if finished is not None:
+        return experiment_id, finished.info.run_id, finished
     tags = {"method": cfg.model.method, "train_scales": str(cfg.model.train_scales),
             "dataset": manifest["dataset"], "dataset_manifest": manifest["source_manifest"],
-            "git_commit": tracking.git_commit()}
+            "git_commit": tracking.git_commit(), "code": cluster.code_fingerprint()[:12]}
     run_id = tracking.find_or_create_run(experiment_id, key, name, tags)
     client = mlflow.MlflowClient()
     if not client.get_run(run_id).data.params:  # params are immutable: log them once per run
         params = tracking.flatten(cfg.model_dump(mode="json"))
-        with mlflow.start_run(run_id=run_id):
-            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-    return tracking.tracking_uri(cfg.mlflow), run_id
+        client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:500]) for k, v in params.items()])
+    return experiment_id, run_id, None
 
 
 def _write_outputs(cfg: PipelineConfig, result, use_gpu: bool) -> dict:
@@ -65,6 +70,8 @@ def _write_outputs(cfg: PipelineConfig, result, use_gpu: bool) -> dict:
         "replicas_in_sync": all(r["replicas_in_sync"] for r in history),
         "resumed_at_epochs": result.metrics["resumed_at_epochs"],
         "num_workers": cfg.ray.num_workers,
+        "workers_per_epoch": [r["workers"] for r in history],
+        "worker_nodes": sorted({n for r in history for n in r["nodes"]}),
         "device": "gpu" if use_gpu else "cpu",
         "validation_scales": validation_scales(cfg),
     }
@@ -74,8 +81,6 @@ def _write_outputs(cfg: PipelineConfig, result, use_gpu: bool) -> dict:
 
 
 def main(cfg: PipelineConfig) -> None:
-    import mlflow
-
     if cfg.tune.apply_to_train:
         from pipeline.tune import apply_best
 
@@ -83,34 +88,48 @@ def main(cfg: PipelineConfig) -> None:
         print(f"training the tuned settings: method {cfg.model.method}, scales {cfg.model.train_scales}, "
               f"lr {cfg.train.lr:g}, crop {list(cfg.train.crop_size)}")
 
-    storage = storage_for(cfg.pyramid.output, cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
-    manifest = PyramidReader(cfg.pyramid.output, storage).manifest
-    where = cluster.connect(cfg.ray)
-    use_gpu = cluster.decide_gpu(cfg.ray)
-    storage_path = cluster.check_storage(cfg.ray.storage_path)
+    manifest = PyramidReader(cfg.pyramid.output).manifest
+    launch = prepare_launch(cfg)
     key = cluster.run_key(cfg, manifest["source_manifest"])
     name = f"train-{cfg.model.method}-{key}"
-    uri, run_id = _start_tracking(cfg, key, name, manifest)
-    print(f"training {name} on {where} ({cfg.ray.num_workers} {'GPU' if use_gpu else 'CPU'} workers), "
-          f"MLflow run {run_id} at {uri}")
-    params = cluster.absolute_paths(cfg.model_dump(mode="json"))
-    trainer = build_trainer(cfg, params, name, use_gpu, {"mlflow_uri": uri, "mlflow_run_id": run_id},
-                            storage_path=storage_path)
-    try:
+    _, run_id, finished = _start_tracking(cfg, launch.env, key, name, manifest)
+    storage_path, storage_filesystem = launch.run_storage()
+    if finished is not None:
+        # Same code, config and data as a completed run: its result is this stage's output.
+        print(f"reusing the finished run {name} (MLflow run {run_id}): same code, config and data, "
+              "nothing to train")
+        from ray.train import Result
+
+        result = Result.from_path(f"{storage_path.rstrip('/')}/{name}", storage_filesystem=storage_filesystem)
+        _write_outputs(cfg, result, launch.use_gpu)
+        _write_record(cfg, run_id, name, finished.data.tags[tracking.MODEL_URI_TAG], launch.env.tracking_uri)
+        return
+    workers = "-".join(map(str, sorted(set(cfg.ray.worker_range))))
+    print(f"training {name} on {launch.where} ({workers} {'GPU' if launch.use_gpu else 'CPU'} workers), "
+          f"MLflow run {run_id} at {launch.env.tracking_uri}")
+    trainer = build_trainer(cfg, launch, name, mlflow_run_id=run_id)
+    import mlflow
+
+    with tracking.run_status(run_id):
         result = trainer.fit()
-    except Exception:
-        mlflow.MlflowClient().set_terminated(run_id, status="FAILED")
-        raise
-    metrics = _write_outputs(cfg, result, use_gpu)
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({"best_val_miou": metrics["best_val_miou"], "images_per_s": metrics["images_per_s"]})
-        mlflow.log_artifact(cfg.train.curves)
-        model_uri = tracking.log_saved_model(cfg.train.output, validation_scales(cfg))
+        metrics = _write_outputs(cfg, result, launch.use_gpu)
+        client = mlflow.MlflowClient()
+        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(metrics[k]), 0, 0)
+                                          for k in ("best_val_miou", "images_per_s")])
+        client.log_artifact(run_id, cfg.train.curves)
+        with mlflow.start_run(run_id=run_id):  # log_model needs the run active
+            model_uri = tracking.log_saved_model(cfg.train.output, validation_scales(cfg))
+        client.set_tag(run_id, tracking.MODEL_URI_TAG, model_uri)
+        _write_record(cfg, run_id, name, model_uri, launch.env.tracking_uri)
+        client.set_tag(run_id, tracking.COMPLETE_TAG, "true")
+    print(f"best val mIoU {metrics['best_val_miou']:.4f} at epoch {metrics['best_epoch']}; "
+          f"model in {cfg.train.output}")
+
+
+def _write_record(cfg: PipelineConfig, run_id: str, name: str, model_uri: str, uri: str) -> None:
     record = {"run_id": run_id, "run_name": name, "model_uri": model_uri, "tracking_uri": uri}
     with atomic_file(cfg.train.run_record, "w") as handle:
         json.dump(record, handle, indent=2)
-    print(f"best val mIoU {metrics['best_val_miou']:.4f} at epoch {metrics['best_epoch']}; "
-          f"model in {cfg.train.output}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
 """The one TorchTrainer builder shared by the `train` and `tune` stages, and its worker loop.
 
 Each worker: builds the model, restores the latest checkpoint when Ray hands one over (after a
-worker failure, or when the same run is started again after a driver crash), trains with DDP on
-its shard, validates on its share of the val split, all-reduces the confusion matrices, and
-reports. Rank 0 writes the checkpoint (a saved-model directory plus the training state) and logs
-the epoch to MLflow; every worker reports, as Ray Train requires.
+worker failure, an elastic resize, or when the same run is started again after a driver crash),
+trains with DDP on its shard, validates on its share of the val split, all-reduces the confusion
+matrices, and reports. Rank 0 writes the checkpoint (a saved-model directory plus the training
+state) and logs the epoch to MLflow; every worker reports, as Ray Train requires.
+
+Workers read only what reaches every node: the pyramid at `pyramid_uri` (a published copy when
+workers may be remote), storage and tracking through the variables of pipeline/environment.py.
+The schedule counts samples, so an elastic run that lost a worker follows the same learning-rate
+curve over samples seen as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import resource
 import tempfile
 from pathlib import Path
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -23,9 +29,9 @@ from components.data.dataset import PyramidEvalDataset, PyramidTrainDataset
 from components.data.pyramid import PyramidReader
 from components.models import build_model
 from components.models.saved import WEIGHTS_FILE, write_model_files
-from components.storage import storage_for
-from components.training import (autocast_dtype, build_optimizer, evaluate, parameter_digest,
+from components.training import (autocast_dtype, build_optimizer, epoch_plan, evaluate, parameter_digest,
                                  train_one_epoch)
+from pipeline.environment import Environment
 from pipeline.tracking import log_epoch
 
 STATE_FILE = "train_state.pt"
@@ -49,7 +55,7 @@ def _restore(model, optimizer) -> dict:
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return {"epoch": 0, "history": [], "resumed_at_epochs": [], "step": 0}
+        return {"epoch": 0, "history": [], "resumed_at_epochs": [], "samples": 0}
     with checkpoint.as_directory() as directory:
         model.load_state_dict(load_file(Path(directory) / WEIGHTS_FILE))
         state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
@@ -58,9 +64,8 @@ def _restore(model, optimizer) -> dict:
     return state
 
 
-def _loaders(cfg: PipelineConfig, rank: int, world: int):
-    storage = storage_for(cfg.pyramid.output, cfg.storage.s3_endpoint_url, cfg.storage.s3_region)
-    reader = PyramidReader(cfg.pyramid.output, storage)
+def _loaders(cfg: PipelineConfig, rank: int, world: int, pyramid_uri: str):
+    reader = PyramidReader(pyramid_uri, Environment.from_environ().storage(pyramid_uri))
     train_set = PyramidTrainDataset(reader, "train", cfg.model.train_scales, cfg.train.crop_size, cfg.loader,
                                     seed=cfg.train.seed + rank)
     loader_args = dict(num_workers=cfg.loader.workers, persistent_workers=cfg.loader.workers > 0)
@@ -93,22 +98,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     bare = model.module if hasattr(model, "module") else model
 
-    train_set, train_loader, val_loader, classes = _loaders(cfg, rank, world)
+    train_set, train_loader, val_loader, classes = _loaders(cfg, rank, world, loop_config["pyramid_uri"])
     num_classes = len(classes["names"])
-    steps_per_epoch = len(train_loader) if cfg.train.steps_per_epoch is None else min(
-        cfg.train.steps_per_epoch, len(train_loader))
-    total_steps = steps_per_epoch * cfg.train.epochs
+    epoch_samples, steps = epoch_plan(len(train_set), cfg.train, cfg.ray.worker_range[1], world)
+    total_samples = epoch_samples * cfg.train.epochs
     for epoch in range(state["epoch"], cfg.train.epochs):
         train_set.set_epoch(epoch)
         if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(model, train_loader, optimizer, cfg.model, cfg.train, device, amp_dtype,
-                                state["step"], total_steps, scaler, cfg.train.channels_last, steps_per_epoch)
+                                state["samples"], total_samples, cfg.train.batch_size * world, scaler,
+                                cfg.train.channels_last, max_steps=steps)
         matrix = evaluate(model, val_loader, validation_scales(cfg), num_classes, device, amp_dtype,
                           cfg.train.channels_last).all_reduce()
-        digests = [None] * world
+        digests, nodes = [None] * world, [None] * world
+        node = ray.get_runtime_context().get_node_id()
         if world > 1:
             torch.distributed.all_gather_object(digests, parameter_digest(bare))
+            torch.distributed.all_gather_object(nodes, node)
+        else:
+            nodes = [node]
         row = {
             "epoch": epoch + 1,
             "loss": stats["loss"],
@@ -117,11 +126,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "lr": stats["lr"],
             "images_per_s": stats["images"] * world / max(stats["seconds"], 1e-9),
             "epoch_seconds": stats["seconds"],
-            "step_seconds": stats["seconds"] / max(stats["steps"] - state["step"], 1),
+            "step_seconds": stats["seconds"] / max(stats["steps"], 1),
+            "workers": world,
+            "nodes": sorted(set(nodes)),  # the Ray nodes this epoch's workers ran on
+            "samples_seen": stats["samples"],
+            "lr_at_samples": stats["samples"] - cfg.train.batch_size * world,  # where `lr` was set
             "peak_memory_mb": peak_memory_mb(device),
             "replicas_in_sync": int(len(set(digests)) == 1),
         }
-        state.update(epoch=epoch + 1, step=stats["steps"], history=[*state["history"], row])
+        state.update(epoch=epoch + 1, samples=stats["samples"], history=[*state["history"], row])
         report = {**row, "resumed_at_epochs": state["resumed_at_epochs"]}
         if rank != 0:
             ray.train.report(report, checkpoint=None)
@@ -136,22 +149,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
 
 
-def build_trainer(cfg: PipelineConfig, params: dict, run_name: str, use_gpu: bool,
-                  mlflow: dict | None = None, callbacks: list | None = None,
-                  storage_path: str | None = None) -> ray.train.torch.TorchTrainer:
-    """A TorchTrainer for this config. `params` is the validated config as a plain dict (it travels
-    to the workers); `mlflow` holds {"mlflow_uri", "mlflow_run_id"} when epochs are to be logged."""
+def build_trainer(cfg: PipelineConfig, launch, run_name: str, mlflow_run_id: str | None = None,
+                  callbacks: list | None = None) -> ray.train.torch.TorchTrainer:
+    """A TorchTrainer for this config on the cluster that `launch` (pipeline.launch.Launch) chose.
+    The config travels to the workers as a plain dict; epochs are logged to `mlflow_run_id`."""
     rc = cfg.ray
-    resources = {"CPU": rc.cpus_per_worker, **({"GPU": rc.gpus_per_worker} if use_gpu else {})}
+    resources = {"CPU": rc.cpus_per_worker, **({"GPU": rc.gpus_per_worker} if launch.use_gpu else {})}
+    low, high = rc.worker_range
+    storage_path, storage_filesystem = launch.run_storage()
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"params": params, **(mlflow or {})},
-        scaling_config=ray.train.ScalingConfig(num_workers=rc.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources,
-                                               placement_strategy=rc.placement_strategy),
+        train_loop_config={"params": cfg.model_dump(mode="json"), "mlflow_run_id": mlflow_run_id,
+                           **launch.loop_settings()},
+        scaling_config=ray.train.ScalingConfig(num_workers=low if low == high else (low, high),
+                                               use_gpu=launch.use_gpu, resources_per_worker=resources,
+                                               placement_strategy=rc.placement_strategy,
+                                               elastic_resize_monitor_interval_s=rc.elastic_resize_interval_s),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=storage_path or rc.storage_path,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=rc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=rc.checkpoints_to_keep,
                                                          checkpoint_score_attribute="val_miou",

@@ -6,8 +6,10 @@ inference scale sets of a trained model (no retraining).
 
 Each trial is a driver function that builds and fits the same TorchTrainer as the `train` stage
 (pipeline.trainer.build_trainer) and reports to Tune through TuneReportCallback; ASHA stops weak
-trials early. Every trial is an MLflow run nested under one parent run for the search. Running
-the stage again after an interruption restores the search from its storage path.
+trials early. Every trial is an MLflow run nested under one parent run for the search, and ends
+with its real status (FINISHED, KILLED when ASHA stopped it, FAILED). The search is named after its
+code, config and data: running the stage again after an interruption restores it; after a
+completed search it is reused (and says so); after any change a new search starts.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from pathlib import Path
 import yaml
 
 from components.atomic import atomic_file
-from components.config import PipelineConfig, SearchSpec, validate_config, with_overrides
+from components.config import PipelineConfig, SearchSpec, with_overrides
+from components.data.pyramid import PyramidReader
 from components.flops import train_step_flops
 from pipeline import cluster, tracking
 from pipeline.common import run_stage
+from pipeline.launch import prepare_launch
 
 SEARCHED = ("train_scales", "lr", "crop_size", "aux_scale_weight", "method")
+TRIAL_TAG = "hmsa.trial_id"
 
 
 def trial_config(cfg: PipelineConfig, settings: dict, trial: str) -> PipelineConfig:
@@ -70,17 +75,17 @@ def driver(settings: dict, base: PipelineConfig, setup: dict) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, settings, trial_id)
-    mlflow.set_tracking_uri(setup["mlflow_uri"])
+    launch = setup["launch"]
+    mlflow.set_tracking_uri(launch.env.tracking_uri)
     run_id = tracking.find_or_create_run(setup["experiment_id"], f"{setup['key']}-{trial_id}", f"trial-{trial_id}",
-                                         {"mlflow.parentRunId": setup["parent_run_id"], "method": cfg.model.method,
-                                          "train_scales": str(cfg.model.train_scales)})
+                                         {"mlflow.parentRunId": setup["parent_run_id"], TRIAL_TAG: trial_id,
+                                          "method": cfg.model.method, "train_scales": str(cfg.model.train_scales)})
     mlflow.MlflowClient().log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in settings.items()])
-    params = cluster.absolute_paths(cfg.model_dump(mode="json"))
-    trainer = build_trainer(cfg, params, f"{setup['name']}-{trial_id}", setup["use_gpu"],
-                            {"mlflow_uri": setup["mlflow_uri"], "mlflow_run_id": run_id},
-                            callbacks=[TuneReportCallback()], storage_path=setup["storage_path"])
-    trainer.fit()
-    mlflow.MlflowClient().set_terminated(run_id, "FINISHED")
+    trainer = build_trainer(cfg, launch, f"{setup['name']}-{trial_id}", mlflow_run_id=run_id,
+                            callbacks=[TuneReportCallback()])
+    # A trial that ASHA stops is killed here without notice; search() records it as KILLED.
+    with tracking.run_status(run_id):
+        trainer.fit()
 
 
 def concurrent_trials(cfg: PipelineConfig, use_gpu: bool) -> int:
@@ -88,43 +93,66 @@ def concurrent_trials(cfg: PipelineConfig, use_gpu: bool) -> int:
     import ray
 
     resources = ray.cluster_resources()
-    fits = resources.get("CPU", 0) // (cfg.ray.num_workers * cfg.ray.cpus_per_worker)
+    per_trial = cfg.ray.worker_range[1]
+    fits = resources.get("CPU", 0) // (per_trial * cfg.ray.cpus_per_worker)
     if use_gpu:
-        fits = min(fits, resources.get("GPU", 0) // (cfg.ray.num_workers * cfg.ray.gpus_per_worker))
+        fits = min(fits, resources.get("GPU", 0) // (per_trial * cfg.ray.gpus_per_worker))
     return max(1, int(fits))
 
 
+def _trial_id(result) -> str:
+    return str((result.metrics or {}).get("trial_id") or result.path.rsplit("/", 1)[-1].split("_", 1)[-1])
+
+
+def _record_trial_statuses(experiment_id: str, parent_run_id: str, results, max_epochs: int) -> None:
+    """Every trial's MLflow run ends with its real status: FINISHED after its whole budget, KILLED
+    when ASHA stopped it early (its process was ended before it could say so), FAILED on error."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    by_trial = {run.data.tags.get(TRIAL_TAG): run for run in children}
+    for result in results:
+        run = by_trial.get(_trial_id(result))
+        if run is None:
+            continue
+        epochs = int((result.metrics or {}).get("epoch", 0))
+        status = "FAILED" if result.error is not None else ("FINISHED" if epochs >= max_epochs else "KILLED")
+        if run.info.status != status:
+            client.set_terminated(run.info.run_id, status=status)
+
+
 def search(cfg: PipelineConfig) -> list[dict]:
-    import mlflow
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
     check_search_space(cfg)
-    # Tune runs each trial in a working directory of its own: hand the trials absolute paths.
-    cfg = validate_config(cluster.absolute_paths(cfg.model_dump(mode="json")), source="params (absolute paths)")
-    cluster.connect(cfg.ray)
-    use_gpu = cluster.decide_gpu(cfg.ray)
-    storage_path = cluster.check_storage(cfg.ray.storage_path)
-    key = cluster.run_key(cfg, "tune:" + repr(cfg.tune.model_dump(mode="json")))
+    manifest = PyramidReader(cfg.pyramid.output).manifest
+    launch = prepare_launch(cfg)
+    key = cluster.run_key(cfg, manifest["source_manifest"] + ":tune:" + repr(cfg.tune.model_dump(mode="json")))
     name = f"tune-{key}"
-    experiment_id = tracking.setup_experiment(cfg.mlflow)
-    parent_run_id = tracking.find_or_create_run(experiment_id, name, name, {"stage": "tune"})
-    setup = {"key": name, "name": name, "use_gpu": use_gpu, "storage_path": storage_path,
-             "mlflow_uri": tracking.tracking_uri(cfg.mlflow), "experiment_id": experiment_id,
+    experiment_id = tracking.setup_experiment(launch.env, cfg.mlflow.experiment)
+    finished = tracking.finished_run(experiment_id, name)
+    parent_run_id = finished.info.run_id if finished else tracking.find_or_create_run(
+        experiment_id, name, name, {"stage": "tune"})
+    setup = {"key": name, "name": name, "launch": launch, "experiment_id": experiment_id,
              "parent_run_id": parent_run_id}
     # The driver only coordinates; its Train workers hold the CPUs/GPUs. A trial must request
     # something, so it asks for a token amount of memory and no CPU (else it would block its workers).
     trainable = tune.with_resources(tune.with_parameters(driver, base=cfg, setup=setup),
                                     tune.PlacementGroupFactory([{"CPU": 0, "memory": 2**20}]))
-    path = str(Path(storage_path) / name) if "://" not in storage_path else f"{storage_path}/{name}"
-    if tune.Tuner.can_restore(path):
-        print(f"resuming the interrupted search at {path}")
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    storage_path, storage_filesystem = launch.run_storage()
+    path = f"{storage_path.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(path, storage_filesystem=storage_filesystem):
+        print(f"reusing the finished search at {path}: same code, config and data" if finished else
+              f"resuming the interrupted search at {path}")
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=storage_filesystem)
     else:
         scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.tune.epochs, grace_period=cfg.tune.grace_period,
                                   reduction_factor=cfg.tune.reduction_factor)
-        concurrency = concurrent_trials(cfg, use_gpu)
+        concurrency = concurrent_trials(cfg, launch.use_gpu)
         tuner = tune.Tuner(
             trainable,
             param_space={k: _space(s) for k, s in cfg.tune.search.items()},
@@ -134,26 +162,32 @@ def search(cfg: PipelineConfig) -> list[dict]:
                                         # max_concurrent_trials for a BasicVariantGenerator given here).
                                         search_alg=BasicVariantGenerator(random_state=cfg.tune.seed,
                                                                          max_concurrent=concurrency)),
-            run_config=tune.RunConfig(name=name, storage_path=storage_path),
+            run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem),
         )
-    results = tuner.fit()
-    rows = []
-    for result in results:
-        history = result.metrics_dataframe
-        settings = {k: result.config[k] for k in SEARCHED if k in result.config}
-        trial_cfg = trial_config(cfg, settings, "report")
-        epochs = int(history["epoch"].max()) if history is not None and len(history) else 0
-        rows.append({
-            "trial": result.path.rsplit("/", 1)[-1], **settings,
-            "train_scale_list": trial_cfg.model.train_scales,
-            "epochs": epochs, "stopped_early": int(result.error is None and epochs < cfg.tune.epochs),
-            "failed": int(result.error is not None),
-            "last_val_miou": float(history["val_miou"].iloc[-1]) if epochs else float("nan"),
-            "best_val_miou": float(history["val_miou"].max()) if epochs else float("nan"),
-            "train_gflops": train_step_flops(trial_cfg.model, tuple(trial_cfg.train.crop_size)) / 1e9,
-        })
-    mlflow.MlflowClient().set_terminated(parent_run_id, "FINISHED")
+    with tracking.run_status(parent_run_id):
+        results = tuner.fit()
+        _record_trial_statuses(experiment_id, parent_run_id, results, cfg.tune.epochs)
+        rows = [_trial_row(cfg, result) for result in results]
+        from mlflow import MlflowClient
+
+        MlflowClient().set_tag(parent_run_id, tracking.COMPLETE_TAG, "true")
     return rows
+
+
+def _trial_row(cfg: PipelineConfig, result) -> dict:
+    history = result.metrics_dataframe
+    settings = {k: result.config[k] for k in SEARCHED if k in result.config}
+    trial_cfg = trial_config(cfg, settings, "report")
+    epochs = int(history["epoch"].max()) if history is not None and len(history) else 0
+    return {
+        "trial": result.path.rsplit("/", 1)[-1], **settings,
+        "train_scale_list": trial_cfg.model.train_scales,
+        "epochs": epochs, "stopped_early": int(result.error is None and epochs < cfg.tune.epochs),
+        "failed": int(result.error is not None),
+        "last_val_miou": float(history["val_miou"].iloc[-1]) if epochs else float("nan"),
+        "best_val_miou": float(history["val_miou"].max()) if epochs else float("nan"),
+        "train_gflops": train_step_flops(trial_cfg.model, tuple(trial_cfg.train.crop_size)) / 1e9,
+    }
 
 
 def write_search_outputs(cfg: PipelineConfig, rows: list[dict]) -> dict:

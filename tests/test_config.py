@@ -57,3 +57,46 @@ def test_every_ablation_entry_of_the_repository_params_is_valid():
     for method in METHODS:
         run = ablation_config(cfg, method)
         assert run.model.method == method and run.evaluate.scale_sets == [cfg.ablation.methods[method].eval_scales]
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"ray": {"address": "10.0.0.1:6379"}}, "ray.address: is environment now, not a param: set RAY_ADDRESS"),
+        ({"ray": {"storage_path": "s3://b/p"}}, "ray.storage_path: is environment now, not a param: set HMSA_STORAGE"),
+        ({"mlflow": {"tracking_uri": "http://x"}}, "mlflow.tracking_uri: is environment now, not a param: set MLFLOW_"),
+        ({"storage": {"s3_endpoint_url": "http://x"}}, "storage: is environment now, not a param: set AWS_ENDPOINT_URL"),
+    ],
+)
+def test_cluster_settings_are_environment_not_params(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(raw)
+
+
+def test_stage_outputs_are_local_paths_dvc_can_cache():
+    with pytest.raises(ConfigError, match=r"pyramid.output: an output of a stage is a local path"):
+        validate_config({"pyramid": {"output": "s3://bucket/pyramid"}})
+
+
+@pytest.mark.parametrize("workers, ok", [(2, True), ([1, 2], True), ([2, 1], False), ([0, 2], False), (0, False)])
+def test_worker_count_or_elastic_range(workers, ok):
+    if ok:
+        low, high = validate_config({"ray": {"num_workers": workers}}).ray.worker_range
+        assert (low, high) == ((workers, workers) if isinstance(workers, int) else tuple(workers))
+    else:
+        with pytest.raises(ConfigError, match="ray.num_workers"):
+            validate_config({"ray": {"num_workers": workers}})
+
+
+def test_no_stage_lists_a_cluster_setting_as_a_param():
+    """Pointing the checkout at a cluster, bucket or tracking server must invalidate no stage."""
+    import yaml
+
+    stages = yaml.safe_load(open("dvc.yaml"))["stages"]
+    cfg = load_config("params.yaml")
+    for name, stage in stages.items():
+        stage = stage.get("do", stage)
+        for param in stage.get("params", []):
+            assert param.split(".")[0] != "storage", (name, param)
+            assert param != "mlflow", (name, param)  # only mlflow.experiment shapes where results are filed
+    assert "address" not in cfg.ray.model_dump()

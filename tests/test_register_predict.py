@@ -51,29 +51,28 @@ def trained_candidate(workdir, server, seed: int, miou: float, gflops: float = 5
     return write_params(workdir, workdir, model=cfg.model_dump(mode="json"),
                         train={"output": str(workdir / "model"), "run_record": str(workdir / "run.json")},
                         evaluate={"output_dir": str(workdir / "eval")},
-                        register={"output": str(workdir / "registration.json"), "min_delta": 0.01},
-                        mlflow={"tracking_uri": server.uri})
+                        register={"output": str(workdir / "registration.json"), "min_delta": 0.01})
 
 
-def register(params):
+def register(params, server):
     done = subprocess.run([sys.executable, "-m", "pipeline.register", "--params", str(params)],
-                          capture_output=True, text=True, env=python_env())
+                          capture_output=True, text=True, env=python_env(MLFLOW_TRACKING_URI=server.uri))
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((params.parent / "registration.json").read_text())
 
 
 def test_gate_idempotence_and_predict(tmp_path, server):
     first = trained_candidate(tmp_path / "a", server, seed=1, miou=0.30)
-    decision = register(first)
+    decision = register(first, server)
     assert decision["promoted"] and decision["reason"] == "no champion yet" and decision["version"] == "1"
 
-    again = register(first)  # the same weights: no second version
+    again = register(first, server)  # the same weights: no second version
     assert not again["created_version"] and again["version"] == "1" and again["aliases"]["champion"] == "1"
 
-    worse = register(trained_candidate(tmp_path / "b", server, seed=2, miou=0.305))  # not by more than 0.01
+    worse = register(trained_candidate(tmp_path / "b", server, seed=2, miou=0.305), server)  # not by more than 0.01
     assert not worse["promoted"] and worse["aliases"] == {"champion": "1", "challenger": "2"}
 
-    better = register(trained_candidate(tmp_path / "c", server, seed=3, miou=0.40))
+    better = register(trained_candidate(tmp_path / "c", server, seed=3, miou=0.40), server)
     assert better["promoted"] and better["aliases"] == {"champion": "3", "challenger": "2", "previous": "1"}
     client = mlflow.MlflowClient(server.uri)
     assert len(client.search_model_versions("name = 'hmsa'")) == 3
@@ -90,7 +89,7 @@ def test_gate_idempotence_and_predict(tmp_path, server):
     command = [sys.executable, "-m", "pipeline.predict", str(images / "street0.png"), str(images / "street1.png"),
                "--model", "models:/hmsa@champion", "--params", str(tmp_path / "c" / "params.yaml"),
                "--output", str(tmp_path / "out"), "--scales", "0.5", "1", "1.5"]
-    done = subprocess.run(command, capture_output=True, text=True, env=python_env())
+    done = subprocess.run(command, capture_output=True, text=True, env=python_env(MLFLOW_TRACKING_URI=server.uri))
     assert done.returncode == 0, done.stderr[-3000:]
     label = np.array(Image.open(tmp_path / "out" / "street0_label.png"))
     assert label.shape == (40, 56) and label.max() < 19
@@ -104,11 +103,11 @@ def test_gate_idempotence_and_predict(tmp_path, server):
     for extra, message in bad_cases:
         argv = [sys.executable, "-m", "pipeline.predict", str(images / "street0.png"), "--params",
                 str(tmp_path / "c" / "params.yaml"), "--output", str(tmp_path / "bad"), "--model", *extra]
-        done = subprocess.run(argv, capture_output=True, text=True, env=python_env())
+        done = subprocess.run(argv, capture_output=True, text=True, env=python_env(MLFLOW_TRACKING_URI=server.uri))
         assert done.returncode == 1 and message in done.stderr, done.stderr[-2000:]
     argv = [sys.executable, "-m", "pipeline.predict", "--params", str(tmp_path / "c" / "params.yaml"),
             "--model", str(tmp_path / "c" / "model"), "--output", str(tmp_path / "bad"), str(images / "broken.png")]
-    done = subprocess.run(argv, capture_output=True, text=True, env=python_env())
+    done = subprocess.run(argv, capture_output=True, text=True, env=python_env(MLFLOW_TRACKING_URI=server.uri))
     assert done.returncode == 1 and "broken.png: unreadable image" in done.stderr
 
 

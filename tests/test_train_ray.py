@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -11,7 +12,8 @@ import pytest
 
 from components.models import load_saved_model
 from tests.services import MlflowServer, python_env, wait_until
-from tests.train_helpers import curve_epochs, read_metrics, run_stage, stage_command, tiny_pyramid, write_params
+from tests.train_helpers import (curve_epochs, read_metrics, run_stage, stage_command, stage_env, tiny_pyramid,
+                                 write_params)
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +29,7 @@ def data(tmp_path_factory):
 def registered_epochs(workdir) -> list[int]:
     """Epochs of the checkpoints Ray Train has registered (a checkpoint directory can exist on
     disk before the controller registers it; only registered ones are restored)."""
-    for snapshot in (workdir / "ray_results").glob("*/checkpoint_manager_snapshot.json"):
+    for snapshot in (workdir / "store" / "ray").glob("*/checkpoint_manager_snapshot.json"):
         try:
             results = json.loads(snapshot.read_text())["checkpoint_results"]
         except (json.JSONDecodeError, KeyError):
@@ -48,12 +50,12 @@ def test_two_workers_ddp_replicas_agree(tmp_path, data, ray_head):
     assert cfg.method == "hierarchical"
 
 
-def _start_training(tmp_path, data, ray_head, epochs, **sections):
+def _start_training(tmp_path, data, ray_head, epochs, env=None, **sections):
     params = write_params(tmp_path, data, train={"epochs": epochs, "crop_size": [96, 96], "batch_size": 2},
                           model={"trunk": "resnet18", "decoder_channels": 32, "attention_channels": 32},
                           **sections)
     proc = subprocess.Popen(stage_command("train", params), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=python_env(**ray_head.client_env()))
+                            text=True, env=stage_env(params, **ray_head.client_env(), **(env or {})))
     wait_until(lambda: len(registered_epochs(tmp_path)) >= 1, 240, "a first registered checkpoint", proc)
     return params, proc
 
@@ -82,11 +84,12 @@ def test_worker_killed_mid_training_recovers_from_checkpoint(tmp_path, data, ray
 def test_driver_killed_then_stage_rerun_resumes_in_one_mlflow_run(tmp_path, data, ray_head):
     server = MlflowServer(tmp_path)
     try:
-        params, proc = _start_training(tmp_path, data, ray_head, epochs=5, mlflow={"tracking_uri": server.uri})
+        params, proc = _start_training(tmp_path, data, ray_head, epochs=5,
+                                       env={"MLFLOW_TRACKING_URI": server.uri})
         proc.send_signal(signal.SIGKILL)  # the driver dies; its Ray actors go with it
         proc.wait()
         first = max(registered_epochs(tmp_path))
-        done = run_stage("train", params, **ray_head.client_env())
+        done = run_stage("train", params, **ray_head.client_env(), MLFLOW_TRACKING_URI=server.uri)
         assert done.returncode == 0, done.stderr[-3000:]
         metrics = read_metrics(tmp_path)
         resumed_at = metrics["resumed_at_epochs"]
@@ -98,6 +101,7 @@ def test_driver_killed_then_stage_rerun_resumes_in_one_mlflow_run(tmp_path, data
         runs = client.search_runs([experiment.experiment_id])
         assert len(runs) == 1  # the resumed training continued the same run
         run = runs[0]
+        assert run.info.status == "FINISHED"
         history = client.get_metric_history(run.info.run_id, "val_miou")
         assert sorted({m.step for m in history}) == [1, 2, 3, 4, 5]
         assert run.data.tags["method"] == "hierarchical" and run.data.tags["dataset_manifest"]
@@ -109,21 +113,52 @@ def test_driver_killed_then_stage_rerun_resumes_in_one_mlflow_run(tmp_path, data
 
 
 @pytest.mark.parametrize(
-    "sections, message",
+    "sections, env, message",
     [
-        ({"ray": {"num_workers": 8}}, "ray.num_workers = 8"),
-        ({"ray": {"use_gpu": True}}, "ray.use_gpu = true, but the cluster has no GPU"),
-        ({"ray": {"address": "127.0.0.1:1"}}, "ray.address = '127.0.0.1:1': no Ray cluster answers there"),
-        ({"ray": {"storage_path": "/dev/null/checkpoints"}}, "ray.storage_path = '/dev/null/checkpoints'"),
+        ({"ray": {"num_workers": 8}}, {}, "ray.num_workers = 8"),
+        ({"ray": {"use_gpu": True}}, {}, "ray.use_gpu = true, but the cluster has no GPU"),
+        ({}, {"RAY_ADDRESS": "127.0.0.1:1"}, "RAY_ADDRESS = '127.0.0.1:1': no Ray cluster answers there"),
+        ({}, {"HMSA_STORAGE": "/dev/null/checkpoints"}, "HMSA_STORAGE = /dev/null/checkpoints: cannot write there"),
+        ({}, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, "MLFLOW_TRACKING_URI = http://127.0.0.1:9: no MLflow server"),
     ],
 )
-def test_bad_cluster_configuration_fails_fast(tmp_path, data, ray_head, sections, message):
+def test_bad_cluster_configuration_fails_fast(tmp_path, data, ray_head, sections, env, message):
     params = write_params(tmp_path, data, **sections)
     start = time.time()
-    env = ray_head.client_env()
-    if "address" in sections.get("ray", {}):
-        env["RAY_ADDRESS"] = ""
-    done = run_stage("train", params, timeout=120, **env)
+    done = run_stage("train", params, timeout=120, **{**ray_head.client_env(), **env})
     assert done.returncode == 1 and message in done.stderr, done.stderr[-2000:]
-    assert time.time() - start < 60
+    assert len(done.stderr.strip().splitlines()) == 1  # one line, no traceback
+    assert time.time() - start < 30
     assert not (tmp_path / "model").exists()
+
+
+def test_code_change_trains_again_and_unchanged_rerun_reuses(tmp_path, data, ray_head):
+    """Same code, config and data: the finished run is reused (nothing trained, and it says so).
+    A code change: a new run that trains from scratch, never a 'resume' into zero epochs."""
+    params = write_params(tmp_path, data, train={"epochs": 1})
+    first = run_stage("train", params, **ray_head.client_env())
+    assert first.returncode == 0, first.stderr[-3000:]
+    (tmp_path / "model").rename(tmp_path / "model-first")
+
+    again = run_stage("train", params, **ray_head.client_env())
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reusing the finished run" in again.stdout and "nothing to train" in again.stdout
+    assert (tmp_path / "model" / "weights.safetensors").read_bytes() == \
+        (tmp_path / "model-first" / "weights.safetensors").read_bytes()
+
+    from pipeline import cluster
+
+    # A real edit of the code the stage runs starts a new, complete run.
+    code = tmp_path / "code"
+    for item in ("components", "pipeline"):
+        shutil.copytree(cluster.REPO_ROOT / item, code / item)
+    with open(code / "components" / "training.py", "a") as handle:
+        handle.write("\n# an edit that changes the code fingerprint\n")
+    edited = subprocess.run(stage_command("train", params), capture_output=True, text=True, cwd=code,
+                            env=stage_env(params, **ray_head.client_env(), PYTHONPATH=str(code)), timeout=600)
+    assert edited.returncode == 0, edited.stderr[-3000:]
+    assert "reusing" not in edited.stdout and "training train-" in edited.stdout
+    metrics = read_metrics(tmp_path)
+    assert metrics["epochs"] == 1 and metrics["resumed_at_epochs"] == []
+    runs = list((tmp_path / "store" / "ray").glob("train-*"))
+    assert len({p.name for p in runs}) == 2  # two runs, one per code version

@@ -9,8 +9,8 @@ import mlflow
 import pytest
 import yaml
 
-from tests.services import python_env, wait_until
-from tests.train_helpers import run_stage, stage_command, tiny_pyramid, write_params
+from tests.services import wait_until
+from tests.train_helpers import run_stage, stage_command, stage_env, tiny_pyramid, write_params
 
 pytestmark = pytest.mark.integration
 
@@ -41,14 +41,14 @@ def trial_rows(tmp_path):
 def test_search_asha_mlflow_best_drives_train_and_resume(tmp_path, ray_head):
     data = tiny_pyramid(tmp_path / "data", train_images=16)
     params = search_params(tmp_path, data)
-    env = python_env(**ray_head.client_env())
+    env = stage_env(params, **ray_head.client_env())
 
     command = [*stage_command("tune", params)[:3], "search", *stage_command("tune", params)[3:]]
     if os.environ.get("HMSA_TEST_TUNE_RESUME") == "1":
         # Interrupt the search once the first trial has reported, then run the stage again: it resumes.
         # Opt-in: on this 2-core machine the resumed trial intermittently waits forever for workers.
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        wait_until(lambda: any((tmp_path / "ray_results").glob("tune-*/*/result.json")), 300, "a first trial", proc)
+        wait_until(lambda: any((tmp_path / "store" / "ray").glob("tune-*/*/result.json")), 300, "a first trial", proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
@@ -71,6 +71,15 @@ def test_search_asha_mlflow_best_drives_train_and_resume(tmp_path, ray_head):
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
     assert len(children) == 3  # one per trial, the interrupted trial's run reused on resume
     assert sorted(float(c.data.params["lr"]) for c in children) == [1e-9, 1e-9, 0.1]
+    # Every trial ends with its real status: the full-budget one FINISHED, those ASHA stopped KILLED.
+    by_status = sorted((c.info.status, float(c.data.params["lr"])) for c in children)
+    stopped = sum(int(r["stopped_early"]) for r in rows)
+    assert [s for s, _ in by_status].count("KILLED") == stopped and ("FINISHED", 0.1) in by_status, by_status
+    assert parents[0].info.status == "FINISHED"
+
+    # The same search again (same code, config and data) is reused, not run again.
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and "reusing the finished search" in again.stdout, again.stderr[-3000:]
 
     # best.yaml drives train
     tuned = write_params(tmp_path, data, tune={"apply_to_train": True, "output_dir": str(tmp_path / "tune")},

@@ -33,8 +33,7 @@ def write_params(workdir: Path, data: Path, **sections) -> Path:
         "train": {"epochs": 3, "batch_size": 2, "crop_size": [64, 64], "output": str(workdir / "model"),
                   "metrics": str(workdir / "metrics.json"), "curves": str(workdir / "curves.csv")},
         "loader": {"workers": 0},
-        "ray": {"num_workers": 1, "storage_path": str(workdir / "ray_results")},
-        "mlflow": {"tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}", "artifact_location": str(workdir / "art")},
+        "ray": {"num_workers": 1},
         "tune": {"apply_to_train": False, "output_dir": str(workdir / "tune")},
     }
     for section, values in sections.items():
@@ -48,9 +47,23 @@ def stage_command(stage: str, params: Path) -> list[str]:
     return [sys.executable, "-m", f"pipeline.{stage}", "--params", str(params)]
 
 
+def stage_env(params: Path, **extra) -> dict:
+    """The environment of a stage run for the params file's folder: checkpoints in `store/`, a
+    SQLite tracking store beside it (both overridable, e.g. with a real server or S3)."""
+    workdir = Path(params).parent
+    values = {"HMSA_STORAGE": str(workdir / "store"), "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
+    values.update(extra)
+    return python_env(**values)
+
+
 def run_stage(stage: str, params: Path, timeout: float = 600, **env) -> subprocess.CompletedProcess:
     return subprocess.run(stage_command(stage, params), capture_output=True, text=True, timeout=timeout,
-                          env=python_env(**env))
+                          env=stage_env(params, **env))
+
+
+def checkpoint_dirs(workdir: Path) -> list[Path]:
+    """Ray Train checkpoint directories of the runs under `workdir/store`."""
+    return sorted(p for p in (workdir / "store" / "ray").glob("*/checkpoint_*") if p.is_dir())
 
 
 def read_metrics(workdir: Path) -> dict:

@@ -8,6 +8,7 @@ pyramid with one ranged read, locally or from S3. manifest.json indexes every sa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -97,6 +98,23 @@ def build_pyramid(prepared_dir: str | Path, scales: list[float], shard_size: int
 
             shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def content_hash(pyramid_dir: str | Path) -> str:
+    """SHA-256 over every file of a local pyramid (relative path and bytes): the name under which it
+    is published to shared storage, so equal pyramids are stored once and a published one never
+    changes."""
+    root = Path(pyramid_dir)
+    if not (root / "manifest.json").is_file():
+        raise FileNotFoundError(f"{root / 'manifest.json'} is missing: build the pyramid first (dvc repro pyramid)")
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 class PyramidReader:

@@ -1,0 +1,270 @@
+"""A local stand-in for a cluster: services on loopback and Ray worker nodes that see none of the
+driver's files, so a driver path that leaks into a worker fails here as on a real cluster.
+
+    .venv/bin/python infra/local/stack.py start     # prints the variables to export
+    .venv/bin/python infra/local/stack.py stop
+    .venv/bin/python infra/local/stack.py stop-node 2 / start-node 2   # take a worker node away / back
+
+What it starts (state, logs and pids in --state, default .local-stack/):
+  - SeaweedFS with its S3 gateway and an identities file (credentials are checked), bucket `hmsa`
+  - an MLflow server (SQLite backend in the state folder) whose artifacts go to s3://hmsa/mlartifacts
+  - a Ray head with no CPUs (it schedules; it trains nothing), token authentication on
+  - N Ray worker nodes (default 2), each in its own Linux mount namespace (`unshare -m`, needs root)
+    where the repository and /tmp are empty tmpfs mounts: only the Python environment is visible.
+    Workers get the code from the job's runtime_env and the data from S3, or they fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+VENV = Path(sys.prefix)
+BUCKET = "hmsa"
+DEFAULT_PORTS = {"s3": 8333, "mlflow": 5000, "ray": 6379}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, what: str, timeout: float, log: Path) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.5)
+    tail = log.read_text()[-2000:] if log.exists() else ""
+    raise SystemExit(f"{what} did not come up in {timeout:.0f} s; its log {log} ends with:\n{tail}")
+
+
+def spawn(args: list[str], log: Path, env: dict, pidfile: Path) -> subprocess.Popen:
+    """A service in a session of its own (so `stop` can end it and everything it started)."""
+    proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd="/",
+                            start_new_session=True)
+    pidfile.write_text(str(proc.pid))
+    return proc
+
+
+def kill_group(pidfile: Path, sig=signal.SIGTERM) -> None:
+    if not pidfile.exists():
+        return
+    try:
+        os.killpg(int(pidfile.read_text()), sig)
+    except (ProcessLookupError, ValueError):
+        pass
+    pidfile.unlink()
+
+
+class Stack:
+    def __init__(self, state: Path):
+        self.state = state.resolve()
+        self.settings_file = self.state / "stack.json"
+
+    @property
+    def settings(self) -> dict:
+        return json.loads(self.settings_file.read_text())
+
+    # --- start -------------------------------------------------------------------------------
+    def start(self, workers: int, cpus_per_node: int, free_ports: bool) -> dict:
+        if self.settings_file.exists():
+            raise SystemExit(f"a stack is already running from {self.state}: stop it first")
+        self.state.mkdir(parents=True, exist_ok=True)
+        ports = {k: (free_port() if free_ports else v) for k, v in DEFAULT_PORTS.items()}
+        key, secret = os.environ.get("AWS_ACCESS_KEY_ID") or "hmsa-local", secrets.token_hex(16)
+        settings = {"ports": ports, "access_key": key, "secret_key": secret, "workers": workers,
+                    "cpus_per_node": cpus_per_node, "token": secrets.token_hex(16), "free_ports": free_ports}
+        self.settings_file.write_text(json.dumps(settings))
+        self.settings_file.chmod(0o600)
+        try:
+            self._start_s3(settings)
+            self._start_mlflow(settings)
+            self._start_head(settings)
+            for node in range(1, workers + 1):
+                self.start_node(node)
+            self._wait_for_nodes(workers + 1)
+        except BaseException:
+            self.stop()
+            raise
+        return self.variables()
+
+    def _aws_env(self, s: dict) -> dict:
+        return {"AWS_ACCESS_KEY_ID": s["access_key"], "AWS_SECRET_ACCESS_KEY": s["secret_key"],
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s['ports']['s3']}"}
+
+    def _start_s3(self, s: dict) -> None:
+        identities = {"identities": [{"name": "hmsa", "credentials": [{"accessKey": s["access_key"],
+                                                                       "secretKey": s["secret_key"]}],
+                                      "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+        config = self.state / "s3-identities.json"
+        config.write_text(json.dumps(identities))
+        config.chmod(0o600)
+        (self.state / "weed").mkdir(exist_ok=True)
+        args = [str(BIN / "weed"), "server", f"-dir={self.state / 'weed'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                "-s3", f"-s3.port={s['ports']['s3']}", f"-s3.config={config}", "-s3.port.iceberg=0",
+                "-s3.port.lance=0", "-webdav=false", "-iam=false"]
+        if s["free_ports"]:
+            for flag in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+                         "filer.port.grpc", "s3.port.grpc"):
+                args.append(f"-{flag}={free_port()}")
+        log = self.state / "weed.log"
+        spawn(args, log, dict(os.environ), self.state / "weed.pid")
+
+        def bucket_ready() -> bool:
+            client = self.s3_client()
+            try:
+                client.create_bucket(Bucket=BUCKET)
+            except client.exceptions.BucketAlreadyOwnedByYou:
+                pass
+            return True
+
+        wait_for(bucket_ready, "the SeaweedFS S3 gateway", 90, log)
+
+    def s3_client(self):
+        import boto3
+        from botocore.config import Config
+
+        s = self.settings
+        return boto3.session.Session().client(
+            "s3", endpoint_url=f"http://127.0.0.1:{s['ports']['s3']}", region_name="us-east-1",
+            aws_access_key_id=s["access_key"], aws_secret_access_key=s["secret_key"],
+            config=Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1}))
+
+    def _start_mlflow(self, s: dict) -> None:
+        env = {**os.environ, **self._aws_env(s), "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{s['ports']['s3']}"}
+        uri = f"http://127.0.0.1:{s['ports']['mlflow']}"
+        args = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(s["ports"]["mlflow"]),
+                "--backend-store-uri", f"sqlite:///{self.state / 'mlflow.db'}",
+                "--artifacts-destination", f"s3://{BUCKET}/mlartifacts", "--workers", "1"]
+        log = self.state / "mlflow.log"
+        spawn(args, log, env, self.state / "mlflow.pid")
+        wait_for(lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200, "the MLflow server",
+                 120, log)
+
+    def _ray_env(self) -> dict:
+        s = self.settings
+        # Token authentication; Ray kept on loopback (one machine standing in for several).
+        return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": s["token"],
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def _node_ports(self, base: int) -> list[str]:
+        """Every listener of a node on its own port: several nodes share this machine's address."""
+        args = [f"--min-worker-port={base}", f"--max-worker-port={base + 499}"]
+        for flag in ("node-manager-port", "object-manager-port", "metrics-export-port",
+                     "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port"):
+            args.append(f"--{flag}={free_port()}")
+        return args
+
+    def _start_head(self, s: dict) -> None:
+        temp = Path(f"/tmp/ray-head-{s['ports']['ray']}")  # Ray's socket paths must stay short
+        args = [str(BIN / "ray"), "start", "--head", "--block", f"--port={s['ports']['ray']}", "--num-cpus=0",
+                "--num-gpus=0", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+                f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}",
+                f"--temp-dir={temp}", *self._node_ports(30000)]
+        spawn(args, self.state / "ray-head.log", self._ray_env(), self.state / "ray-head.pid")
+
+    def start_node(self, node: int) -> None:
+        """A worker node in its own mount namespace: the repository and /tmp are empty there."""
+        s = self.settings
+        ray_args = [str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{s['ports']['ray']}",
+                    f"--num-cpus={s['cpus_per_node']}", "--num-gpus=0", "--node-ip-address=127.0.0.1",
+                    "--disable-usage-stats", *self._node_ports(30000 + 500 * node)]
+        hold = Path(f"/run/hmsa-stack-{os.getpid()}-{node}")
+        lines = ["set -e", "mount --make-rprivate /"]
+        venv_inside = REPO in VENV.parents
+        if venv_inside:  # keep the Python environment, hide everything else of the checkout
+            hold.mkdir(parents=True, exist_ok=True)
+            lines.append(f"mount --bind '{VENV}' '{hold}'")
+        lines.append(f"mount -t tmpfs hmsa-hidden '{REPO}'")
+        if venv_inside:
+            lines += [f"mkdir -p '{VENV}'", f"mount --bind '{hold}' '{VENV}'"]
+        lines += ["mount -t tmpfs hmsa-hidden /tmp", "cd /", "exec " + " ".join(f"'{a}'" for a in ray_args)]
+        spawn(["unshare", "-m", "--propagation", "private", "bash", "-c", "\n".join(lines)],
+              self.state / f"ray-node-{node}.log", self._ray_env(), self.state / f"ray-node-{node}.pid")
+
+    def stop_node(self, node: int) -> None:
+        """The node goes away at once, as a preempted machine does (SIGKILL, no clean shutdown)."""
+        kill_group(self.state / f"ray-node-{node}.pid", signal.SIGKILL)
+
+    def _wait_for_nodes(self, count: int) -> None:
+        def enough() -> bool:
+            done = subprocess.run([str(BIN / "ray"), "status", f"--address=127.0.0.1:{self.settings['ports']['ray']}"],
+                                  capture_output=True, text=True, env=self._ray_env(), timeout=30)
+            return done.returncode == 0 and done.stdout.count("node_") >= count
+        wait_for(enough, f"a Ray cluster of {count} nodes", 180, self.state / "ray-head.log")
+
+    # --- variables and stop ------------------------------------------------------------------
+    def variables(self) -> dict:
+        s = self.settings
+        return {"RAY_ADDRESS": f"127.0.0.1:{s['ports']['ray']}", "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN": s["token"], "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
+                "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{s['ports']['mlflow']}",
+                "HMSA_STORAGE": f"s3://{BUCKET}/pipeline", **self._aws_env(s)}
+
+    def stop(self) -> None:
+        for pidfile in sorted(self.state.glob("ray-node-*.pid")):
+            kill_group(pidfile, signal.SIGKILL)
+        kill_group(self.state / "ray-head.pid")
+        time.sleep(1)
+        for name in ("ray-head", "mlflow", "weed"):
+            kill_group(self.state / f"{name}.pid", signal.SIGKILL if name == "ray-head" else signal.SIGTERM)
+        for hold in Path("/run").glob("hmsa-stack-*"):
+            try:
+                hold.rmdir()
+            except OSError:
+                pass
+        if self.settings_file.exists():
+            shutil.rmtree(Path(f"/tmp/ray-head-{self.settings['ports']['ray']}"), ignore_errors=True)
+            self.settings_file.unlink()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["start", "stop", "env", "stop-node", "start-node"])
+    parser.add_argument("node", nargs="?", type=int, help="worker node number (stop-node, start-node)")
+    parser.add_argument("--state", default=str(REPO / ".local-stack"), help="state folder (default .local-stack)")
+    parser.add_argument("--workers", type=int, default=2, help="worker nodes (default 2)")
+    parser.add_argument("--cpus-per-node", type=int, default=1)
+    parser.add_argument("--free-ports", action="store_true", help="any free ports instead of 6379/5000/8333")
+    parser.add_argument("--json", action="store_true", help="print the variables as JSON")
+    args = parser.parse_args()
+    stack = Stack(Path(args.state))
+    if args.command == "stop":
+        stack.stop()
+        return
+    if args.command in ("stop-node", "start-node"):
+        if args.node is None:
+            parser.error(f"{args.command} needs the node number")
+        stack.stop_node(args.node) if args.command == "stop-node" else stack.start_node(args.node)
+        return
+    if args.command == "start":
+        if os.geteuid() != 0:
+            raise SystemExit("worker nodes need their own mount namespaces (unshare -m): run as root")
+        stack.start(args.workers, args.cpus_per_node, args.free_ports)
+    variables = stack.variables()
+    if args.json:
+        print(json.dumps(variables))
+    else:
+        print("\n".join(f"export {k}={v}" for k, v in variables.items()))
+        print(f"dvc remote modify --local storage endpointurl {variables['AWS_ENDPOINT_URL']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""The one place where `train` and `tune` decide where and how a Ray run happens.
+
+Order matters: services are checked before Ray starts (a dead tracking server or wrong S3
+credentials fail in seconds, not after Ray has started and retried), then Ray is joined, the
+data is placed where every node can read it, and every node runs a pre-flight check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from components.config import PipelineConfig
+from pipeline import cluster
+from pipeline.environment import Environment
+
+
+@dataclass(frozen=True)
+class Launch:
+    env: Environment
+    where: str  # for the log
+    use_gpu: bool
+    remote: bool  # workers may run on another node than the driver
+    pyramid_uri: str  # what workers read: a local directory, or its published copy
+    checkpoint_root: str
+
+    def run_storage(self) -> tuple[str, object | None]:
+        """(storage_path, storage_filesystem) for Ray Train and Tune RunConfigs."""
+        return self.env.ray_storage()
+
+    def loop_settings(self) -> dict:
+        """What every worker needs besides the config (no secrets: those travel as variables)."""
+        return {"pyramid_uri": self.pyramid_uri, "mlflow_uri": self.env.tracking_uri}
+
+
+def prepare_launch(cfg: PipelineConfig, env: Environment | None = None) -> Launch:
+    env = env or Environment.from_environ()
+    cluster.check_tracking(env)
+    checkpoint_root = cluster.check_storage(env)
+    where = cluster.connect(env)
+    use_gpu = cluster.decide_gpu(cfg.ray)
+    remote = cluster.workers_may_be_remote()
+    if remote:
+        cluster.check_remote_requirements(env)
+    pyramid_uri = cluster.place_pyramid(env, cfg.pyramid.output, remote)
+    if env.ray_address:
+        nodes = cluster.preflight(pyramid_uri, checkpoint_root, env.tracking_uri)
+        print(f"pre-flight passed on {nodes} node(s): pyramid readable, storage writable, tracking reachable")
+    return Launch(env=env, where=where, use_gpu=use_gpu, remote=remote, pyramid_uri=pyramid_uri,
+                  checkpoint_root=checkpoint_root)

@@ -1,0 +1,99 @@
+"""Where a run happens comes from the environment; the schedule counts samples, not worker steps."""
+
+from pathlib import Path
+
+import pytest
+
+from components.config import TrainConfig
+from components.training import epoch_plan, poly_lr
+from pipeline.environment import Environment
+
+
+def test_defaults_are_this_machine_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = Environment.from_environ({})
+    assert env.ray_address is None and env.storage_root is None
+    assert env.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}" and env.tracking_is_local
+    assert env.checkpoint_root() == str(tmp_path / "ray_results") and env.pyramid_root() is None
+    assert env.local_artifact_location() == (tmp_path / "mlartifacts").as_uri()
+    assert env.ray_storage() == (str(tmp_path / "ray_results"), None)
+
+
+def test_s3_storage_builds_one_filesystem_with_endpoint_and_region():
+    env = Environment.from_environ({"HMSA_STORAGE": "s3://bucket/team/hmsa", "AWS_ENDPOINT_URL": "http://127.0.0.1:8333",
+                                    "AWS_DEFAULT_REGION": "eu-west-1", "MLFLOW_TRACKING_URI": "http://mlflow:5000"})
+    assert env.checkpoint_root() == "s3://bucket/team/hmsa/ray"
+    assert env.pyramid_root() == "s3://bucket/team/hmsa/pyramids"
+    path, filesystem = env.ray_storage()
+    assert path == "bucket/team/hmsa/ray"  # pyarrow wants no scheme; the filesystem carries it
+    state = filesystem.__reduce__()[1][0]
+    assert state["endpoint_override"] == "http://127.0.0.1:8333" and state["region"] == "eu-west-1"
+    assert state["scheme"] == "http" and state["access_key"] is None  # credentials never pickled
+    assert not env.tracking_is_local and env.local_artifact_location() is None
+
+
+def test_the_service_endpoint_specific_variable_wins():
+    env = Environment.from_environ({"AWS_ENDPOINT_URL": "http://general", "AWS_ENDPOINT_URL_S3": "http://s3"})
+    assert env.s3_endpoint == "http://s3"
+
+
+def test_worker_variables_carry_resolved_locations(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HMSA_STORAGE", "shared")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    env = Environment.from_environ()
+    variables = env.worker_variables()
+    assert variables["HMSA_STORAGE"] == str(tmp_path / "shared")  # not relative to the worker's folder
+    assert variables["AWS_SECRET_ACCESS_KEY"] == "s3cr3t" and variables["MLFLOW_TRACKING_URI"].startswith("sqlite:////")
+
+
+def test_storage_root_without_bucket_is_refused():
+    with pytest.raises(ValueError, match="s3://"):
+        Environment.from_environ({"HMSA_STORAGE": "s3://"})
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_epoch_is_counted_in_samples_whatever_the_worker_count(world):
+    cfg = TrainConfig(batch_size=2, epochs=3)
+    samples, steps = epoch_plan(16, cfg, max_workers=4, world=world)
+    assert samples == 16 and steps * cfg.batch_size * world == 16
+
+
+def test_step_cap_is_at_the_full_worker_count():
+    cfg = TrainConfig(batch_size=2, steps_per_epoch=2)
+    assert epoch_plan(100, cfg, max_workers=2, world=2) == (8, 2)
+    assert epoch_plan(100, cfg, max_workers=2, world=1) == (8, 4)  # one worker left: twice the steps
+
+
+def test_learning_rate_is_a_function_of_samples_seen():
+    # Two workers for 8 steps, or one worker for 16 steps, pass the same sample counts at the same lr.
+    two = [poly_lr(0.1, step * 4, 64, 0.9) for step in range(0, 16, 1)][::1]
+    one = [poly_lr(0.1, step * 2, 64, 0.9) for step in range(0, 32)]
+    assert two[:16] == one[::2][:16]
+    assert poly_lr(0.1, 64, 64, 0.9) == 0.0 and poly_lr(0.1, 0, 64, 0.9) == 0.1
+
+
+def test_pyramid_content_hash_names_the_content(tmp_path):
+    from components.data.pyramid import content_hash
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text("{}")
+        (tmp_path / name / "train-00000.bin").write_bytes(b"x" * 10)
+    assert content_hash(tmp_path / "a") == content_hash(tmp_path / "b")
+    (tmp_path / "b" / "train-00000.bin").write_bytes(b"y" * 10)
+    assert content_hash(tmp_path / "a") != content_hash(tmp_path / "b")
+
+
+def test_publish_once_never_overwrites(tmp_path):
+    from components.storage import Storage
+
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "manifest.json").write_text("first")
+    target = str(tmp_path / "published" / "abc")
+    assert Storage().publish_once(source, target) is True
+    (source / "manifest.json").write_text("second")
+    assert Storage().publish_once(source, target) is False
+    assert Path(target, "manifest.json").read_text() == "first"
