@@ -53,7 +53,8 @@ def _write_outputs(cfg: PipelineConfig, result, use_gpu: bool) -> dict:
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             shutil.copy2(Path(best) / name, out / name)
     with atomic_file(cfg.train.curves, "w") as handle:
-        fields = ["epoch", "loss", "val_miou", "lr", "images_per_s", "epoch_seconds", "step_seconds"]
+        fields = ["epoch", "loss", "val_miou", "lr", "lr_at_samples", "samples_seen", "workers", "images_per_s",
+                  "epoch_seconds", "step_seconds"]
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)

@@ -6,33 +6,33 @@ import sys
 import numpy as np
 import pytest
 
-from components.data.pyramid import PyramidReader
+from components.data.pyramid import PyramidReader, content_hash
 from components.storage import S3Storage, Storage
 from tests.services import python_env
 
 pytestmark = pytest.mark.integration
 
 
-def test_pyramid_stage_on_s3(tmp_path, s3_server, monkeypatch):
+def test_pyramid_published_to_s3_once_reads_back_identically(tmp_path, s3_server, monkeypatch):
+    """The pyramid stage writes locally (DVC tracks it); training publishes it to S3 under its
+    content hash, once, and workers read it there byte for byte."""
     s3_server.client().create_bucket(Bucket="pyramids")
     params = tmp_path / "params.yaml"
     params.write_text(
         f"prepare:\n  output: {tmp_path / 'raw'}\n  synthetic: {{train_images: 3, val_images: 2, height: 48, width: 64}}\n"
-        f"pyramid:\n  output: s3://pyramids/synthetic\n  shard_size: 2\n"
-        f"storage:\n  s3_endpoint_url: {s3_server.endpoint}\n"
+        f"pyramid:\n  output: {tmp_path / 'local'}\n  shard_size: 2\n"
     )
-    env = python_env(**s3_server.env())
     for stage in ("prepare", "pyramid"):
-        subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--params", str(params)], check=True, env=env,
-                       capture_output=True)
+        subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--params", str(params)], check=True,
+                       env=python_env(), capture_output=True)
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
-    remote = PyramidReader("s3://pyramids/synthetic", S3Storage(s3_server.endpoint))
-    # The same pyramid built locally must be byte-identical.
-    from components.data.pyramid import build_pyramid
-
-    build_pyramid(tmp_path / "raw", remote.scales, 2, Storage(), str(tmp_path / "local"))
-    local = PyramidReader(str(tmp_path / "local"))
+    target = f"s3://pyramids/published/{content_hash(tmp_path / 'local')}"
+    storage = S3Storage(s3_server.endpoint)
+    assert storage.publish_once(tmp_path / "local", target) is True
+    assert storage.publish_once(tmp_path / "local", target) is False  # published once, never overwritten
+    remote = PyramidReader(target, storage)
+    local = PyramidReader(str(tmp_path / "local"), Storage())
     for split in ("train", "val"):
         for i in range(len(local.entries(split))):
             a, b = remote.read(split, i, remote.scales), local.read(split, i, local.scales)

@@ -11,7 +11,7 @@ import mlflow
 import pytest
 
 from components.models import load_saved_model
-from tests.services import MlflowServer, python_env, wait_until
+from tests.services import MlflowServer, wait_until
 from tests.train_helpers import (curve_epochs, read_metrics, run_stage, stage_command, stage_env, tiny_pyramid,
                                  write_params)
 

@@ -63,13 +63,32 @@ def spawn(args: list[str], log: Path, env: dict, pidfile: Path) -> subprocess.Po
     return proc
 
 
-def kill_group(pidfile: Path, sig=signal.SIGTERM) -> None:
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def kill_group(pidfile: Path, sig=signal.SIGTERM, grace: float = 10) -> None:
+    """End a service and everything it started: `sig`, then SIGKILL after `grace` seconds."""
     if not pidfile.exists():
         return
     try:
-        os.killpg(int(pidfile.read_text()), sig)
-    except (ProcessLookupError, ValueError):
+        pgid = int(pidfile.read_text())
+    except ValueError:
+        pidfile.unlink()
+        return
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
         pass
+    deadline = time.time() + grace
+    while group_alive(pgid) and time.time() < deadline:
+        time.sleep(0.2)
+    if group_alive(pgid):
+        os.killpg(pgid, signal.SIGKILL)
     pidfile.unlink()
 
 
@@ -174,11 +193,14 @@ class Stack:
 
     def _start_head(self, s: dict) -> None:
         temp = Path(f"/tmp/ray-head-{s['ports']['ray']}")  # Ray's socket paths must stay short
+        # A lost node is declared dead after about 3 s (Ray's default is about 15 s on real clusters),
+        # so an elastic run on this stand-in shrinks and grows within seconds.
+        env = {**self._ray_env(), "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
         args = [str(BIN / "ray"), "start", "--head", "--block", f"--port={s['ports']['ray']}", "--num-cpus=0",
                 "--num-gpus=0", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
                 f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}",
                 f"--temp-dir={temp}", *self._node_ports(30000)]
-        spawn(args, self.state / "ray-head.log", self._ray_env(), self.state / "ray-head.pid")
+        spawn(args, self.state / "ray-head.log", env, self.state / "ray-head.pid")
 
     def start_node(self, node: int) -> None:
         """A worker node in its own mount namespace: the repository and /tmp are empty there."""
@@ -221,10 +243,8 @@ class Stack:
     def stop(self) -> None:
         for pidfile in sorted(self.state.glob("ray-node-*.pid")):
             kill_group(pidfile, signal.SIGKILL)
-        kill_group(self.state / "ray-head.pid")
-        time.sleep(1)
         for name in ("ray-head", "mlflow", "weed"):
-            kill_group(self.state / f"{name}.pid", signal.SIGKILL if name == "ray-head" else signal.SIGTERM)
+            kill_group(self.state / f"{name}.pid")
         for hold in Path("/run").glob("hmsa-stack-*"):
             try:
                 hold.rmdir()
@@ -263,7 +283,7 @@ def main() -> None:
         print(json.dumps(variables))
     else:
         print("\n".join(f"export {k}={v}" for k, v in variables.items()))
-        print(f"dvc remote modify --local storage endpointurl {variables['AWS_ENDPOINT_URL']}")
+        print(f"# and once per checkout: dvc remote modify --local storage endpointurl {variables['AWS_ENDPOINT_URL']}")
 
 
 if __name__ == "__main__":

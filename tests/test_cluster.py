@@ -1,0 +1,155 @@
+"""On a stand-in for a real cluster (infra/local/stack.py): SeaweedFS S3 with credentials, an MLflow
+server with S3 artifacts, a Ray head and two worker nodes in their own mount namespaces, where the
+repository and /tmp are empty. A driver path that leaks into a worker fails here as on a cluster."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import pytest
+
+from components.config import load_config
+from components.data.pyramid import content_hash
+from components.training import poly_lr
+from tests.dvc_helpers import ROOT, dvc, tiny_repo
+from tests.services import python_env, wait_until
+from tests.train_helpers import read_metrics, stage_command, tiny_pyramid, write_params
+
+pytestmark = pytest.mark.integration
+STACK = str(ROOT / "infra" / "local" / "stack.py")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    state = tmp_path_factory.mktemp("stack")
+    done = subprocess.run([sys.executable, STACK, "start", "--state", str(state), "--free-ports", "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    variables = json.loads(done.stdout.strip().splitlines()[-1])
+    yield SimpleNamespace(state=state, variables=variables, env=python_env(**variables))
+    subprocess.run([sys.executable, STACK, "stop", "--state", str(state)], capture_output=True, timeout=120)
+
+
+def bucket_keys(stack, prefix: str) -> list[str]:
+    import boto3
+
+    v = stack.variables
+    client = boto3.session.Session().client("s3", endpoint_url=v["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                                            aws_access_key_id=v["AWS_ACCESS_KEY_ID"],
+                                            aws_secret_access_key=v["AWS_SECRET_ACCESS_KEY"])
+    keys, token = [], {}
+    while True:
+        page = client.list_objects_v2(Bucket="hmsa", Prefix=prefix, **token)
+        keys += [item["Key"] for item in page.get("Contents", [])]
+        if not page.get("IsTruncated"):
+            return keys
+        token = {"ContinuationToken": page["NextContinuationToken"]}
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.timeout(1800)
+def test_dvc_repro_on_the_cluster_then_fresh_clone_pulls_the_same(tmp_path, stack):
+    repo = tiny_repo(tmp_path / "repo", ray={"num_workers": 2, "cpus_per_worker": 1,
+                                              "placement_strategy": "STRICT_SPREAD"})
+    endpoint = stack.variables["AWS_ENDPOINT_URL"]
+    dvc(repo, "remote", "add", "-d", "storage", "s3://hmsa/dvc", env=stack.env)
+    dvc(repo, "remote", "modify", "--local", "storage", "endpointurl", endpoint, env=stack.env)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny"], cwd=repo, check=True)
+
+    done = dvc(repo, "repro", "register", env=stack.env)
+    output = done.stdout + done.stderr
+    assert "pre-flight passed on 3 node(s)" in output
+    metrics = read_metrics_at(repo / "results/train/metrics.json")
+    assert metrics["num_workers"] == 2 and len(metrics["worker_nodes"]) == 2  # one worker on each node
+
+    # Workers read the pyramid from the bucket, under its content hash; checkpoints and MLflow
+    # artifacts are in the bucket too.
+    digest = content_hash(repo / "data/pyramid/synthetic")
+    assert f"s3://hmsa/pipeline/pyramids/{digest}" in output
+    assert f"pipeline/pyramids/{digest}/manifest.json" in bucket_keys(stack, "pipeline/pyramids/")
+    assert any("/checkpoint_" in key for key in bucket_keys(stack, "pipeline/ray/train-"))
+    assert any(key.endswith("weights.safetensors") for key in bucket_keys(stack, "mlartifacts/"))
+    record = json.loads((repo / "results/train/run.json").read_text())
+    run = mlflow.MlflowClient(stack.variables["MLFLOW_TRACKING_URI"]).get_run(record["run_id"])
+    assert run.info.status == "FINISHED"
+    assert json.loads((repo / "results/register/registration.json").read_text())["aliases"]["champion"]
+
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "repro"], cwd=repo, check=True)
+    dvc(repo, "push", env=stack.env)
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    dvc(clone, "remote", "modify", "--local", "storage", "endpointurl", endpoint, env=stack.env)
+    dvc(clone, "pull", env=stack.env)
+    for path in ("data/pyramid/synthetic", "models/hmsa"):
+        assert file_hashes(clone / path) == file_hashes(repo / path), path
+
+
+def read_metrics_at(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _metric_values(client, run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+@pytest.mark.timeout(1200)
+def test_elastic_training_shrinks_when_a_node_goes_and_grows_when_it_returns(tmp_path, stack):
+    data = tiny_pyramid(tmp_path / "data", train_images=8)
+    epochs = 30
+    params = write_params(tmp_path, data, train={"epochs": epochs},
+                          ray={"num_workers": [1, 2], "cpus_per_worker": 1, "elastic_resize_interval_s": 5,
+                               "max_failures": 6},
+                          mlflow={"experiment": "elastic"})
+    proc = subprocess.Popen(stage_command("train", params), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=stack.env)
+    client = mlflow.MlflowClient(stack.variables["MLFLOW_TRACKING_URI"])
+
+    def run_id() -> str | None:
+        experiment = client.get_experiment_by_name("elastic")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        return runs[0].info.run_id if runs else None
+
+    wait_until(lambda: run_id() and len(_metric_values(client, run_id(), "workers")) >= 2, 300,
+               "two epochs on two workers", proc)
+    node = subprocess.run([sys.executable, STACK, "stop-node", "2", "--state", str(stack.state)], timeout=60)
+    assert node.returncode == 0
+    wait_until(lambda: 1.0 in _metric_values(client, run_id(), "workers"), 240, "an epoch on the one node left", proc)
+    node = subprocess.run([sys.executable, STACK, "start-node", "2", "--state", str(stack.state)], timeout=60)
+    assert node.returncode == 0
+    output, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, output[-4000:]
+
+    metrics = read_metrics(tmp_path)
+    workers = metrics["workers_per_epoch"]
+    shrunk = workers.index(1)
+    assert workers[0] == 2 and 2 in workers[shrunk:], workers  # shrank, then grew back
+    assert len(metrics["resumed_at_epochs"]) >= 2  # once to shrink, once to grow
+    rows = list(_curve_rows(tmp_path))
+    base_lr = load_config(params).train.lr
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))  # no epoch twice, none missing
+    # The schedule counts samples: every epoch covers the 8 training images whatever the worker
+    # count, and the learning rate is the same function of samples seen as in an uninterrupted run.
+    assert [r["samples_seen"] for r in rows] == [8 * e for e in range(1, epochs + 1)]
+    for r in rows:
+        assert r["lr"] == pytest.approx(poly_lr(base_lr, r["lr_at_samples"], 8 * epochs, 0.9), rel=1e-9)
+    assert run_id() and client.get_run(run_id()).info.status == "FINISHED"
+
+
+def _curve_rows(workdir: Path):
+    import csv
+
+    with open(workdir / "curves.csv") as handle:
+        for row in csv.DictReader(handle):
+            yield {k: (float(v) if k in ("lr",) else int(float(v))) for k, v in row.items()
+                   if k in ("epoch", "lr", "lr_at_samples", "samples_seen", "workers")}
