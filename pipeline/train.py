@@ -23,6 +23,7 @@ from pipeline import cluster, tracking
 from pipeline.common import run_stage
 from pipeline.environment import Environment
 from pipeline.launch import prepare_launch
+from pipeline.search_space import apply_best
 from pipeline.trainer import STATE_FILE, build_trainer, validation_scales
 
 
@@ -83,8 +84,6 @@ def _write_outputs(cfg: PipelineConfig, result, use_gpu: bool) -> dict:
 
 def main(cfg: PipelineConfig) -> None:
     if cfg.tune.apply_to_train:
-        from pipeline.tune import apply_best
-
         cfg = apply_best(cfg)
         print(f"training the tuned settings: method {cfg.model.method}, scales {cfg.model.train_scales}, "
               f"lr {cfg.train.lr:g}, crop {list(cfg.train.crop_size)}")

@@ -20,49 +20,15 @@ from pathlib import Path
 import yaml
 
 from components.atomic import atomic_file
-from components.config import PipelineConfig, SearchSpec, with_overrides
+from components.config import PipelineConfig
 from components.data.pyramid import PyramidReader
 from components.flops import train_step_flops
 from pipeline import cluster, tracking
 from pipeline.common import run_stage
 from pipeline.launch import prepare_launch
+from pipeline.search_space import SEARCHED, check_search_space, search_space, trial_config
 
-SEARCHED = ("train_scales", "lr", "crop_size", "aux_scale_weight", "method")
 TRIAL_TAG = "hmsa.trial_id"
-
-
-def trial_config(cfg: PipelineConfig, settings: dict, trial: str) -> PipelineConfig:
-    """The full config of one trial: searched settings and the trial budget over the base config."""
-    model, train = {}, {"epochs": cfg.tune.epochs, "steps_per_epoch": cfg.tune.steps_per_epoch}
-    if "train_scales" in settings:
-        model["train_scales"] = cfg.tune.train_scale_sets[settings["train_scales"]]
-    for key, section in (("method", model), ("aux_scale_weight", model), ("lr", train), ("crop_size", train)):
-        if key in settings:
-            section[key] = list(settings[key]) if key == "crop_size" else settings[key]
-    return with_overrides(cfg, {"model": model, "train": train, "tune": {"apply_to_train": False}},
-                          source=f"tune trial {trial}")
-
-
-def _space(spec: SearchSpec):
-    from ray import tune
-
-    if spec.grid is not None:
-        return tune.grid_search(spec.grid)
-    if spec.choice is not None:
-        return tune.choice(spec.choice)
-    if spec.loguniform is not None:
-        return tune.loguniform(*spec.loguniform)
-    return tune.uniform(*spec.uniform)
-
-
-def check_search_space(cfg: PipelineConfig) -> None:
-    """Validate a trial config for every discrete combination before any trial starts."""
-    discrete = {k: (s.choice or s.grid) for k, s in cfg.tune.search.items() if (s.choice or s.grid)}
-    combos = [{}]
-    for key, values in discrete.items():
-        combos = [{**c, key: v} for c in combos for v in values]
-    for combo in combos:
-        trial_config(cfg, combo, f"settings {combo}")
 
 
 def driver(settings: dict, base: PipelineConfig, setup: dict) -> None:
@@ -155,7 +121,7 @@ def search(cfg: PipelineConfig) -> list[dict]:
         concurrency = concurrent_trials(cfg, launch.use_gpu)
         tuner = tune.Tuner(
             trainable,
-            param_space={k: _space(s) for k, s in cfg.tune.search.items()},
+            param_space=search_space(cfg),
             tune_config=tune.TuneConfig(metric="val_miou", mode="max", scheduler=scheduler,
                                         num_samples=cfg.tune.num_samples,
                                         # The generator enforces the limit (Tune ignores
@@ -206,18 +172,6 @@ def write_search_outputs(cfg: PipelineConfig, rows: list[dict]) -> dict:
     with atomic_file(out / "best.yaml", "w") as handle:
         yaml.safe_dump(document, handle, sort_keys=False)
     return document
-
-
-def apply_best(cfg: PipelineConfig) -> PipelineConfig:
-    """The train stage's config with the best trial's settings (tune.apply_to_train)."""
-    path = Path(cfg.tune.output_dir) / "best.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run the tune stage first, or set tune.apply_to_train: false")
-    settings = yaml.safe_load(path.read_text())["settings"]
-    tuned = trial_config(cfg, settings, str(path))
-    # Keep the train stage's own budget; take only the searched settings.
-    return with_overrides(tuned, {"train": {"epochs": cfg.train.epochs,
-                                            "steps_per_epoch": cfg.train.steps_per_epoch}}, source=str(path))
 
 
 def main(cfg: PipelineConfig, args) -> None:

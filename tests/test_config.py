@@ -65,7 +65,7 @@ def test_every_ablation_entry_of_the_repository_params_is_valid():
         ({"ray": {"address": "10.0.0.1:6379"}}, "ray.address: is environment now, not a param: set RAY_ADDRESS"),
         ({"ray": {"storage_path": "s3://b/p"}}, "ray.storage_path: is environment now, not a param: set HMSA_STORAGE"),
         ({"mlflow": {"tracking_uri": "http://x"}}, "mlflow.tracking_uri: is environment now, not a param: set MLFLOW_"),
-        ({"storage": {"s3_endpoint_url": "http://x"}}, "storage: is environment now, not a param: set AWS_ENDPOINT_URL"),
+        ({"storage": {"s3_endpoint_url": "http://x"}}, "storage: is environment now, not a param: set AWS_ENDPOINT"),
     ],
 )
 def test_cluster_settings_are_environment_not_params(raw, message):

@@ -20,8 +20,9 @@ def test_defaults_are_this_machine_only(tmp_path, monkeypatch):
 
 
 def test_s3_storage_builds_one_filesystem_with_endpoint_and_region():
-    env = Environment.from_environ({"HMSA_STORAGE": "s3://bucket/team/hmsa", "AWS_ENDPOINT_URL": "http://127.0.0.1:8333",
-                                    "AWS_DEFAULT_REGION": "eu-west-1", "MLFLOW_TRACKING_URI": "http://mlflow:5000"})
+    env = Environment.from_environ({"HMSA_STORAGE": "s3://bucket/team/hmsa", "AWS_DEFAULT_REGION": "eu-west-1",
+                                    "AWS_ENDPOINT_URL": "http://127.0.0.1:8333",
+                                    "MLFLOW_TRACKING_URI": "http://mlflow:5000"})
     assert env.checkpoint_root() == "s3://bucket/team/hmsa/ray"
     assert env.pyramid_root() == "s3://bucket/team/hmsa/pyramids"
     path, filesystem = env.ray_storage()

@@ -119,7 +119,7 @@ def test_driver_killed_then_stage_rerun_resumes_in_one_mlflow_run(tmp_path, data
         ({"ray": {"use_gpu": True}}, {}, "ray.use_gpu = true, but the cluster has no GPU"),
         ({}, {"RAY_ADDRESS": "127.0.0.1:1"}, "RAY_ADDRESS = '127.0.0.1:1': no Ray cluster answers there"),
         ({}, {"HMSA_STORAGE": "/dev/null/checkpoints"}, "HMSA_STORAGE = /dev/null/checkpoints: cannot write there"),
-        ({}, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, "MLFLOW_TRACKING_URI = http://127.0.0.1:9: no MLflow server"),
+        ({}, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, "MLFLOW_TRACKING_URI = http://127.0.0.1:9: no MLflow"),
     ],
 )
 def test_bad_cluster_configuration_fails_fast(tmp_path, data, ray_head, sections, env, message):
@@ -127,7 +127,9 @@ def test_bad_cluster_configuration_fails_fast(tmp_path, data, ray_head, sections
     start = time.time()
     done = run_stage("train", params, timeout=120, **{**ray_head.client_env(), **env})
     assert done.returncode == 1 and message in done.stderr, done.stderr[-2000:]
-    assert len(done.stderr.strip().splitlines()) == 1  # one line, no traceback
+    # One line of ours (Ray's own INFO lines aside) that names the setting, and no traceback.
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in done.stderr
     assert time.time() - start < 30
     assert not (tmp_path / "model").exists()
 
@@ -162,3 +164,18 @@ def test_code_change_trains_again_and_unchanged_rerun_reuses(tmp_path, data, ray
     assert metrics["epochs"] == 1 and metrics["resumed_at_epochs"] == []
     runs = list((tmp_path / "store" / "ray").glob("train-*"))
     assert len({p.name for p in runs}) == 2  # two runs, one per code version
+
+
+def test_run_is_running_while_training_and_killed_on_sigterm(tmp_path, data, ray_head):
+    """The MLflow run is RUNNING while training (not ended before it starts) and KILLED when the
+    stage is stopped with SIGTERM, as a scheduler or `kill` would."""
+    params, proc = _start_training(tmp_path, data, ray_head, epochs=50)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("hmsa")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "RUNNING"
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, output[-2000:]
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    assert not (tmp_path / "model").exists()

@@ -283,7 +283,6 @@ def main() -> None:
         print(json.dumps(variables))
     else:
         print("\n".join(f"export {k}={v}" for k, v in variables.items()))
-        print(f"# and once per checkout: dvc remote modify --local storage endpointurl {variables['AWS_ENDPOINT_URL']}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,63 @@
+"""What `tune` searches and how a trial's settings become a config; shared by `tune` and `train`
+(which trains the best trial's settings), so neither stage imports the other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from components.config import PipelineConfig, SearchSpec, with_overrides
+
+SEARCHED = ("train_scales", "lr", "crop_size", "aux_scale_weight", "method")
+
+
+def trial_config(cfg: PipelineConfig, settings: dict, trial: str) -> PipelineConfig:
+    """The full config of one trial: searched settings and the trial budget over the base config."""
+    model, train = {}, {"epochs": cfg.tune.epochs, "steps_per_epoch": cfg.tune.steps_per_epoch}
+    if "train_scales" in settings:
+        model["train_scales"] = cfg.tune.train_scale_sets[settings["train_scales"]]
+    for key, section in (("method", model), ("aux_scale_weight", model), ("lr", train), ("crop_size", train)):
+        if key in settings:
+            section[key] = list(settings[key]) if key == "crop_size" else settings[key]
+    return with_overrides(cfg, {"model": model, "train": train, "tune": {"apply_to_train": False}},
+                          source=f"tune trial {trial}")
+
+
+def _space(spec: SearchSpec):
+    from ray import tune
+
+    if spec.grid is not None:
+        return tune.grid_search(spec.grid)
+    if spec.choice is not None:
+        return tune.choice(spec.choice)
+    if spec.loguniform is not None:
+        return tune.loguniform(*spec.loguniform)
+    return tune.uniform(*spec.uniform)
+
+
+def check_search_space(cfg: PipelineConfig) -> None:
+    """Validate a trial config for every discrete combination before any trial starts."""
+    discrete = {k: (s.choice or s.grid) for k, s in cfg.tune.search.items() if (s.choice or s.grid)}
+    combos = [{}]
+    for key, values in discrete.items():
+        combos = [{**c, key: v} for c in combos for v in values]
+    for combo in combos:
+        trial_config(cfg, combo, f"settings {combo}")
+
+
+def search_space(cfg: PipelineConfig) -> dict:
+    """Tune's param_space for tune.search."""
+    return {key: _space(spec) for key, spec in cfg.tune.search.items()}
+
+
+def apply_best(cfg: PipelineConfig) -> PipelineConfig:
+    """The train stage's config with the best trial's settings (tune.apply_to_train)."""
+    path = Path(cfg.tune.output_dir) / "best.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the tune stage first, or set tune.apply_to_train: false")
+    settings = yaml.safe_load(path.read_text())["settings"]
+    tuned = trial_config(cfg, settings, str(path))
+    # Keep the train stage's own budget; take only the searched settings.
+    return with_overrides(tuned, {"train": {"epochs": cfg.train.epochs,
+                                            "steps_per_epoch": cfg.train.steps_per_epoch}}, source=str(path))
