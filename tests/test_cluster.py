@@ -5,6 +5,7 @@ repository and /tmp are empty. A driver path that leaks into a worker fails here
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -151,3 +152,22 @@ def _curve_rows(workdir: Path):
         for row in csv.DictReader(handle):
             yield {k: (float(v) if k in ("lr",) else int(float(v))) for k, v in row.items()
                    if k in ("epoch", "lr", "lr_at_samples", "samples_seen", "workers")}
+
+
+@pytest.mark.parametrize("variables, message", [
+    ({"AWS_SECRET_ACCESS_KEY": "not-the-secret"}, "HMSA_STORAGE = s3://hmsa/pipeline: cannot write there"),
+    ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "check AWS_ENDPOINT_URL = http://127.0.0.1:9"),
+    ({"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}, "workers on other nodes cannot write to this machine's tracking"),
+    ({"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, "MLFLOW_TRACKING_URI = http://127.0.0.1:9: no MLflow server"),
+    ({"HMSA_STORAGE": ""}, "HMSA_STORAGE is not set, but this Ray cluster has other nodes"),
+])
+def test_misconfigured_cluster_fails_before_training_in_seconds(tmp_path, stack, variables, message):
+    data = tiny_pyramid(tmp_path / "data", train_images=4, val_images=2)
+    params = write_params(tmp_path, data)
+    start = time.time()
+    done = subprocess.run(stage_command("train", params), capture_output=True, text=True, timeout=120,
+                          env={**stack.env, **variables}, cwd=tmp_path)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 1 and len(errors) == 1 and message in errors[0], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and time.time() - start < 30
+    assert not (tmp_path / "model").exists()

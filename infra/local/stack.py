@@ -210,14 +210,16 @@ class Stack:
                     "--disable-usage-stats", *self._node_ports(30000 + 500 * node)]
         hold = Path(f"/run/hmsa-stack-{os.getpid()}-{node}")
         lines = ["set -e", "mount --make-rprivate /"]
-        venv_inside = REPO in VENV.parents
-        if venv_inside:  # keep the Python environment, hide everything else of the checkout
+        venv_hidden = REPO in VENV.parents or Path("/tmp") in VENV.parents
+        if venv_hidden:  # keep the Python environment, hide everything else of the checkout and /tmp
             hold.mkdir(parents=True, exist_ok=True)
             lines.append(f"mount --bind '{VENV}' '{hold}'")
-        lines.append(f"mount -t tmpfs hmsa-hidden '{REPO}'")
-        if venv_inside:
+        lines.append("mount -t tmpfs hmsa-hidden /tmp")
+        if Path("/tmp") not in REPO.parents:  # a checkout under /tmp is hidden already
+            lines.append(f"mount -t tmpfs hmsa-hidden '{REPO}'")
+        if venv_hidden:
             lines += [f"mkdir -p '{VENV}'", f"mount --bind '{hold}' '{VENV}'"]
-        lines += ["mount -t tmpfs hmsa-hidden /tmp", "cd /", "exec " + " ".join(f"'{a}'" for a in ray_args)]
+        lines += ["cd /", "exec " + " ".join(f"'{a}'" for a in ray_args)]
         spawn(["unshare", "-m", "--propagation", "private", "bash", "-c", "\n".join(lines)],
               self.state / f"ray-node-{node}.log", self._ray_env(), self.state / f"ray-node-{node}.pid")
 
