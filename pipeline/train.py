@@ -108,22 +108,31 @@ def main(cfg: PipelineConfig) -> None:
     print(f"training {name} on {launch.where} ({workers} {'GPU' if launch.use_gpu else 'CPU'} workers), "
           f"MLflow run {run_id} at {launch.env.tracking_uri}")
     trainer = build_trainer(cfg, launch, name, mlflow_run_id=run_id)
-    import mlflow
-
     with tracking.run_status(run_id):
         result = trainer.fit()
         metrics = _write_outputs(cfg, result, launch.use_gpu)
-        client = mlflow.MlflowClient()
-        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(metrics[k]), 0, 0)
-                                          for k in ("best_val_miou", "images_per_s")])
-        client.log_artifact(run_id, cfg.train.curves)
-        with mlflow.start_run(run_id=run_id):  # log_model needs the run active
-            model_uri = tracking.log_saved_model(cfg.train.output, validation_scales(cfg))
-        client.set_tag(run_id, tracking.MODEL_URI_TAG, model_uri)
-        _write_record(cfg, run_id, name, model_uri, launch.env.tracking_uri)
-        client.set_tag(run_id, tracking.COMPLETE_TAG, "true")
+        _log_completed_run(cfg, run_id, name, metrics, launch)
     print(f"best val mIoU {metrics['best_val_miou']:.4f} at epoch {metrics['best_epoch']}; "
           f"model in {cfg.train.output}")
+
+
+def _log_completed_run(cfg: PipelineConfig, run_id: str, name: str, metrics: dict, launch) -> None:
+    """Summary metrics, curves and the pyfunc model; the run is marked complete last, so only a run
+    whose outputs all exist is ever reused."""
+    import time
+
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    stamp = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(metrics[k]), stamp, 0)
+                                      for k in ("best_val_miou", "images_per_s")])
+    client.log_artifact(run_id, cfg.train.curves)
+    with mlflow.start_run(run_id=run_id):  # log_model needs the run active
+        model_uri = tracking.log_saved_model(cfg.train.output, validation_scales(cfg))
+    client.set_tag(run_id, tracking.MODEL_URI_TAG, model_uri)
+    _write_record(cfg, run_id, name, model_uri, launch.env.tracking_uri)
+    client.set_tag(run_id, tracking.COMPLETE_TAG, "true")
 
 
 def _write_record(cfg: PipelineConfig, run_id: str, name: str, model_uri: str, uri: str) -> None:
