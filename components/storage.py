@@ -128,7 +128,7 @@ class S3Storage(Storage):
         except ClientError:
             return False
 
-    def publish_dir(self, local_dir: Path, target: str, last: str = "manifest.json") -> None:
+    def _upload_dir(self, local_dir: Path, target: str, last: str) -> None:
         bucket, prefix = split_s3(target)
         files = sorted(p for p in Path(local_dir).rglob("*") if p.is_file())
         # The manifest goes up last: until it exists, readers see no (new) directory.
@@ -136,6 +136,9 @@ class S3Storage(Storage):
         for path in files:
             key = "/".join(filter(None, [prefix.rstrip("/"), path.relative_to(local_dir).as_posix()]))
             self.client.upload_file(str(path), bucket, key)
+
+    def publish_dir(self, local_dir: Path, target: str, last: str = "manifest.json") -> None:
+        self._upload_dir(local_dir, target, last)
         shutil.rmtree(local_dir, ignore_errors=True)
 
     def write_bytes(self, uri: str, data: bytes) -> None:
@@ -149,12 +152,7 @@ class S3Storage(Storage):
     def publish_once(self, source_dir: Path, target: str, last: str = "manifest.json") -> bool:
         if self.exists(join(target, last)):
             return False
-        bucket, prefix = split_s3(target)
-        files = sorted(p for p in Path(source_dir).rglob("*") if p.is_file())
-        files.sort(key=lambda p: p.name == last)  # readers open the manifest first: it goes up last
-        for path in files:
-            key = "/".join(filter(None, [prefix.rstrip("/"), path.relative_to(source_dir).as_posix()]))
-            self.client.upload_file(str(path), bucket, key)
+        self._upload_dir(source_dir, target, last)
         return True
 
 
