@@ -1,5 +1,7 @@
-# Two entry points (README quick start): `make repro` runs the pipeline, `make test` the tests.
-# Each installs the pinned environment into .venv/ first when it is missing or out of date.
+# Two entry points (README quick start): `make repro` runs the main job (the pipeline through
+# registration), `make test` the tests. Also: `make ablation` (the paper's method table) and
+# `make bench` (benchmarks/). Each installs the pinned environment into .venv/ first when it is
+# missing or out of date.
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 VENV := .venv
@@ -12,11 +14,17 @@ $(STAMP): requirements.lock pyproject.toml
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	touch $(STAMP)
 
-.PHONY: install repro test
+.PHONY: install repro ablation bench test
 install: $(STAMP)
 
 repro: $(STAMP)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro register
+
+ablation: $(STAMP)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro ablation
+
+bench: $(STAMP)
+	$(VENV)/bin/python -m benchmarks
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

@@ -11,7 +11,6 @@ import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 METHODS = ("single", "avgpool", "maxpool", "explicit", "hierarchical")
@@ -162,6 +161,7 @@ class EvaluateConfig(Section):
     scale_sets: list[ScaleSet] = [[1.0], [0.5, 1.0], [0.5, 1.0, 2.0]]
     flip: bool = False
     pictures: int = Field(4, ge=0)  # val images drawn in the attention figure
+    batch_size: int = Field(4, ge=1)  # val images per forward pass on each evaluation worker
     output_dir: str = "results/eval"
 
 
@@ -202,7 +202,9 @@ class TuneConfig(Section):
 
 class RegisterConfig(Section):
     model_name: str = "hmsa"
-    scale_set: ScaleSet = [0.5, 1.0, 2.0]  # the evaluated set whose mIoU and GFLOPs gate promotion
+    # the served scale set, whose mIoU and GFLOPs gate promotion and which callers get by default:
+    # "recommended" (the eval-scales stage's recommendation) or a set among evaluate.scale_sets
+    scale_set: Literal["recommended"] | ScaleSet = "recommended"
     min_delta: float = Field(0.0, ge=0)  # the candidate must beat the champion's mIoU by more than this
     max_gflops: float | None = Field(None, gt=0)  # a candidate above this cost is never champion
     output: str = "results/register/registration.json"
@@ -295,7 +297,7 @@ def _consistency_problems(cfg: PipelineConfig) -> list[str]:
         if unknown or spec.loguniform or spec.uniform:
             problems.append(f"tune.search.train_scales: names {unknown or 'ranges'} are not keys of "
                             f"tune.train_scale_sets {sorted(cfg.tune.train_scale_sets)}")
-    if cfg.register.scale_set not in cfg.evaluate.scale_sets:
+    if cfg.register.scale_set != "recommended" and cfg.register.scale_set not in cfg.evaluate.scale_sets:
         problems.append(f"register.scale_set = {cfg.register.scale_set}: not among evaluate.scale_sets "
                         f"{cfg.evaluate.scale_sets}, so it has no evaluation to gate on")
     for i, scales in enumerate(cfg.evaluate.scale_sets):
@@ -384,6 +386,8 @@ def validate_config(raw: dict[str, Any], source: str = "<dict>") -> PipelineConf
 
 
 def load_config(path: str | Path = "params.yaml") -> PipelineConfig:
+    import yaml  # here, not at the top: GPU benchmark machines have torch and pydantic only
+
     path = Path(path)
     try:
         text = path.read_text()

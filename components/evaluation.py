@@ -17,62 +17,126 @@ def group_indices(classes: dict) -> dict[str, list[int]]:
     return {group: [names.index(n) for n in members if n in names] for group, members in classes["groups"].items()}
 
 
+def batches(dataset: Dataset, indices: list[int], batch_size: int):
+    """Items of `indices` in batches of up to `batch_size` images of one size (val images of a
+    dataset may differ in size; a batch cannot)."""
+    pending: dict[tuple, list[dict]] = {}
+    for index in indices:
+        item = dataset[index]
+        shape = tuple(item["label"].shape)
+        group = pending.setdefault(shape, [])
+        group.append(item)
+        if len(group) == batch_size:
+            yield pending.pop(shape)
+    yield from pending.values()
+
+
 @torch.no_grad()
-def evaluate_scale_set(model, dataset: Dataset, scales: list[float], classes: dict, flip: bool = False,
-                       progress=None) -> dict:
-    """mIoU, per-class IoU, group mIoU and mean latency per image of `model` at `scales`."""
+def evaluate_shard(model, dataset: Dataset, indices: list[int], scale_sets: list[list[float]], num_classes: int,
+                   flip: bool = False, batch_size: int = 4, dtype: torch.dtype | None = None,
+                   device: torch.device | str = "cpu", attention_set: int | None = None) -> list[dict]:
+    """Confusion matrix, summed forward seconds and image count of `model` at each scale set, over
+    the images `indices` of `dataset`; for scale_sets[attention_set], also the attention sums by
+    class of that same forward pass. Shards of one split merge by summing (merge_shards)."""
+    device = torch.device(device)
     model.eval()
+    results = []
+    for position, scales in enumerate(scale_sets):
+        matrix, seconds, images = ConfusionMatrix(num_classes), 0.0, 0
+        attention = AttentionSums(scales, num_classes) if position == attention_set else None
+        for batch in batches(dataset, indices, batch_size):
+            inputs = {s: torch.stack([item["images"][s] for item in batch]).to(device) for s in batch[0]["images"]}
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                output = model(inputs, scales)
+                logits = output.fused
+                if flip:
+                    flipped = {s: torch.flip(t, dims=[-1]) for s, t in inputs.items()}
+                    logits = logits + torch.flip(model(flipped, scales).fused, dims=[-1])
+            predictions = logits.argmax(1).cpu()  # the copy to the host waits for the device
+            seconds += time.perf_counter() - start
+            labels = [item["label"] for item in batch]
+            for label, prediction in zip(labels, predictions):
+                matrix.update(prediction, label)
+            if attention is not None:
+                attention.add(output.attention, labels)
+            images += len(batch)
+        result = {"scales": list(scales), "matrix": matrix.matrix.numpy(), "seconds": seconds, "images": images}
+        if attention is not None:
+            result["attention_sums"], result["attention_counts"] = attention.sums, attention.counts
+        results.append(result)
+    return results
+
+
+class AttentionSums:
+    """Per scale that has an attention map (hierarchical fusion has none at its top scale), the sum
+    of the map over the ground-truth pixels of each class."""
+
+    def __init__(self, scales: list[float], num_classes: int):
+        self.num_classes = num_classes
+        self.sums: dict[float, np.ndarray] = {}
+        self.counts = np.zeros(num_classes)
+
+    def add(self, attention: dict[float, torch.Tensor], labels: list[torch.Tensor]) -> None:
+        for i, label in enumerate(labels):
+            label = label.numpy()
+            valid = label < self.num_classes
+            self.counts += np.bincount(label[valid], minlength=self.num_classes)[:self.num_classes]
+            for s, maps in attention.items():
+                self.sums.setdefault(s, np.zeros(self.num_classes))
+                resized = torch.nn.functional.interpolate(maps[i:i + 1].float(), size=label.shape, mode="bilinear",
+                                                          align_corners=False)[0, 0].cpu().numpy()
+                self.sums[s] += np.bincount(label[valid], weights=resized[valid],
+                                            minlength=self.num_classes)[:self.num_classes]
+
+
+def merge_shards(shards: list[list[dict]]) -> list[dict]:
+    """Sum the per-scale-set results of shards (each a list in the same scale-set order)."""
+    merged = []
+    for parts in zip(*shards):
+        total = {"scales": parts[0]["scales"], "matrix": sum(p["matrix"] for p in parts),
+                 "seconds": sum(p["seconds"] for p in parts), "images": sum(p["images"] for p in parts)}
+        if "attention_sums" in parts[0]:
+            total["attention_sums"] = {s: sum(p["attention_sums"][s] for p in parts) for s in parts[0]["attention_sums"]}
+            total["attention_counts"] = sum(p["attention_counts"] for p in parts)
+        merged.append(total)
+    return merged
+
+
+def attention_means(result: dict) -> dict[float, np.ndarray] | None:
+    """Mean attention of each scale over each class's pixels (NaN where a class is absent), from
+    a merged result; for hierarchical attention a high value at scale s means 'trust scale s here'."""
+    if "attention_sums" not in result:
+        return None
+    counts = result["attention_counts"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {s: np.where(counts > 0, sums / counts, np.nan) for s, sums in result["attention_sums"].items()}
+
+
+def summarize(result: dict, classes: dict) -> dict:
+    """The metrics of one merged scale-set result: mIoU, per-class IoU, group mIoU, latency."""
     names = classes["names"]
     matrix = ConfusionMatrix(len(names))
-    seconds = 0.0
-    for index in range(len(dataset)):
-        item = dataset[index]
-        images = {s: t[None] for s, t in item["images"].items()}
-        start = time.perf_counter()
-        logits = model(images, scales).fused
-        if flip:
-            flipped = {s: torch.flip(t, dims=[-1]) for s, t in images.items()}
-            logits = logits + torch.flip(model(flipped, scales).fused, dims=[-1])
-        prediction = logits.argmax(1)[0]
-        seconds += time.perf_counter() - start
-        matrix.update(prediction, item["label"])
-        if progress is not None:
-            progress.update(1)
+    matrix.matrix = torch.as_tensor(result["matrix"], dtype=torch.int64)
     iou = matrix.iou()
     groups = group_indices(classes)
     return {
-        "scales": scales,
+        "scales": result["scales"],
         "miou": matrix.miou(),
         "thin_miou": matrix.miou(groups.get("thin_small", [])) if groups.get("thin_small") else float("nan"),
         "large_miou": matrix.miou(groups.get("large", [])) if groups.get("large") else float("nan"),
         "pixel_accuracy": matrix.pixel_accuracy(),
-        "latency_ms": 1000 * seconds / max(len(dataset), 1),
+        "latency_ms": 1000 * result["seconds"] / max(result["images"], 1),
         "iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, iou.tolist())},
     }
 
 
-@torch.no_grad()
-def attention_by_class(model, dataset: Dataset, scales: list[float], num_classes: int) -> dict[float, np.ndarray]:
-    """Mean attention of each scale over the ground-truth pixels of each class (NaN where absent).
-
-    Each scale's attention map is resized to the label grid; for hierarchical attention a high
-    value at scale s means 'trust scale s here'.
-    """
-    model.eval()
-    sums = {s: np.zeros(num_classes) for s in scales}
-    counts = np.zeros(num_classes)
-    for index in range(len(dataset)):
-        item = dataset[index]
-        output = model({s: t[None] for s, t in item["images"].items()}, scales)
-        label = item["label"].numpy()
-        valid = label < num_classes
-        counts += np.bincount(label[valid], minlength=num_classes)[:num_classes]
-        for s, attention in output.attention.items():
-            att = torch.nn.functional.interpolate(attention, size=label.shape, mode="bilinear",
-                                                  align_corners=False)[0, 0].numpy()
-            sums[s] += np.bincount(label[valid], weights=att[valid], minlength=num_classes)[:num_classes]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return {s: np.where(counts > 0, sums[s] / counts, np.nan) for s in scales}
+def evaluate_scale_set(model, dataset: Dataset, scales: list[float], classes: dict, flip: bool = False,
+                       batch_size: int = 1) -> dict:
+    """mIoU, per-class IoU, group mIoU and mean latency per image of `model` at `scales`, in this process."""
+    (result,) = evaluate_shard(model, dataset, list(range(len(dataset))), [scales], len(classes["names"]),
+                               flip=flip, batch_size=batch_size)
+    return summarize(result, classes)
 
 
 def pareto_front(rows: list[dict], cost: str = "gflops", value: str = "miou") -> list[bool]:

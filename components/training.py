@@ -7,6 +7,7 @@ in a single process, under DDP, and in tests.
 from __future__ import annotations
 
 import contextlib
+import math
 import hashlib
 import time
 
@@ -87,7 +88,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     samples seen (`samples_per_step` = batch size x workers). Returns mean loss, images this
     process saw, seconds, steps, the last learning rate and the global sample count at the end."""
     model.train()
-    total_loss, images, steps, lr = 0.0, 0, 0, train_cfg.lr
+    # The loss is summed on the device and read once per epoch: a .item() per step would make the
+    # host wait for the device at every step.
+    total_loss, images, steps, lr = torch.zeros((), device=device), 0, 0, train_cfg.lr
     samples = first_sample
     start = time.perf_counter()
     for batch in loader:
@@ -108,15 +111,16 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         else:
             loss.backward()
             optimizer.step()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} after {samples} samples; lower train.lr")
-        total_loss += loss.item() * target.shape[0]
+        total_loss += loss.detach() * target.shape[0]
         images += target.shape[0]
         steps += 1
         samples += samples_per_step
+    mean_loss = total_loss.item() / max(images, 1)  # waits for the device once
     seconds = time.perf_counter() - start
-    return {"loss": total_loss / max(images, 1), "images": images, "seconds": seconds, "lr": lr,
-            "steps": steps, "samples": samples}
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(f"training loss became {mean_loss} in the epoch ending at {samples} samples; "
+                                 "lower train.lr")
+    return {"loss": mean_loss, "images": images, "seconds": seconds, "lr": lr, "steps": steps, "samples": samples}
 
 
 @torch.no_grad()

@@ -12,11 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from components.atomic import atomic_file
 from components.config import ConfigError, PipelineConfig, ablation_config
-from components.data.pyramid import PyramidReader
 from components.flops import train_step_flops
 from components.memory import saved_activation_bytes
 from components.models import load_saved_model
@@ -32,9 +29,7 @@ def run_method(cfg: PipelineConfig, method: str) -> dict:
     run_cfg = ablation_config(cfg, method)
     train.main(run_cfg)
     model, model_cfg = load_saved_model(run_cfg.train.output)
-    reader = PyramidReader(cfg.pyramid.output)
-    with torch.no_grad():
-        (row,) = evaluate.evaluate_all(model, model_cfg, reader, run_cfg.evaluate.scale_sets, flip=False)
+    (row,) = evaluate.evaluate_all(run_cfg, model, model_cfg, run_cfg.evaluate.scale_sets, flip=False)
     trained = json.loads(Path(run_cfg.train.metrics).read_text())
     crop = tuple(cfg.ablation.crop_size)
     single = run_cfg.model.model_copy(update={"method": "single", "train_scales": [1.0]})

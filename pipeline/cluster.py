@@ -21,6 +21,7 @@ from components.config import PipelineConfig, RayConfig
 from components.data.pyramid import content_hash
 from components.storage import is_s3, join
 from pipeline.environment import Environment
+from pipeline.errors import ClusterError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The code DVC hashes: a change here is a new run (never a resume of the old one).
@@ -31,10 +32,6 @@ CODE_DIRS = ("components", "pipeline")
 WORKING_DIR_EXCLUDES = ["/.git", "/.venv", "/.dvc/cache", "/.dvc/tmp", "/data", "/models", "/results",
                         "/ray_results", "/mlruns", "/mlartifacts", "*.db", "/.local-stack", "__pycache__"]
 PREFLIGHT_TIMEOUT_S = 60
-
-
-class ClusterError(RuntimeError):
-    """The Ray cluster or storage cannot run this configuration; the message says what to change."""
 
 
 # --- services, checked from the driver before Ray starts ---------------------------------------

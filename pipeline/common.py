@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 
 from components.config import ConfigError, load_config
-from pipeline.cluster import ClusterError
+from pipeline.errors import ClusterError
 
 # Errors that are the user's to fix (a key, a path, a cluster setting): one line, no traceback.
 USER_ERRORS = (ConfigError, ClusterError, FileNotFoundError, ValueError, KeyError, ConnectionError)

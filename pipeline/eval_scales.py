@@ -1,4 +1,4 @@
-"""Inference-scale search: evaluate a trained model at every candidate of tune.eval_scale_sets.
+"""Stage `eval-scales`, the inference-scale search: evaluate a trained model at every candidate of tune.eval_scale_sets.
 
 No retraining: hierarchical attention is learned between adjacent scales, so any set containing
 1.0 can be evaluated with the weights as they are. Writes eval_scales.csv (mIoU and GFLOPs per
@@ -10,13 +10,12 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import torch
 import yaml
 
 from components.atomic import atomic_file
 from components.config import PipelineConfig
-from components.data.pyramid import PyramidReader
 from components.scales import scale_set_key
+from pipeline.common import run_stage
 from pipeline.evaluate import evaluate_all
 from pipeline.model_source import load_model
 
@@ -29,9 +28,7 @@ def recommend(rows: list[dict], max_gflops: float | None) -> dict | None:
 def search_eval_scales(cfg: PipelineConfig) -> dict:
     model, model_cfg = load_model(cfg.evaluate.model or cfg.train.output, cfg)
     names = list(cfg.tune.eval_scale_sets)
-    reader = PyramidReader(cfg.pyramid.output)
-    with torch.no_grad():
-        rows = evaluate_all(model, model_cfg, reader, [cfg.tune.eval_scale_sets[n] for n in names], flip=False)
+    rows = evaluate_all(cfg, model, model_cfg, [cfg.tune.eval_scale_sets[n] for n in names], flip=False)
     for name, row in zip(names, rows):
         row["name"] = name
     best = recommend(rows, cfg.tune.max_eval_gflops)
@@ -57,3 +54,7 @@ def search_eval_scales(cfg: PipelineConfig) -> dict:
               f"{'  pareto' if r['pareto'] else ''}")
     print(f"recommended: {document['recommended']}")
     return document
+
+
+if __name__ == "__main__":
+    run_stage(search_eval_scales, __doc__)

@@ -13,41 +13,39 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from components.atomic import atomic_dir
 from components.config import PipelineConfig
 from components.data.dataset import PyramidEvalDataset
 from components.data.pyramid import PyramidReader
-from components.evaluation import attention_by_class, evaluate_scale_set, pareto_front
-from components.flops import inference_flops
+from components.evaluation import pareto_front
 from components.scales import scale_set_key
 from components.viz import attention_figure
 from pipeline import tracking
 from pipeline.environment import Environment
 from pipeline.common import run_stage
+from pipeline.eval_workers import evaluate_on_ray
 from pipeline.model_source import load_model
 
 
-def evaluate_all(model, model_cfg, reader: PyramidReader, scale_sets: list[list[float]], flip: bool) -> list[dict]:
-    classes = reader.manifest["classes"]
-    rows = []
-    for scales in scale_sets:
-        model.check_scales(scales)  # a scale set the method cannot use fails before any work
-    for scales in scale_sets:
-        dataset = PyramidEvalDataset(reader, "val", scales)
-        size = tuple(dataset[0]["label"].shape)
-        with tqdm(total=len(dataset), desc=f"evaluate {scales}", unit="img") as bar:
-            row = evaluate_scale_set(model, dataset, scales, classes, flip, progress=bar)
-        row["gflops"] = inference_flops(model_cfg, scales, size) * (2 if flip else 1) / 1e9
-        rows.append(row)
+def evaluate_all(cfg: PipelineConfig, model, model_cfg, scale_sets: list[list[float]], flip: bool,
+                 launch=None, attention: bool = False) -> list[dict]:
+    """Every scale set on the val split of cfg.pyramid.output, as Ray work (pipeline.eval_workers),
+    with the Pareto front over (GFLOPs, mIoU) marked. With `attention`, the widest set's row also
+    carries `attention_by_class` (scale -> mean attention per class), from the same forward pass."""
+    widest = max(range(len(scale_sets)), key=lambda i: len(scale_sets[i]))
+    wanted = attention and model_cfg.method in ("hierarchical", "explicit")
+    rows, means = evaluate_on_ray(cfg, model, model_cfg, scale_sets, flip, launch, widest if wanted else None)
     for row, front in zip(rows, pareto_front(rows)):
         row["pareto"] = front
+    if means is not None:
+        rows[widest]["attention_by_class"] = means
     return rows
 
 
 def write_outputs(out: Path, rows: list[dict], model, model_cfg, reader: PyramidReader, pictures: int) -> None:
     classes = reader.manifest["classes"]
+    attention = next((r.pop("attention_by_class") for r in rows if "attention_by_class" in r), None)
     (out / "metrics.json").write_text(json.dumps({scale_set_key(r["scales"]): r for r in rows}, indent=2) + "\n")
     with open(out / "pareto.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -55,14 +53,13 @@ def write_outputs(out: Path, rows: list[dict], model, model_cfg, reader: Pyramid
         for r in rows:
             writer.writerow([scale_set_key(r["scales"]), r["gflops"], r["miou"], r["thin_miou"], r["large_miou"],
                              r["latency_ms"], int(r["pareto"])])
+    if attention is not None:
+        table = {f"{s:g}": {n: (None if np.isnan(v) else float(v)) for n, v in zip(classes["names"], means)}
+                 for s, means in attention.items()}
+        (out / "attention_by_class.json").write_text(json.dumps(table, indent=2) + "\n")
     widest = max((r["scales"] for r in rows), key=len)
     (out / "attention").mkdir()
     dataset = PyramidEvalDataset(reader, "val", widest)
-    if model_cfg.method in ("hierarchical", "explicit"):
-        means = attention_by_class(model, dataset, widest, len(classes["names"]))
-        table = {f"{s:g}": {n: (None if np.isnan(v) else float(v)) for n, v in zip(classes["names"], means[s])}
-                 for s in widest}
-        (out / "attention_by_class.json").write_text(json.dumps(table, indent=2) + "\n")
     for i in range(min(pictures, len(dataset))):
         attention_figure(model, dataset[i], widest, classes["colors"]).save(out / "attention" / f"val_{i:02d}.png")
 
@@ -74,7 +71,7 @@ def main(cfg: PipelineConfig) -> None:
     model, model_cfg = load_model(source, cfg)
     reader = PyramidReader(cfg.pyramid.output)
     torch.set_grad_enabled(False)
-    rows = evaluate_all(model, model_cfg, reader, cfg.evaluate.scale_sets, cfg.evaluate.flip)
+    rows = evaluate_all(cfg, model, model_cfg, cfg.evaluate.scale_sets, cfg.evaluate.flip, attention=True)
     with atomic_dir(cfg.evaluate.output_dir) as out:
         write_outputs(out, rows, model, model_cfg, reader, cfg.evaluate.pictures)
     experiment_id = tracking.setup_experiment(Environment.from_environ(), cfg.mlflow.experiment)
@@ -88,6 +85,7 @@ def main(cfg: PipelineConfig) -> None:
     for r in rows:
         print(f"{str(r['scales']):28s} mIoU {r['miou']:.4f}  thin {r['thin_miou']:.4f}  large {r['large_miou']:.4f}  "
               f"{r['gflops']:7.2f} GFLOPs  {r['latency_ms']:7.1f} ms{'  pareto' if r['pareto'] else ''}")
+    print(f"evaluated by {rows[0]['eval_workers']} Ray worker(s); latency per image on {rows[0]['latency_device']}")
 
 
 if __name__ == "__main__":

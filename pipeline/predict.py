@@ -17,6 +17,7 @@ from PIL import Image
 from components.config import PipelineConfig
 from components.data.classes import CITYSCAPES_CLASSES, palette
 from components.data.dataset import to_tensor
+from components.data.images import read_image
 from components.data.readers import IMAGE_SUFFIXES
 from pipeline.common import run_stage
 from pipeline.model_source import load_model
@@ -34,14 +35,6 @@ def list_images(inputs: list[str]) -> list[Path]:
     if not paths:
         raise FileNotFoundError(f"no images found in {inputs}")
     return paths
-
-
-def read_image(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except Exception as err:  # PIL raises many types for unreadable files
-        raise ValueError(f"{path}: unreadable image ({type(err).__name__}: {err})") from None
 
 
 def predict(model, images: list[Path], scales: list[float], output: Path, colors: list) -> list[Path]:

@@ -1,10 +1,14 @@
 """Stage `register`: the trained model into the MLflow registry, promoted only when it is better.
 
-The candidate becomes `champion` only if its mIoU at register.scale_set beats the current champion's
-by more than register.min_delta and its GFLOPs are within register.max_gflops; the old champion
-then keeps the alias `previous`. Otherwise the candidate is aliased `challenger`. The same weights
-registered twice reuse their version (matched by the SHA-256 of the weights). A failure after a
-version was created deletes it again: no half-registered models.
+The served scale set is register.scale_set: by default the inference-scale search's recommendation
+(`eval_scales.yaml` of the eval-scales stage), else an explicit set among evaluate.scale_sets. The
+registered model serves that set when a caller passes none, and its mIoU and GFLOPs at that set gate
+promotion: the candidate becomes `champion` only if its mIoU beats the current champion's (at the
+champion's own served set) by more than register.min_delta and its GFLOPs are within
+register.max_gflops; the old champion then keeps the alias `previous`. Otherwise the candidate is
+aliased `challenger`. The same weights with the same served set registered twice reuse their
+version (matched by the SHA-256 of the weights). A failure after a version was created deletes it
+again: no half-registered models.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+
+import yaml
 
 from components.atomic import atomic_file
 from components.config import PipelineConfig
@@ -45,25 +51,54 @@ def _champion(client, name: str) -> dict | None:
             "gflops": float(version.tags["gflops"])}
 
 
+def served_evaluation(cfg: PipelineConfig) -> dict:
+    """{scales, miou, gflops, source} of the scale set the registered model will serve."""
+    rc = cfg.register
+    if rc.scale_set == "recommended":
+        path = Path(cfg.tune.output_dir) / "eval_scales.yaml"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no inference-scale search to take register.scale_set = recommended "
+                                    "from (run the eval-scales stage, or set register.scale_set to a list)")
+        recommended = (yaml.safe_load(path.read_text()) or {}).get("recommended")
+        if not recommended:
+            raise ValueError(f"{path}: no recommended scale set (none is within tune.max_eval_gflops); raise "
+                             "that limit or set register.scale_set to a list")
+        return {"scales": [float(s) for s in recommended["scales"]], "miou": float(recommended["miou"]),
+                "gflops": float(recommended["gflops"]), "source": str(path)}
+    path = Path(cfg.evaluate.output_dir) / "metrics.json"
+    evaluation = json.loads(path.read_text()).get(scale_set_key(rc.scale_set))
+    if evaluation is None:
+        raise KeyError(f"{path} has no evaluation at register.scale_set = {rc.scale_set} (rerun evaluate)")
+    return {"scales": list(rc.scale_set), "miou": float(evaluation["miou"]), "gflops": float(evaluation["gflops"]),
+            "source": str(path)}
+
+
 def register(cfg: PipelineConfig) -> dict:
     import mlflow
 
     rc = cfg.register
     run = json.loads(Path(cfg.train.run_record).read_text())
-    evaluation = json.loads((Path(cfg.evaluate.output_dir) / "metrics.json").read_text())[scale_set_key(rc.scale_set)]
+    served = served_evaluation(cfg)
     weights_sha = hashlib.sha256((Path(cfg.train.output) / WEIGHTS_FILE).read_bytes()).hexdigest()
     tracking.setup_experiment(Environment.from_environ(), cfg.mlflow.experiment)
     client = mlflow.MlflowClient()
     existing = [v for v in client.search_model_versions(f"name = '{rc.model_name}'")
-                if v.tags.get("weights_sha256") == weights_sha]
+                if v.tags.get("weights_sha256") == weights_sha and v.tags.get("eval_scales") == str(served["scales"])]
     created = not existing
-    tags = {"weights_sha256": weights_sha, "val_miou": str(evaluation["miou"]), "gflops": str(evaluation["gflops"]),
-            "eval_scales": str(rc.scale_set), "method": cfg.model.method, "train_scales": str(cfg.model.train_scales),
-            "dataset_manifest": client.get_run(run["run_id"]).data.tags.get("dataset_manifest", ""),
-            "git_commit": tracking.git_commit()}
-    version = existing[0] if existing else mlflow.register_model(run["model_uri"], rc.model_name, tags=tags)
+    if existing:
+        version = existing[0]
+    else:
+        tags = {"weights_sha256": weights_sha, "val_miou": str(served["miou"]), "gflops": str(served["gflops"]),
+                "eval_scales": str(served["scales"]), "method": cfg.model.method,
+                "train_scales": str(cfg.model.train_scales),
+                "dataset_manifest": client.get_run(run["run_id"]).data.tags.get("dataset_manifest", ""),
+                "git_commit": tracking.git_commit()}
+        with mlflow.start_run(run_id=run["run_id"]):  # the served model: the trained weights, served scales
+            model_uri = tracking.log_saved_model(cfg.train.output, served["scales"], name="served")
+        version = mlflow.register_model(model_uri, rc.model_name, tags=tags)
     try:
-        candidate = {"version": version.version, "miou": evaluation["miou"], "gflops": evaluation["gflops"]}
+        candidate = {"version": version.version, "miou": served["miou"], "gflops": served["gflops"],
+                     "scales": served["scales"]}
         champion = _champion(client, rc.model_name)
         promote, reason = decide(candidate, champion, rc.min_delta, rc.max_gflops)
         if promote:
@@ -72,9 +107,9 @@ def register(cfg: PipelineConfig) -> dict:
             client.set_registered_model_alias(rc.model_name, "champion", version.version)
         elif not (champion and champion["version"] == version.version):
             client.set_registered_model_alias(rc.model_name, "challenger", version.version)
-        key = scale_set_key(rc.scale_set, "_")
+        key = scale_set_key(served["scales"], "_")
         with mlflow.start_run(run_id=run["run_id"]):
-            mlflow.log_metrics({f"val_miou_{key}": evaluation["miou"], f"gflops_{key}": evaluation["gflops"]},
+            mlflow.log_metrics({f"val_miou_{key}": served["miou"], f"gflops_{key}": served["gflops"]},
                                model_id=run["model_uri"].removeprefix("models:/"))
     except Exception:
         if created:  # leave no version behind that the gate never judged
@@ -84,6 +119,7 @@ def register(cfg: PipelineConfig) -> dict:
     aliases = {a: v.version for a, v in found.items() if v is not None}
     return {"model_name": rc.model_name, "version": version.version, "created_version": created,
             "promoted": promote, "reason": reason, "candidate": candidate, "previous_champion": champion,
+            "served_scales": served["scales"], "gate_source": served["source"],
             "aliases": aliases, "run_id": run["run_id"]}
 
 
@@ -102,8 +138,8 @@ def main(cfg: PipelineConfig) -> None:
     with atomic_file(cfg.register.output, "w") as handle:
         json.dump(decision, handle, indent=2)
     verdict = "champion" if decision["promoted"] else "not promoted"
-    print(f"{cfg.register.model_name} v{decision['version']}: {verdict} ({decision['reason']}); "
-          f"aliases {decision['aliases']}")
+    print(f"{cfg.register.model_name} v{decision['version']} serving scales {decision['served_scales']}: "
+          f"{verdict} ({decision['reason']}); aliases {decision['aliases']}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,21 @@
 """The MLflow pyfunc model, defined as code (no pickle): it wraps a saved-model directory.
 
-`predict` takes a batch of RGB uint8 images (N, H, W, 3) and the scale set as an inference
-parameter, so one registered model serves any scale set the method allows:
+Input: a table with one column `image` of encoded images (PNG, JPEG, ...; base64 in JSON, as MLflow
+sends binary columns). The scale set is an inference parameter; its default is the set the model
+was registered with (the inference-scale search's recommendation), so one registered model serves
+any scale set the method allows. Output: one label map (H x W class indices) per image.
 
     model = mlflow.pyfunc.load_model("models:/hmsa@champion")
-    labels = model.predict(images, params={"scales": [0.5, 1.0, 2.0]})   # (N, H, W) uint8
+    labels = model.predict(pd.DataFrame({"image": [png_bytes]}), params={"scales": [0.5, 1.0]})
+
+Over HTTP (`mlflow models serve -m models:/hmsa@champion --env-manager local`):
+
+    POST /invocations  {"dataframe_split": {"columns": ["image"], "data": [["<base64 PNG>"]]},
+                        "params": {"scales": [0.5, 1.0]}}
+    -> {"predictions": [[[0, 0, 13, ...], ...]]}
+
+A request the model cannot serve (an undecodable image, a scale set the method does not allow)
+is answered 400 with the reason.
 """
 
 from __future__ import annotations
@@ -12,7 +23,10 @@ from __future__ import annotations
 import mlflow
 import numpy as np
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
+
+IMAGE_COLUMN = "image"
 
 
 class MultiScaleSegmentationModel(PythonModel):
@@ -20,23 +34,39 @@ class MultiScaleSegmentationModel(PythonModel):
         from components.models import load_saved_model
 
         self.model, self.cfg = load_saved_model(context.artifacts["model_dir"])  # model.metadata: classes
+        config = context.model_config or {}
+        self.scales = [float(s) for s in config.get("default_scales") or self.trained_scales()]
 
-    def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
+    def predict(self, context, model_input, params: dict | None = None) -> list[np.ndarray]:
         from components.data.dataset import to_tensor
+        from components.data.images import decode_image
 
-        scales = [float(s) for s in (params or {}).get("scales") or self.default_scales()]
-        images = np.asarray(model_input)
-        if images.ndim == 3:
-            images = images[None]
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ValueError(f"expected RGB uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}")
+        scales = (params or {}).get("scales") or self.scales
+        try:
+            scales = self.model.check_scales([float(s) for s in scales])
+            images = [decode_image(bytes(data), f"row {row}")
+                      for row, data in enumerate(_image_column(model_input))]
+        except ValueError as err:
+            raise MlflowException.invalid_parameter_value(str(err)) from None
+        labels = []
         with torch.no_grad():
-            batch = torch.stack([to_tensor(image) for image in images])
-            labels = self.model(batch, scales).fused.argmax(1)
-        return labels.to(torch.uint8).numpy()
+            for image in images:  # one at a time: images of a request may differ in size
+                labels.append(self.model(to_tensor(image)[None], scales).fused.argmax(1)[0].to(torch.uint8).numpy())
+        return labels
 
-    def default_scales(self) -> list[float]:
+    def trained_scales(self) -> list[float]:
         return self.cfg.train_scales if self.cfg.method in ("explicit", "hierarchical") else [1.0]
+
+
+def _image_column(model_input) -> list:
+    if hasattr(model_input, "columns"):
+        if IMAGE_COLUMN not in model_input.columns:
+            raise ValueError(f"the input needs a column {IMAGE_COLUMN!r} of encoded images, "
+                             f"got columns {list(model_input.columns)}")
+        return list(model_input[IMAGE_COLUMN])
+    if isinstance(model_input, dict) and IMAGE_COLUMN in model_input:
+        return list(model_input[IMAGE_COLUMN])
+    raise ValueError(f"the input needs a column {IMAGE_COLUMN!r} of encoded images, got {type(model_input).__name__}")
 
 
 mlflow.models.set_model(MultiScaleSegmentationModel())

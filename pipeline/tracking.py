@@ -86,27 +86,29 @@ def log_epoch(uri: str, run_id: str, metrics: dict, step: int) -> None:
     MlflowClient(uri).log_batch(run_id, metrics=batch)
 
 
-def log_saved_model(model_dir: str | Path, default_scales: list[float]) -> str:
-    """Log a saved-model directory as a pyfunc model (code, not pickle) to the active run."""
+def log_saved_model(model_dir: str | Path, default_scales: list[float], name: str = "model") -> str:
+    """Log a saved-model directory as a pyfunc model (code, not pickle) to the active run.
+
+    `default_scales` is the scale set a caller gets without passing one (the `scales` parameter)."""
     import mlflow
-    import numpy as np
     from mlflow.models import ModelSignature
-    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     root = Path(__file__).resolve().parent.parent
+    default_scales = [float(s) for s in default_scales]
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
+        inputs=Schema([ColSpec("binary", "image")]),  # encoded images; base64 in JSON requests
         params=ParamSchema([ParamSpec("scales", "double", default_scales, shape=(-1,))]),
     )
     info = mlflow.pyfunc.log_model(
-        name="model",
+        name=name,
         python_model=str(root / "pipeline" / "serving_model.py"),
         artifacts={"model_dir": str(model_dir)},
         code_paths=[str(root / "components")],
         signature=signature,
+        model_config={"default_scales": default_scales},
         pip_requirements=["torch==2.13.0", "safetensors", "pydantic>=2", "numpy", "pyyaml", "pillow",
-                          "albumentations", "opencv-python-headless"],
+                          "albumentations", "opencv-python-headless", "pandas"],
     )
     return info.model_uri
 

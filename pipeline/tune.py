@@ -1,8 +1,7 @@
-"""Stage `tune`: Ray Tune searches training scale sets and hyperparameters; `eval-scales` searches
-inference scale sets of a trained model (no retraining).
+"""Stage `tune`: Ray Tune searches training scale sets and hyperparameters (the inference scale
+sets of a trained model are the `eval-scales` stage, pipeline/eval_scales.py).
 
-    python -m pipeline.tune search        # results/tune/{trials.csv, best.yaml}
-    python -m pipeline.tune eval-scales   # results/tune/{eval_scales.csv, eval_scales.yaml}
+    python -m pipeline.tune        # results/tune/{trials.csv, best.yaml}
 
 Each trial is a driver function that builds and fits the same TorchTrainer as the `train` stage
 (pipeline.trainer.build_trainer) and reports to Tune through TuneReportCallback; ASHA stops weak
@@ -174,19 +173,10 @@ def write_search_outputs(cfg: PipelineConfig, rows: list[dict]) -> dict:
     return document
 
 
-def main(cfg: PipelineConfig, args) -> None:
-    if args.command == "search":
-        best = write_search_outputs(cfg, search(cfg))
-        print(f"best trial {best['trial']}: val mIoU {best['best_val_miou']:.4f} with {best['settings']}")
-    else:
-        from pipeline.eval_scales import search_eval_scales
-
-        search_eval_scales(cfg)
-
-
-def _arguments(parser) -> None:
-    parser.add_argument("command", choices=["search", "eval-scales"])
+def main(cfg: PipelineConfig) -> None:
+    best = write_search_outputs(cfg, search(cfg))
+    print(f"best trial {best['trial']}: val mIoU {best['best_val_miou']:.4f} with {best['settings']}")
 
 
 if __name__ == "__main__":
-    run_stage(main, __doc__, _arguments)
+    run_stage(main, __doc__)

@@ -1,48 +1,91 @@
-"""Evaluation at scale sets never used in training, its outputs, and the Pareto front."""
+"""Evaluation as Ray work: unseen scale sets, sharding, batching, its outputs, and the Pareto front."""
 
 import json
 
 import pytest
 import torch
 
+from components.config import load_config
+from components.data.dataset import PyramidEvalDataset
 from components.data.pyramid import PyramidReader
-from components.evaluation import pareto_front
+from components.evaluation import evaluate_scale_set, pareto_front
 from components.models import build_model
+from pipeline.environment import Environment
 from pipeline.evaluate import evaluate_all, write_outputs
+from pipeline.launch import Launch
 from tests.conftest import tiny_model_config
-from tests.train_helpers import tiny_pyramid
+from tests.train_helpers import tiny_pyramid, write_params
 
 
 @pytest.fixture(scope="module")
-def reader(tmp_path_factory):
-    root = tiny_pyramid(tmp_path_factory.mktemp("eval"), train_images=2, val_images=3)
-    return PyramidReader(str(root / "pyramid"))
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False)
+    yield
+    ray.shutdown()
 
 
-def test_hierarchical_on_unseen_scale_sets(tmp_path, reader):
-    cfg = tiny_model_config(num_classes=19, train_scales=[0.5, 1.0])
-    model = build_model(cfg).eval()
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_pyramid(tmp_path_factory.mktemp("eval"), train_images=2, val_images=5)
+
+
+def setup(tmp_path, data, **ray_settings):
+    # fp32: on a CPU with bf16, `precision: auto` would evaluate in bf16, and a comparison with an
+    # fp32 pass would measure rounding, not sharding
+    cfg = load_config(write_params(tmp_path, data, ray={"num_workers": 1, "cpus_per_worker": 1, **ray_settings},
+                                   evaluate={"batch_size": 2}, train={"precision": "fp32"}))
+    launch = Launch(env=Environment.from_environ({}), where="local", use_gpu=False, remote=False,
+                    pyramid_uri=cfg.pyramid.output, checkpoint_root="")
+    return cfg, launch
+
+
+def test_hierarchical_on_unseen_scale_sets(tmp_path, data, local_ray):
+    cfg, launch = setup(tmp_path, data)
+    model_cfg = tiny_model_config(num_classes=19, train_scales=[0.5, 1.0])
+    model = build_model(model_cfg).eval()
     sets = [[1.0], [0.25, 0.5, 1.0, 2.0], [0.75, 1.0, 1.5]]  # 0.75 and 1.5 are not even in the pyramid
-    with torch.no_grad():
-        rows = evaluate_all(model, cfg, reader, sets, flip=True)
+    rows = evaluate_all(cfg, model, model_cfg, sets, flip=True, launch=launch, attention=True)
     assert [r["scales"] for r in rows] == sets
     for r in rows:
         assert 0 <= r["miou"] <= 1 and r["latency_ms"] > 0 and set(r["iou"]) >= {"road", "pole"}
+        assert r["latency_device"].startswith("CPU") and r["eval_workers"] == 1
     # Cost grows with the pixels of the set (x2 for flip).
     assert rows[1]["gflops"] > rows[2]["gflops"] > rows[0]["gflops"]
-    write_outputs(tmp_path, rows, model, cfg, reader, pictures=2)
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    (tmp_path / "out").mkdir()
+    write_outputs(tmp_path / "out", rows, model, model_cfg, PyramidReader(cfg.pyramid.output), pictures=2)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert set(metrics) == {"1", "0.25,0.5,1,2", "0.75,1,1.5"}
-    attention = json.loads((tmp_path / "attention_by_class.json").read_text())
-    assert set(attention) == {"1"} | {"0.25", "0.5", "1", "2"} and 0 <= attention["0.5"]["road"] <= 1
-    assert len(list((tmp_path / "attention").glob("*.png"))) == 2
-    assert (tmp_path / "pareto.csv").read_text().startswith("scales,gflops,miou")
+    attention = json.loads((tmp_path / "out" / "attention_by_class.json").read_text())
+    # every scale's mean attention but the top one's, which hierarchical fusion never uses
+    assert set(attention) == {"0.25", "0.5", "1"} and 0 <= attention["0.5"]["road"] <= 1
+    assert len(list((tmp_path / "out" / "attention").glob("*.png"))) == 2
+    assert (tmp_path / "out" / "pareto.csv").read_text().startswith("scales,gflops,miou")
 
 
-def test_a_scale_set_the_method_cannot_use_fails_before_work(reader):
-    cfg = tiny_model_config(method="explicit", num_classes=19, train_scales=[0.5, 1.0])
+def test_shards_and_batches_give_the_metrics_of_one_pass(tmp_path, data, local_ray):
+    """Three workers with batches of two against one image at a time in this process: the same
+    confusion matrices, so the same IoU to the last bit."""
+    cfg, launch = setup(tmp_path, data, num_workers=[1, 3])
+    model_cfg = tiny_model_config(num_classes=19, train_scales=[0.5, 1.0])
+    model = build_model(model_cfg).eval()
+    sets = [[1.0], [0.5, 1.0, 2.0]]
+    rows = evaluate_all(cfg, model, model_cfg, sets, flip=False, launch=launch)
+    assert rows[0]["eval_workers"] == 3
+    reader = PyramidReader(cfg.pyramid.output)
+    for scales, row in zip(sets, rows):
+        with torch.no_grad():
+            alone = evaluate_scale_set(model, PyramidEvalDataset(reader, "val", scales), scales,
+                                       reader.manifest["classes"])
+        assert row["iou"] == alone["iou"] and row["miou"] == alone["miou"]
+
+
+def test_a_scale_set_the_method_cannot_use_fails_before_work(tmp_path, data, local_ray):
+    cfg, launch = setup(tmp_path, data)
+    model_cfg = tiny_model_config(method="explicit", num_classes=19, train_scales=[0.5, 1.0])
     with pytest.raises(ValueError, match="training scales"):
-        evaluate_all(build_model(cfg).eval(), cfg, reader, [[0.5, 1.0], [1.0]], flip=False)
+        evaluate_all(cfg, build_model(model_cfg).eval(), model_cfg, [[0.5, 1.0], [1.0]], flip=False, launch=launch)
 
 
 def test_pareto_front():

@@ -42,7 +42,7 @@ def test_hierarchical_evaluates_on_unseen_scale_sets():
         for scales in ([1.0], [0.25, 0.5, 1.0, 1.5, 2.0], [0.75, 1.0, 1.25]):
             out = model(image, scales)
             assert out.fused.shape == (1, 5, 64, 96)
-            assert sorted(out.attention) == sorted(scales)
+            assert sorted(out.attention) == sorted(scales)[:-1]  # the top scale's attention is never used
             assert out.logits[2.0 if 2.0 in scales else max(scales)].shape[-2] == round(64 * max(scales))
 
 
@@ -124,3 +124,13 @@ def test_saved_model_rejects_unknown_format_version(tmp_path):
     config_file.write_text(config_file.read_text().replace('"format_version": 1', '"format_version": 99'))
     with pytest.raises(ValueError, match="format_version 99 is not supported"):
         load_saved_model(tmp_path / "model")
+
+
+def test_hierarchical_runs_no_attention_head_at_its_top_scale():
+    """The fusion never reads the top scale's attention, so computing it would be waste."""
+    model = build_model(tiny_model_config(method="hierarchical", train_scales=[0.5, 1.0])).eval()
+    calls = []
+    model.segmenter.attn_head.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 96), [0.5, 1.0, 2.0])
+    assert len(calls) == 2  # at 0.5 and 1.0, not at 2.0

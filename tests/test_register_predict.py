@@ -1,8 +1,15 @@
-"""The registry gate against a real `mlflow server`, idempotent registration, and predict."""
+"""The registry gate against a real `mlflow server`, idempotent registration, predict, and the
+champion served over HTTP by a real `mlflow models serve` process."""
 
+import base64
+import io
 import json
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -14,7 +21,7 @@ from components.models import build_model, save_model
 from pipeline import tracking
 from pipeline.register import decide
 from tests.conftest import tiny_model_config
-from tests.services import MlflowServer, python_env
+from tests.services import MlflowServer, free_port, python_env
 from tests.train_helpers import write_params
 
 pytestmark = pytest.mark.integration
@@ -35,9 +42,10 @@ def _no_leaked_tracking_uri(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
 
 
-def trained_candidate(workdir, server, seed: int, miou: float, gflops: float = 5.0):
-    """A model logged to MLflow as training does, and an evaluation file with the given scores
-    (the gate's inputs; the scores are chosen so the test knows which candidate is better)."""
+def trained_candidate(workdir, server, seed: int, miou: float, gflops: float = 5.0, **register_settings):
+    """A model logged to MLflow as training does, an evaluation file and an inference-scale
+    recommendation of [0.5, 1.0] with the given scores (the gate's inputs; the scores are chosen so
+    the test knows which candidate is better)."""
     torch.manual_seed(seed)
     cfg = tiny_model_config(num_classes=19)
     save_model(build_model(cfg).eval(), cfg, workdir / "model", metadata={"classes": {"colors": [[seed, 0, 0]] * 19}})
@@ -48,10 +56,14 @@ def trained_candidate(workdir, server, seed: int, miou: float, gflops: float = 5
     (workdir / "run.json").write_text(json.dumps({"run_id": run.info.run_id, "model_uri": model_uri}))
     (workdir / "eval").mkdir()
     (workdir / "eval" / "metrics.json").write_text(json.dumps({"0.5,1,2": {"miou": miou, "gflops": gflops}}))
+    (workdir / "tune").mkdir()
+    (workdir / "tune" / "eval_scales.yaml").write_text(json.dumps(
+        {"recommended": {"name": "s05_10", "scales": [0.5, 1.0], "miou": miou, "gflops": gflops}}))
     return write_params(workdir, workdir, model=cfg.model_dump(mode="json"),
                         train={"output": str(workdir / "model"), "run_record": str(workdir / "run.json")},
                         evaluate={"output_dir": str(workdir / "eval")},
-                        register={"output": str(workdir / "registration.json"), "min_delta": 0.01})
+                        register={"output": str(workdir / "registration.json"), "min_delta": 0.01,
+                                  **register_settings})
 
 
 def register(params, server):
@@ -78,6 +90,17 @@ def test_gate_idempotence_and_predict(tmp_path, server):
     assert len(client.search_model_versions("name = 'hmsa'")) == 3
     version = client.get_model_version("hmsa", "3")
     assert version.tags["val_miou"] == "0.4" and version.tags["method"] == "hierarchical"
+    # the served set is the inference-scale search's recommendation, and callers get it by default
+    assert version.tags["eval_scales"] == "[0.5, 1.0]" and better["served_scales"] == [0.5, 1.0]
+    served = mlflow.pyfunc.load_model("models:/hmsa@champion")
+    assert served.metadata.get_params_schema().params[0].default == [0.5, 1.0]
+    assert served.unwrap_python_model().scales == [0.5, 1.0]
+
+    # an explicit evaluated set instead: the same weights serving another set are another version
+    explicit = register(trained_candidate(tmp_path / "d", server, seed=3, miou=0.40, scale_set=[0.5, 1.0, 2.0]),
+                        server)
+    assert explicit["created_version"] and explicit["served_scales"] == [0.5, 1.0, 2.0]
+    assert explicit["gate_source"].endswith("metrics.json")
 
     # predict through the registry alias, at a scale set the model never trained on
     images = tmp_path / "images"
@@ -117,3 +140,76 @@ def test_decide_respects_the_cost_budget():
     assert decide(candidate, champion, 0.0, max_gflops=20.0) == (False, "50.00 GFLOPs exceeds register.max_gflops = 20.0")
     assert decide(candidate, champion, 0.0, None)[0] is True
     assert decide(candidate, None, 0.0, None) == (True, "no champion yet")
+
+
+def test_register_refuses_a_missing_recommendation(tmp_path, server):
+    params = trained_candidate(tmp_path / "a", server, seed=4, miou=0.3)
+    versions = len(mlflow.MlflowClient(server.uri).search_model_versions("name = 'hmsa'"))
+    (tmp_path / "a" / "tune" / "eval_scales.yaml").write_text(json.dumps({"recommended": None}))
+    done = subprocess.run([sys.executable, "-m", "pipeline.register", "--params", str(params)],
+                          capture_output=True, text=True, env=python_env(MLFLOW_TRACKING_URI=server.uri))
+    assert done.returncode == 1 and "eval_scales.yaml: no recommended scale set" in done.stderr, done.stderr
+    assert len(mlflow.MlflowClient(server.uri).search_model_versions("name = 'hmsa'")) == versions
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def _png_base64(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.timeout(600)
+def test_champion_served_over_http_matches_predict(tmp_path, server):
+    params = trained_candidate(tmp_path / "m", server, seed=5, miou=0.99)  # beats every earlier champion
+    assert register(params, server)["aliases"]["champion"]
+    image = np.random.default_rng(7).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "street.png")
+    env = python_env(MLFLOW_TRACKING_URI=server.uri)
+    predicted = subprocess.run([sys.executable, "-m", "pipeline.predict", str(tmp_path / "street.png"),
+                                "--model", "models:/hmsa@champion", "--params", str(params),
+                                "--output", str(tmp_path / "out"), "--scales", "0.5", "1", "2"],
+                               capture_output=True, text=True, env=env)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    expected = np.array(Image.open(tmp_path / "out" / "street_label.png"))
+
+    port = free_port()
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the server execs uvicorn from PATH
+    serve = subprocess.Popen(["mlflow", "models", "serve", "-m", "models:/hmsa@champion", "--env-manager", "local",
+                              "--host", "127.0.0.1", "--port", str(port)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=5):
+                    break
+            except OSError:
+                assert serve.poll() is None, serve.stdout.read()[-3000:]
+                assert time.monotonic() < deadline, "mlflow models serve did not come up"
+                time.sleep(1)
+        request = {"dataframe_split": {"columns": ["image"], "data": [[_png_base64(image)]]},
+                   "params": {"scales": [0.5, 1.0, 2.0]}}
+        status, body = _post(f"{url}/invocations", request)
+        assert status == 200, body
+        assert np.array_equal(np.array(body["predictions"][0], dtype=np.uint8), expected)
+
+        status, body = _post(f"{url}/invocations", {**request, "params": {"scales": [0.5, 2.0]}})
+        assert status == 400 and "needs 1.0" in body["message"], body
+        status, body = _post(f"{url}/invocations", {**request, "dataframe_split": {
+            "columns": ["image"], "data": [[base64.b64encode(b"not an image").decode()]]}})
+        assert status == 400 and "row 0: unreadable image" in body["message"], body
+        status, body = _post(f"{url}/invocations", {"dataframe_split": request["dataframe_split"]})
+        assert status == 200 and len(body["predictions"]) == 1  # the registered default scales
+    finally:
+        serve.terminate()
+        serve.wait(timeout=30)

@@ -43,7 +43,7 @@ def test_search_asha_mlflow_best_drives_train_and_resume(tmp_path, ray_head):
     params = search_params(tmp_path, data)
     env = stage_env(params, **ray_head.client_env())
 
-    command = [*stage_command("tune", params)[:3], "search", *stage_command("tune", params)[3:]]
+    command = stage_command("tune", params)
     if os.environ.get("HMSA_TEST_TUNE_RESUME") == "1":
         # Interrupt the search once the first trial has reported, then run the stage again: it resumes.
         # Opt-in: on this 2-core machine the resumed trial intermittently waits forever for workers.

@@ -37,12 +37,14 @@ def hierarchical_fuse(logits: dict[float, Tensor], attn: dict[float, Tensor]) ->
 
     With two scales (0.5, 1.0) this is the training rule
     ``out = up(a_0.5 * p_0.5) + (1 - up(a_0.5)) * p_1.0``. Returns (N, C, H1, W1).
-    Raises ValueError when 1.0 is missing or the two dicts have different scales.
+    Raises ValueError when 1.0 is missing or the attention does not cover the same scales (the top
+    scale's may be left out: it is never read).
     """
-    if set(logits) != set(attn):
-        raise ValueError(f"logits and attention must have the same scales, got {sorted(logits)} and {sorted(attn)}")
-    _base_size(logits)
     scales = sorted(logits, reverse=True)
+    if not set(scales[1:]) <= set(attn) <= set(scales):
+        raise ValueError(f"logits and attention must have the same scales (the top one's attention may be "
+                         f"left out), got {sorted(logits)} and {sorted(attn)}")
+    _base_size(logits)
     pred = logits[scales[0]]
     for s in scales[1:]:
         p, a = logits[s], attn[s]

@@ -83,7 +83,9 @@ class MultiScaleSegmenter(nn.Module):
         self, images: torch.Tensor | dict[float, torch.Tensor], scales: list[float] | None = None
     ) -> MultiScaleOutput:
         scales = self.check_scales(self.train_scales if scales is None else scales)
-        per_scale = {s: self.segmenter(img) for s, img in self._images_at(images, scales).items()}
+        # Hierarchical fusion never reads the top scale's attention: its head is not run there.
+        top = max(scales) if self.method == "hierarchical" else None
+        per_scale = {s: self.segmenter(img, with_attention=s != top) for s, img in self._images_at(images, scales).items()}
         logits = {s: out.logits for s, out in per_scale.items()}
         if self.method == "single":
             return MultiScaleOutput(fused=logits[1.0], logits=logits)
@@ -92,7 +94,7 @@ class MultiScaleSegmenter(nn.Module):
         if self.method == "maxpool":
             return MultiScaleOutput(fused=fusion.max_fuse(logits), logits=logits)
         if self.method == "hierarchical":
-            attention = {s: out.attention for s, out in per_scale.items()}
+            attention = {s: out.attention for s, out in per_scale.items() if s != top}
             return MultiScaleOutput(fused=fusion.hierarchical_fuse(logits, attention), logits=logits, attention=attention)
         # explicit: features of every scale on the 1.0 feature grid, concatenated in ascending order.
         grid = per_scale[1.0].features.shape[-2:]

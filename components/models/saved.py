@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
 from components.atomic import atomic_dir
 from components.config import ModelConfig
 from components.models.build import build_model
@@ -24,6 +22,8 @@ CONFIG_FILE = "config.json"
 def write_model_files(model: MultiScaleSegmenter, cfg: ModelConfig, directory: str | Path,
                       metadata: dict | None = None) -> None:
     """Write the two files into an existing directory (a checkpoint's, or save_model's temporary)."""
+    from safetensors.torch import save_file  # imported here: `components` needs only torch and pydantic
+
     directory = Path(directory)
     # Saved models never point at a local pretrained file: the weights are all in the directory.
     config = cfg.model_copy(update={"pretrained": None}).model_dump(mode="json")
@@ -61,6 +61,8 @@ def load_saved_model(directory: str | Path) -> tuple[MultiScaleSegmenter, ModelC
     """Rebuild the model from config.json and load its weights; returns it in eval mode.
 
     The model's `metadata` attribute holds config.json's metadata (epoch, class names, colours)."""
+    from safetensors.torch import load_file
+
     directory = Path(directory)
     cfg, metadata = read_saved_config(directory)
     weights = directory / WEIGHTS_FILE

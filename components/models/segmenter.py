@@ -58,11 +58,13 @@ class Segmenter(nn.Module):
         self.seg_head = SegmentationHead(decoder.out_channels, num_classes)
         self.attn_head = AttentionHead(decoder.out_channels, attention_channels) if attention_channels else None
 
-    def forward(self, image: torch.Tensor) -> SegmenterOutput:
+    def forward(self, image: torch.Tensor, with_attention: bool = True) -> SegmenterOutput:
+        """`with_attention=False` skips the attention head (its map would be unused, e.g. at the
+        top scale of hierarchical fusion)."""
         size = image.shape[-2:]
         features = self.decoder(self.trunk(image))
         logits = F.interpolate(self.seg_head(features), size=size, mode="bilinear", align_corners=False)
         attention = None
-        if self.attn_head is not None:
+        if self.attn_head is not None and with_attention:
             attention = F.interpolate(self.attn_head(features), size=size, mode="bilinear", align_corners=False)
         return SegmenterOutput(logits=logits, attention=attention, features=features)

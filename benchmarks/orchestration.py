@@ -1,0 +1,149 @@
+"""What Ray Train costs over a plain loop, and what a second worker brings, in one run.
+
+    .venv/bin/python -m benchmarks.orchestration [--params params.yaml] [--epochs 3]
+
+The same epochs of the same training (the default model, crop, batch and loader of params.yaml,
+on a synthetic pyramid of the bundled size) three ways: a plain loop in this process; Ray Train
+with one worker holding all CPUs; Ray Train with two workers of half the CPUs each and half the
+batch each (the same global batch). Times are wall clock of the whole fit (Ray's worker start
+included) and the median epoch after the first (steady state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.steps import median
+from components.config import PipelineConfig, load_config
+
+
+def _pyramid(cfg: PipelineConfig, root: Path, images: int) -> str:
+    from components.data.prepare import prepare_dataset
+    from components.data.pyramid import build_pyramid
+    from components.data.readers import read_cityscapes
+    from components.data.synthetic import write_cityscapes_layout
+    from components.storage import Storage
+
+    synthetic = cfg.prepare.synthetic
+    write_cityscapes_layout(root / "cs", {"train": images, "val": 1}, synthetic.height, synthetic.width, seed=0)
+    prepare_dataset(read_cityscapes(root / "cs"), root / "raw")
+    build_pyramid(root / "raw", cfg.pyramid.scales, cfg.pyramid.shard_size, Storage(), str(root / "pyramid"))
+    return str(root / "pyramid")
+
+
+def train_epochs(settings: dict) -> list[float]:
+    """The measured work: build model and loader, then epochs of train_one_epoch. Runs in this
+    process (plain) or as a Ray Train worker loop; returns each epoch's seconds."""
+    from torch.utils.data import DataLoader
+
+    from components.config import validate_config
+    from components.data.dataset import PyramidTrainDataset
+    from components.data.pyramid import PyramidReader
+    from components.models import build_model
+    from components.training import autocast_dtype, build_optimizer, train_one_epoch
+
+    cfg = validate_config(settings["params"], source="benchmark")
+    in_ray = settings["in_ray"]
+    if in_ray:
+        import ray.train
+        import ray.train.torch
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    model = build_model(cfg.model).to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.train)
+    if in_ray:
+        model = ray.train.torch.prepare_model(model)
+    dataset = PyramidTrainDataset(PyramidReader(settings["pyramid"]), "train", cfg.model.train_scales,
+                                  tuple(cfg.train.crop_size), cfg.loader)
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
+                        num_workers=cfg.loader.workers, persistent_workers=cfg.loader.workers > 0)
+    if in_ray:
+        loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+    world = ray.train.get_context().get_world_size() if in_ray else 1
+    total = len(dataset) * cfg.train.epochs
+    seconds, samples = [], 0
+    for epoch in range(cfg.train.epochs):
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(model, loader, optimizer, cfg.model, cfg.train, device,
+                                autocast_dtype(cfg.train.precision, device), samples, total,
+                                cfg.train.batch_size * world)
+        samples = stats["samples"]
+        seconds.append(stats["seconds"])
+        if in_ray:
+            ray.train.report({"epoch": epoch, "epoch_seconds": stats["seconds"]})
+    return seconds
+
+
+def ray_fit(params: dict, pyramid: str, workers: int, cpus: int, storage: str) -> tuple[float, list[float]]:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    def loop(settings):
+        train_epochs(settings)
+
+    trainer = TorchTrainer(loop, train_loop_config={"params": params, "pyramid": pyramid, "in_ray": True},
+                           scaling_config=ray.train.ScalingConfig(num_workers=workers,
+                                                                  resources_per_worker={"CPU": cpus}),
+                           run_config=ray.train.RunConfig(storage_path=storage, name=f"bench-{workers}"))
+    start = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - start
+    return wall, [float(m["epoch_seconds"]) for m in result.metrics_dataframe.to_dict("records")]
+
+
+def run(params_file: str, epochs: int, images: int) -> dict:
+    import ray
+
+    cfg = load_config(params_file)
+    cpus = os.cpu_count() or 2
+    params = cfg.model_dump(mode="json")
+    params["train"]["epochs"] = epochs
+    with tempfile.TemporaryDirectory(prefix="hmsa-bench-") as tmp:
+        pyramid = _pyramid(cfg, Path(tmp), images)
+        torch.set_num_threads(cpus)
+        start = time.perf_counter()
+        plain_epochs = train_epochs({"params": params, "pyramid": pyramid, "in_ray": False})
+        plain = time.perf_counter() - start
+        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+        try:
+            one, one_epochs = ray_fit(params, pyramid, 1, cpus, tmp)
+            half = dict(params, train={**params["train"], "batch_size": max(1, params["train"]["batch_size"] // 2)})
+            two, two_epochs = ray_fit(half, pyramid, 2, max(1, cpus // 2), tmp)
+        finally:
+            ray.shutdown()
+    steady = lambda seconds: median(seconds[1:] or seconds)  # noqa: E731 - the first epoch warms up
+    result = {
+        "epochs": epochs, "train_images": images, "cpus": cpus,
+        "plain": {"wall_s": plain, "epoch_s": steady(plain_epochs)},
+        "ray_one_worker": {"wall_s": one, "epoch_s": steady(one_epochs)},
+        "ray_two_workers": {"wall_s": two, "epoch_s": steady(two_epochs)},
+    }
+    result["ray_over_plain_wall"] = one / plain
+    result["ray_over_plain_epoch"] = steady(one_epochs) / steady(plain_epochs)
+    result["two_over_one_workers_speedup"] = steady(one_epochs) / steady(two_epochs)
+    print(f"  plain loop {plain:.1f} s ({steady(plain_epochs):.2f} s/epoch); Ray Train 1 worker {one:.1f} s "
+          f"({steady(one_epochs):.2f} s/epoch) -> {result['ray_over_plain_wall']:.2f}x wall, "
+          f"{result['ray_over_plain_epoch']:.2f}x per epoch")
+    print(f"  2 workers x {max(1, cpus // 2)} CPUs: {steady(two_epochs):.2f} s/epoch -> "
+          f"{result['two_over_one_workers_speedup']:.2f}x the speed of 1 worker x {cpus} CPUs")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--images", type=int, default=24)
+    args = parser.parse_args()
+    run(args.params, args.epochs, args.images)
+
+
+if __name__ == "__main__":
+    main()

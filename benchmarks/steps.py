@@ -1,0 +1,67 @@
+"""Timing training steps of one model in this process: the building block of the benchmarks."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from components.config import ModelConfig
+from components.losses import segmentation_loss
+from components.models import build_model
+
+
+def time_training_steps(cfg: ModelConfig, size: tuple[int, int], batch: int, steps: int, warmup: int = 2,
+                        dtype: torch.dtype | None = None, channels_last: bool = True,
+                        device: str = "cpu", wrap=None) -> list[float]:
+    """Seconds of each of `steps` training steps (forward, loss, backward, SGD) after `warmup`
+    untimed ones, on random images: what one minibatch of this model costs, without data loading.
+    `wrap` (e.g. torch.compile) is applied to the built model."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model(cfg).train().to(device=device, memory_format=fmt)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    if wrap is not None:
+        model = wrap(model)
+    image = torch.randn(batch, 3, *size, device=device).contiguous(memory_format=fmt)
+    target = torch.randint(0, cfg.num_classes, (batch, *size), device=device)
+    timings = []
+    for step in range(warmup + steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+            output = model(image)
+        loss = segmentation_loss(output, target, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if step >= warmup:
+            timings.append(time.perf_counter() - start)
+    return timings
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def matmul_flops_per_second(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 8,
+                            device: str = "cpu") -> float:
+    """Dense square matrix-multiply FLOP/s with this process's threads: the machine's practical peak."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    timings = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        timings.append(time.perf_counter() - start)
+    return 2 * n**3 / median(timings)

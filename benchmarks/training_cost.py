@@ -1,0 +1,166 @@
+"""The paper's cost table on this machine, hardware efficiency, and the data path, in one run.
+
+    .venv/bin/python -m benchmarks.training_cost [--steps 5] [--params params.yaml]
+
+- Cost per method (the methods and training scales of ablation.methods; the model, crop and batch
+  of params.yaml): training FLOPs per minibatch (counted), median minibatch time after warm-up,
+  and training memory, each relative to single scale, and explicit over hierarchical. Each method
+  runs in a fresh process, so its peak RSS is its own; "activations" are the bytes autograd saves
+  for the backward pass (counted exactly; the part of training memory that scales multiply).
+- Efficiency: the default model's achieved training FLOP/s over the dense matmul FLOP/s measured
+  in the same run, fp32 and, where the hardware has it, bf16.
+- Data path: samples/s of the training loader (loader.workers) against what training consumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.steps import matmul_flops_per_second, median, time_training_steps
+from components.config import ModelConfig, PipelineConfig, load_config
+from components.flops import train_step_flops
+from components.memory import saved_activation_bytes
+from components.training import cpu_supports_bf16
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _measure_in_child(cfg_json: dict, size, batch, steps, threads, queue) -> None:
+    torch.set_num_threads(threads)
+    cfg = ModelConfig.model_validate(cfg_json)
+    before = _status_kib("VmRSS")
+    timings = time_training_steps(cfg, size, batch, steps)
+    queue.put({"median_s": median(timings), "timings_s": timings,
+               "peak_rss_mb": _status_kib("VmHWM") / 1024, "training_rss_mb": (_status_kib("VmHWM") - before) / 1024})
+
+
+def measure_method(cfg: ModelConfig, size, batch: int, steps: int, threads: int) -> dict:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_measure_in_child,
+                            args=(cfg.model_dump(mode="json"), size, batch, steps, threads, queue))
+    child.start()
+    result = queue.get()
+    child.join()
+    return result
+
+
+def cost_table(cfg: PipelineConfig, steps: int, threads: int) -> list[dict]:
+    size, batch = tuple(cfg.train.crop_size), cfg.train.batch_size
+    rows = []
+    for method, entry in cfg.ablation.methods.items():
+        model = cfg.model.model_copy(update={"method": method, "train_scales": entry.train_scales, "pretrained": None})
+        row = {"method": method, "train_scales": entry.train_scales,
+               "train_gflops": train_step_flops(model, size, batch) / 1e9,
+               "activation_mb": saved_activation_bytes(model, size, batch) / 2**20}
+        row.update(measure_method(model, size, batch, steps, threads))
+        rows.append(row)
+        print(f"  {method:13s} {row['train_gflops']:8.1f} GFLOPs  {row['median_s']:6.3f} s/minibatch  "
+              f"{row['training_rss_mb']:7.0f} MB training RSS  {row['activation_mb']:7.0f} MB activations")
+    single = next(r for r in rows if r["method"] == "single")
+    for row in rows:
+        for key in ("train_gflops", "median_s", "training_rss_mb", "activation_mb"):
+            row[f"{key}_vs_single"] = row[key] / single[key]
+    return rows
+
+
+def explicit_over_hierarchical(rows: list[dict]) -> dict:
+    by = {r["method"]: r for r in rows}
+    if not {"explicit", "hierarchical"} <= set(by):
+        return {}
+    e, h = by["explicit"], by["hierarchical"]
+    return {key: e[key] / h[key] for key in ("train_gflops", "median_s", "training_rss_mb", "activation_mb")}
+
+
+def efficiency(cfg: PipelineConfig, steps: int) -> dict:
+    size, batch = tuple(cfg.train.crop_size), cfg.train.batch_size
+    model = cfg.model.model_copy(update={"pretrained": None})
+    flops = train_step_flops(model, size, batch)
+    result = {"train_gflops_per_step": flops / 1e9, "threads": torch.get_num_threads()}
+    precisions = [("fp32", None, torch.float32)]
+    if cpu_supports_bf16():
+        precisions.append(("bf16", torch.bfloat16, torch.bfloat16))
+    for name, autocast_dtype, matmul_dtype in precisions:
+        step = median(time_training_steps(model, size, batch, steps, dtype=autocast_dtype))
+        peak = matmul_flops_per_second(matmul_dtype)
+        result[name] = {"median_step_s": step, "train_gflops_per_s": flops / step / 1e9,
+                        "matmul_gflops_per_s": peak / 1e9, "fraction_of_matmul": flops / step / peak,
+                        "images_per_s": batch / step}
+        print(f"  {name}: {flops / step / 1e9:6.1f} GFLOP/s training, {peak / 1e9:6.1f} GFLOP/s matmul "
+              f"-> {flops / step / peak:.2f}")
+    if "bf16" in result:
+        result["bf16_speedup"] = result["fp32"]["median_step_s"] / result["bf16"]["median_step_s"]
+    return result
+
+
+def data_path(cfg: PipelineConfig, consumed_images_per_s: float, batches: int = 12) -> dict:
+    from torch.utils.data import DataLoader
+
+    from components.data.dataset import PyramidTrainDataset
+    from components.data.prepare import prepare_dataset
+    from components.data.pyramid import PyramidReader, build_pyramid
+    from components.data.readers import read_cityscapes
+    from components.data.synthetic import write_cityscapes_layout
+    from components.storage import Storage
+
+    synthetic = cfg.prepare.synthetic
+    with tempfile.TemporaryDirectory(prefix="hmsa-bench-") as tmp:
+        root = Path(tmp)
+        write_cityscapes_layout(root / "cs", {"train": 24, "val": 1}, synthetic.height, synthetic.width, seed=0)
+        prepare_dataset(read_cityscapes(root / "cs"), root / "raw")
+        build_pyramid(root / "raw", cfg.pyramid.scales, cfg.pyramid.shard_size, Storage(), str(root / "pyramid"))
+        dataset = PyramidTrainDataset(PyramidReader(str(root / "pyramid")), "train", cfg.model.train_scales,
+                                      tuple(cfg.train.crop_size), cfg.loader)
+        loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, num_workers=cfg.loader.workers,
+                            persistent_workers=cfg.loader.workers > 0)
+        iterator, seen = iter(loader), 0
+        next(iterator)  # workers started before timing
+        start = time.perf_counter()
+        while seen < batches * cfg.train.batch_size:
+            try:
+                seen += next(iterator)["label"].shape[0]
+            except StopIteration:
+                iterator = iter(loader)
+        rate = seen / (time.perf_counter() - start)
+    print(f"  loader ({cfg.loader.workers} workers): {rate:.1f} samples/s; training consumes "
+          f"{consumed_images_per_s:.1f} -> {rate / consumed_images_per_s:.1f}x")
+    return {"loader_workers": cfg.loader.workers, "loader_samples_per_s": rate,
+            "training_images_per_s": consumed_images_per_s, "ratio": rate / consumed_images_per_s}
+
+
+def run(params: str, steps: int) -> dict:
+    cfg = load_config(params)
+    threads = torch.get_num_threads()
+    print("cost per method:")
+    rows = cost_table(cfg, steps, threads)
+    print("hardware efficiency:")
+    eff = efficiency(cfg, steps)
+    best = eff.get("bf16", eff["fp32"]) if cfg.train.precision in ("auto", "bf16") else eff["fp32"]
+    print("data path:")
+    data = data_path(cfg, best["images_per_s"])
+    return {"model": cfg.model.model_dump(mode="json"), "crop": list(cfg.train.crop_size),
+            "batch": cfg.train.batch_size, "methods": rows, "explicit_over_hierarchical": explicit_over_hierarchical(rows),
+            "efficiency": eff, "data_path": data}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    print(run(args.params, args.steps)["explicit_over_hierarchical"])
+
+
+if __name__ == "__main__":
+    main()

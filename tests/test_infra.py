@@ -1,0 +1,214 @@
+"""What can be checked of the cluster definitions without Docker or Kubernetes: the image is built
+on the locked Ray and Python, the GPU lock has everything the CUDA torch needs, the manifests are
+well-formed resources of the kinds and fields KubeRay knows, `ray up`'s config passes Ray's own
+schema, and every command they run exists in this project."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from tests.dvc_helpers import ROOT
+
+INFRA = ROOT / "infra"
+LINUX_X86_64_PY311 = {"platform_system": "Linux", "sys_platform": "linux", "platform_machine": "x86_64",
+                      "python_version": "3.11", "python_full_version": "3.11.0", "os_name": "posix",
+                      "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+
+
+def pins(lock: Path) -> dict[str, str]:
+    found = re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", lock.read_text(), flags=re.MULTILINE)
+    return {re.sub(r"[-_.]+", "-", name).lower(): version for name, version in found}
+
+
+def lock_python_version() -> str:
+    return re.search(r"--python-version (\S+)", (INFRA / "scripts/lock.sh").read_text()).group(1)
+
+
+def dockerfile_arguments() -> dict[str, str]:
+    return dict(re.findall(r"^ARG (\w+)=(\S+)", (INFRA / "docker/Dockerfile").read_text(), flags=re.MULTILINE))
+
+
+# --- image and locks --------------------------------------------------------------------------
+
+def test_image_base_matches_the_locks():
+    arguments = dockerfile_arguments()
+    assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-\$\{PYTHON_TAG\}-\$\{VARIANT\}$",
+                     (INFRA / "docker/Dockerfile").read_text(), flags=re.MULTILINE)
+    for lock in ("requirements.lock", "requirements-gpu.lock"):
+        assert pins(ROOT / lock)["ray"] == arguments["RAY_VERSION"], lock
+    assert arguments["PYTHON_TAG"] == "py" + lock_python_version().replace(".", "")
+    assert arguments["VARIANT"] == "cpu"  # and `--build-arg VARIANT=gpu` picks the GPU lock:
+    assert 'if [ "$VARIANT" = gpu ]; then lock=requirements-gpu.lock' in (INFRA / "docker/Dockerfile").read_text()
+
+
+def test_locks_agree_except_for_torch_and_its_cuda_libraries():
+    cpu, gpu = pins(ROOT / "requirements.lock"), pins(ROOT / "requirements-gpu.lock")
+    assert cpu["torch"].endswith("+cpu") and "+" not in gpu["torch"]
+    assert cpu["torch"].split("+")[0] == gpu["torch"]
+    assert {name: v for name, v in cpu.items() if gpu.get(name) != v} == {"torch": cpu["torch"]}
+
+
+def test_gpu_lock_has_every_library_the_cuda_torch_requires():
+    gpu = pins(ROOT / "requirements-gpu.lock")
+    recorded = json.loads((INFRA / "locks/gpu-requires.json").read_text())
+    assert f"torch=={gpu['torch']}" in recorded, "infra/locks/gpu-requires.json is for another torch: rerun lock.sh"
+    checked = []
+
+    def require(line: str, extras: set[str]) -> None:
+        requirement = Requirement(line)
+        applies = requirement.marker is None or any(
+            requirement.marker.evaluate({**LINUX_X86_64_PY311, "extra": extra}) for extra in (extras or {""}))
+        if not applies:
+            return
+        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        assert name in gpu, f"requirements-gpu.lock lacks {line}"
+        assert requirement.specifier.contains(gpu[name], prereleases=True), f"{name}=={gpu[name]} does not meet {line}"
+        checked.append(name)
+        if requirement.extras:
+            nested = recorded[f"{requirement.name}=={gpu[name]}"]
+            for nested_line in nested:
+                require(nested_line, set(requirement.extras))
+
+    for line in recorded[f"torch=={gpu['torch']}"]:
+        require(line, set())
+    cuda = [n for n in checked if n.startswith("nvidia-")]
+    assert "triton" in checked and "nvidia-cudnn-cu13" in cuda and "nvidia-cublas" in cuda and len(cuda) >= 10, checked
+
+
+# --- KubeRay ------------------------------------------------------------------------------------
+
+# Field names of the ray.io/v1 resources used here (KubeRay v1.5 CRDs); a typo is silently dropped
+# by `kubectl apply` for unknown fields of a CRD, so it is caught here instead.
+RAY_CLUSTER_SPEC = {"rayVersion", "authOptions", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec",
+                    "workerGroupSpecs", "headServiceAnnotations", "suspend", "managedBy", "gcsFaultToleranceOptions"}
+HEAD_GROUP = {"rayStartParams", "template", "serviceType", "headService", "enableIngress"}
+WORKER_GROUP = {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template", "scaleStrategy",
+                "idleTimeoutSeconds", "suspend", "numOfHosts"}
+AUTOSCALER_OPTIONS = {"upscalingMode", "idleTimeoutSeconds", "resources", "image", "imagePullPolicy", "env",
+                      "envFrom", "securityContext", "volumeMounts", "version"}
+RAY_JOB_SPEC = {"entrypoint", "rayClusterSpec", "clusterSelector", "shutdownAfterJobFinishes",
+                "ttlSecondsAfterFinished", "runtimeEnvYAML", "jobId", "submitterPodTemplate", "submissionMode",
+                "activeDeadlineSeconds", "backoffLimit", "entrypointNumCpus", "entrypointNumGpus",
+                "entrypointResources", "suspend", "deletionStrategy", "managedBy", "submitterConfig", "metadata"}
+
+
+def documents(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def kuberay(kind: str) -> dict:
+    found = [d for p in sorted((INFRA / "kuberay").glob("*.yaml")) for d in documents(p) if d["kind"] == kind]
+    assert len(found) == 1, f"{kind}: {len(found)} found"
+    return found[0]
+
+
+def check_pod_template(template: dict, where: str) -> list[dict]:
+    containers = template["spec"]["containers"]
+    for container in containers:
+        assert container["image"].startswith("hmsa-pipeline:"), where
+        for source in container.get("envFrom", []):
+            assert set(source) <= {"configMapRef", "secretRef"}, where
+        for variable in container.get("env", []):  # credentials only by reference
+            assert "value" not in variable or not re.search(r"KEY|SECRET|PASSWORD|TOKEN", variable["name"]), where
+    return containers
+
+
+def test_raycluster_autoscales_gpu_workers_with_auth_on():
+    cluster = kuberay("RayCluster")
+    assert cluster["apiVersion"] == "ray.io/v1"
+    spec = cluster["spec"]
+    assert set(spec) <= RAY_CLUSTER_SPEC and set(spec["headGroupSpec"]) <= HEAD_GROUP
+    assert set(spec["autoscalerOptions"]) <= AUTOSCALER_OPTIONS
+    assert spec["rayVersion"] == pins(ROOT / "requirements.lock")["ray"]
+    assert spec["authOptions"] == {"mode": "token"}
+    assert spec["enableInTreeAutoscaling"] is True  # without it maxReplicas does nothing
+    head = check_pod_template(spec["headGroupSpec"]["template"], "head")[0]
+    assert head["image"] == "hmsa-pipeline:cpu" and spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    for group in spec["workerGroupSpecs"]:
+        assert set(group) <= WORKER_GROUP
+        assert all(isinstance(v, str) for v in group["rayStartParams"].values())  # map[string]string
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        worker = check_pod_template(group["template"], group["groupName"])[0]
+        assert worker["image"] == "hmsa-pipeline:gpu" and worker["resources"]["limits"]["nvidia.com/gpu"]
+    assert all(isinstance(v, str) for v in spec["headGroupSpec"]["rayStartParams"].values())
+
+
+def test_rayjob_runs_the_whole_pipeline_on_the_cluster():
+    job = kuberay("RayJob")
+    assert job["apiVersion"] == "ray.io/v1" and set(job["spec"]) <= RAY_JOB_SPEC
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == kuberay("RayCluster")["metadata"]["name"]
+    command = shlex.split(job["spec"]["entrypoint"])
+    assert command[0] == "bash" and command[1].startswith("/home/ray/hmsa/")
+    script = ROOT / command[1].removeprefix("/home/ray/hmsa/")
+    text = script.read_text()
+    for step in ("dvc pull", "dvc repro", "dvc push", "python -m pipeline.save_results"):
+        assert step in text, f"{script.name} does not run {step}"
+    assert (ROOT / "pipeline/save_results.py").is_file()
+    assert dockerfile_workdir() == "/home/ray/hmsa"
+
+
+def dockerfile_workdir() -> str:
+    return re.search(r"^WORKDIR (\S+)", (INFRA / "docker/Dockerfile").read_text(), flags=re.MULTILINE).group(1)
+
+
+def test_mlflow_server_has_auth_s3_artifacts_and_real_options():
+    deployment, service = kuberay("Deployment"), kuberay("Service")
+    container = check_pod_template(deployment["spec"]["template"], "mlflow")[0]
+    assert container["command"] == ["mlflow", "server"]
+    arguments = dict(a.removeprefix("--").split("=", 1) if "=" in a else (a.removeprefix("--"), True)
+                     for a in container["args"])
+    assert arguments["app-name"] == "basic-auth" and arguments["serve-artifacts"] is True
+    assert arguments["artifacts-destination"] == "$(MLFLOW_ARTIFACTS_DESTINATION)"
+    help_text = subprocess.run([str(Path(sys.executable).parent / "mlflow"), "server", "--help"],
+                               capture_output=True, text=True).stdout
+    for name in arguments:
+        assert f"--{name}" in help_text, f"mlflow server has no option --{name}"
+    env = {v["name"]: v for v in container["env"]}
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    auth_ini = ROOT / env["MLFLOW_AUTH_CONFIG_PATH"]["value"].removeprefix(dockerfile_workdir() + "/")
+    assert "admin_password" not in auth_ini.read_text().replace("# admin_password", "")
+    config_map = kuberay("ConfigMap")
+    assert config_map["data"]["MLFLOW_TRACKING_URI"].startswith(f"http://{service['metadata']['name']}:")
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+# --- ray up ---------------------------------------------------------------------------------------
+
+def test_ray_up_config_passes_rays_schema_and_runs_existing_things():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((INFRA / "ray/cluster.yaml").read_text())
+    validate_config(prepare_config(config))
+    assert config["docker"]["head_image"] == "hmsa-pipeline:cpu" and config["docker"]["worker_image"] == "hmsa-pipeline:gpu"
+    assert "--gpus all" in config["docker"]["worker_run_options"]
+    assert config["file_mounts"]["~/hmsa"] == "."
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head and "RAY_AUTH_MODE=token" in head
+    assert "ray start --address=$RAY_HEAD_IP:6379" in " ".join(config["worker_start_ray_commands"])
+    usage = (INFRA / "ray/cluster.yaml").read_text()
+    for script in re.findall(r"bash (infra/[\w/.-]+)", usage):
+        assert (ROOT / script).is_file(), script
+
+
+def test_commands_in_infra_name_existing_modules_and_stages():
+    stages = set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
+    texts = [p.read_text() for p in INFRA.rglob("*") if p.is_file() and p.suffix in {".yaml", ".sh", ""}]
+    texts.append((ROOT / "README.md").read_text())
+    for text in texts:
+        for module in re.findall(r"python -m (pipeline\.\w+)", text):
+            assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), module
+        for line in re.findall(r"^\s*dvc (?:repro|exp run)\b([^#\n]*)", text, flags=re.MULTILINE):
+            words = [w for w in shlex.split(line.replace("\\", " ")) if not w.startswith("-") and "=" not in w
+                     and "$" not in w]
+            names = [w for w in words if re.fullmatch(r"[a-z][\w-]*", w)]
+            for stage in names[-1:]:  # the target, after options and their values
+                assert stage in stages, f"a command names the stage {stage!r}, which dvc.yaml lacks: {line}"
