@@ -65,3 +65,21 @@ def matmul_flops_per_second(dtype: torch.dtype = torch.float32, n: int = 2048, r
             torch.cuda.synchronize()
         timings.append(time.perf_counter() - start)
     return 2 * n**3 / median(timings)
+
+
+def conv_matmul_flops_per_second(dtype: torch.dtype = torch.float32, channels: int = 1024, side: int = 64,
+                                 repeats: int = 8) -> float:
+    """The same dense product as a 1x1 convolution (channels x channels weights over side^2 pixels),
+    through the convolution library the model's layers use: on some CPUs torch.mm's BLAS is slower
+    than oneDNN, and the faster of the two is the machine's practical peak."""
+    conv = torch.nn.Conv2d(channels, channels, 1, bias=False).to(dtype)
+    x = torch.randn(1, channels, side, side, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    conv = conv.to(memory_format=torch.channels_last)
+    timings = []
+    with torch.no_grad():
+        for step in range(repeats + 2):
+            start = time.perf_counter()
+            conv(x)
+            if step >= 2:
+                timings.append(time.perf_counter() - start)
+    return 2 * channels * channels * side * side / median(timings)
