@@ -39,11 +39,19 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The names of components.models.trunks.TRUNKS and decoders.DECODERS (a test keeps them equal):
+# named here so a wrong name fails at config load, listing the allowed ones, not inside a worker.
+TrunkName = Literal["resnet18", "resnet50", "tiny"]
+DecoderName = Literal["deeplabv3plus", "pspnet", "fcn", "unet"]
+PositiveInt = Annotated[int, Field(gt=0)]
+CropSize = tuple[PositiveInt, PositiveInt]  # height, width in pixels
+
+
 class ModelConfig(Section):
     method: Literal["single", "avgpool", "maxpool", "explicit", "hierarchical"] = "hierarchical"
-    trunk: str = "resnet18"
+    trunk: TrunkName = "resnet18"
     output_stride: Literal[8, 16] = 8
-    decoder: str = "deeplabv3plus"
+    decoder: DecoderName = "deeplabv3plus"
     decoder_channels: int = Field(256, gt=0)
     attention_channels: int = Field(256, gt=0)
     num_classes: int = Field(19, gt=1)
@@ -56,7 +64,7 @@ class ModelConfig(Section):
 class TrainConfig(Section):
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(4, gt=0)
-    crop_size: tuple[int, int] = (256, 256)
+    crop_size: CropSize = (256, 256)
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
@@ -219,7 +227,7 @@ class AblationConfig(Section):
     """The paper's method table on this data: every method trained with the same budget."""
 
     epochs: int = Field(6, gt=0)
-    crop_size: tuple[int, int] = (128, 128)
+    crop_size: CropSize = (128, 128)
     # One augmentation for all methods, valid for the widest training set (explicit's).
     random_scales: ScaleSet = [0.5, 1.0]
     output_dir: str = "results/ablation"

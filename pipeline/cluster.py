@@ -20,6 +20,7 @@ from pathlib import Path
 from components.config import PipelineConfig, RayConfig
 from components.data.pyramid import content_hash
 from components.storage import is_s3, join
+from components.redact import redact
 from pipeline.environment import Environment
 from pipeline.errors import ClusterError
 
@@ -113,7 +114,7 @@ def connect(env: Environment) -> str:
         runtime_env = {"working_dir": str(REPO_ROOT), "excludes": WORKING_DIR_EXCLUDES,
                        "env_vars": env.worker_variables()}
         ray.init(address=env.ray_address, runtime_env=runtime_env, log_to_driver=True)
-        return f"the Ray cluster at {env.ray_address}"
+        return f"the Ray cluster at {redact(env.ray_address)}"
     # A local instance listens on loopback only: nothing outside this machine needs to reach it.
     ray.init(_node_ip_address="127.0.0.1")
     return "a local Ray instance"

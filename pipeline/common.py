@@ -8,10 +8,12 @@ import sys
 from collections.abc import Callable
 
 from components.config import ConfigError, load_config
+from components.redact import redact
 from pipeline.errors import ClusterError
 
 # Errors that are the user's to fix (a key, a path, a cluster setting): one line, no traceback.
-USER_ERRORS = (ConfigError, ClusterError, FileNotFoundError, ValueError, KeyError, ConnectionError)
+USER_ERRORS = (ConfigError, ClusterError, FileNotFoundError, FileExistsError, ValueError, KeyError,
+               ConnectionError)
 
 
 def run_stage(main: Callable[..., None], description: str,
@@ -21,6 +23,8 @@ def run_stage(main: Callable[..., None], description: str,
     `main(cfg)` or, when the stage adds arguments, `main(cfg, args)`."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="the parameters file (default: params.yaml)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error that is otherwise reported in one line")
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args()
@@ -30,5 +34,7 @@ def run_stage(main: Callable[..., None], description: str,
         cfg = load_config(args.params)
         main(cfg, args) if add_arguments is not None else main(cfg)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"error: {redact(err)}", file=sys.stderr)
         sys.exit(1)

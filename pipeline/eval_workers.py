@@ -21,7 +21,7 @@ from components.evaluation import attention_means, evaluate_shard, merge_shards,
 from components.flops import inference_flops
 from components.models.saved import CONFIG_FILE, WEIGHTS_FILE, write_model_files
 from components.training import autocast_dtype
-from pipeline.launch import Launch, prepare_launch
+from pipeline.launch import Launch, check_classes, prepare_launch
 
 
 def device_name(device: torch.device) -> str:
@@ -83,6 +83,7 @@ def evaluate_on_ray(cfg: PipelineConfig, model, model_cfg: ModelConfig, scale_se
 
     for scales in scale_sets:
         model.check_scales(scales)
+    check_classes(model_cfg.num_classes, cfg.pyramid.output, key="the evaluated model's num_classes")
     reader = PyramidReader(cfg.pyramid.output)
     count = len(reader.entries("val"))
     size = tuple(PyramidEvalDataset(reader, "val", [1.0])[0]["label"].shape)  # for the FLOPs of a val image

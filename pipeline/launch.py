@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from components.config import PipelineConfig
+from components.config import ConfigError, PipelineConfig
 from pipeline import cluster
 from pipeline.environment import Environment
 
@@ -32,7 +32,19 @@ class Launch:
         return {"pyramid_uri": self.pyramid_uri, "mlflow_uri": self.env.tracking_uri}
 
 
+def check_classes(num_classes: int, pyramid: str, key: str = "model.num_classes") -> None:
+    """The model's class count against the dataset's manifest, before any worker starts (a mismatch
+    would otherwise fail inside every worker, once per retry)."""
+    from components.data.pyramid import PyramidReader
+
+    dataset = PyramidReader(pyramid).num_classes
+    if num_classes != dataset:
+        raise ConfigError(f"{key} = {num_classes}, but the dataset at {pyramid} has {dataset} classes "
+                          f"(its manifest.json): set {key} to {dataset}")
+
+
 def prepare_launch(cfg: PipelineConfig, env: Environment | None = None) -> Launch:
+    check_classes(cfg.model.num_classes, cfg.pyramid.output)
     env = env or Environment.from_environ()
     cluster.check_tracking(env)
     checkpoint_root = cluster.check_storage(env)

@@ -4,6 +4,11 @@
 
 Writes <stem>_label.png (class indices, with the dataset's palette) and <stem>_overlay.png (colours
 blended over the image) for every input image; a folder stands for the images in it.
+
+Nothing is lost and nothing is half-written: before any work it refuses inputs whose outputs would
+share a name (x.png in two folders) and outputs that already exist (unless --overwrite), and it
+decodes every input first, so an unreadable image stops the run before anything is written; each
+file appears complete or not at all.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from components.atomic import atomic_file
 from components.config import PipelineConfig
 from components.data.classes import CITYSCAPES_CLASSES, palette
 from components.data.dataset import to_tensor
@@ -37,20 +43,46 @@ def list_images(inputs: list[str]) -> list[Path]:
     return paths
 
 
-def predict(model, images: list[Path], scales: list[float], output: Path, colors: list) -> list[Path]:
+OUTPUT_SUFFIXES = ("_label.png", "_overlay.png")
+
+
+def check_outputs(images: list[Path], output: Path, overwrite: bool) -> None:
+    """Refuse, before any work, inputs that would write the same files and files that exist."""
+    by_stem: dict[str, list[Path]] = {}
+    for path in images:
+        by_stem.setdefault(path.stem, []).append(path)
+    clashes = {stem: paths for stem, paths in by_stem.items() if len(paths) > 1}
+    if clashes:
+        listed = "; ".join(", ".join(map(str, paths)) for paths in clashes.values())
+        raise ValueError(f"inputs with the same name would write the same outputs: {listed} "
+                         "(predict them into separate --output folders)")
+    existing = [output / f"{p.stem}{suffix}" for p in images for suffix in OUTPUT_SUFFIXES
+                if (output / f"{p.stem}{suffix}").exists()]
+    if existing and not overwrite:
+        shown = ", ".join(map(str, existing[:5])) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
+        raise FileExistsError(f"{shown} already exist(s); choose another --output or pass --overwrite")
+
+
+def _save_png(image: Image.Image, target: Path) -> None:
+    with atomic_file(target, "wb") as handle:
+        image.save(handle, format="PNG")
+
+
+def predict(model, images: list[Path], scales: list[float], output: Path, colors: list,
+            overwrite: bool = False) -> list[Path]:
     scales = model.check_scales(scales)  # before any work: a set the method cannot use is an error
-    output.mkdir(parents=True, exist_ok=True)
+    check_outputs(images, output, overwrite)
+    decoded = [read_image(path) for path in images]  # an unreadable input stops us before any write
     pal = palette([tuple(c) for c in colors])
     written = []
-    for path in images:
-        image = read_image(path)
+    for path, image in zip(images, decoded):
         with torch.no_grad():
             label = model(to_tensor(image)[None], scales).fused.argmax(1)[0].numpy().astype(np.uint8)
         label_png = Image.fromarray(label, "P")
         label_png.putpalette(pal.flatten().tolist())
-        label_png.save(output / f"{path.stem}_label.png")
+        _save_png(label_png, output / f"{path.stem}_label.png")
         overlay = (0.5 * image + 0.5 * pal[label]).astype(np.uint8)
-        Image.fromarray(overlay).save(output / f"{path.stem}_overlay.png")
+        _save_png(Image.fromarray(overlay), output / f"{path.stem}_overlay.png")
         written.append(output / f"{path.stem}_label.png")
     return written
 
@@ -58,7 +90,7 @@ def predict(model, images: list[Path], scales: list[float], output: Path, colors
 def main(cfg: PipelineConfig, args) -> None:
     model, _ = load_model(args.model, cfg)
     colors = getattr(model, "metadata", {}).get("classes", {}).get("colors", CITYSCAPES_CLASSES.colors)
-    written = predict(model, list_images(args.inputs), args.scales, Path(args.output), colors)
+    written = predict(model, list_images(args.inputs), args.scales, Path(args.output), colors, args.overwrite)
     print(f"wrote {len(written)} label maps and overlays to {args.output}")
 
 
@@ -67,6 +99,7 @@ def _arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="a saved-model directory or models:/name@alias")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0])
     parser.add_argument("--output", default="predictions")
+    parser.add_argument("--overwrite", action="store_true", help="replace label maps and overlays that exist")
 
 
 if __name__ == "__main__":

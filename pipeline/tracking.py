@@ -13,6 +13,7 @@ import contextlib
 import subprocess
 from pathlib import Path
 
+from components.redact import redact
 from pipeline.environment import Environment
 
 RUN_KEY_TAG = "hmsa.run_key"
@@ -57,13 +58,15 @@ def find_or_create_run(experiment_id: str, run_key: str, run_name: str, tags: di
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
+    """A config tree as {dotted.key: value} for MLflow params; values that could hold a credential
+    (strings) are redacted."""
     out = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(flatten(value, f"{name}."))
         else:
-            out[name] = value
+            out[name] = redact(value) if isinstance(value, str) else value
     return out
 
 

@@ -19,6 +19,7 @@ from components.atomic import atomic_dir, atomic_file
 from components.config import PipelineConfig
 from components.data.pyramid import PyramidReader
 from components.models.saved import CONFIG_FILE, WEIGHTS_FILE
+from components.redact import redact
 from pipeline import cluster, tracking
 from pipeline.common import run_stage
 from pipeline.environment import Environment
@@ -106,7 +107,7 @@ def main(cfg: PipelineConfig) -> None:
         return
     workers = "-".join(map(str, sorted(set(cfg.ray.worker_range))))
     print(f"training {name} on {launch.where} ({workers} {'GPU' if launch.use_gpu else 'CPU'} workers), "
-          f"MLflow run {run_id} at {launch.env.tracking_uri}")
+          f"MLflow run {run_id} at {redact(launch.env.tracking_uri)}")
     trainer = build_trainer(cfg, launch, name, mlflow_run_id=run_id)
     with tracking.run_status(run_id):
         result = trainer.fit()
@@ -136,7 +137,7 @@ def _log_completed_run(cfg: PipelineConfig, run_id: str, name: str, metrics: dic
 
 
 def _write_record(cfg: PipelineConfig, run_id: str, name: str, model_uri: str, uri: str) -> None:
-    record = {"run_id": run_id, "run_name": name, "model_uri": model_uri, "tracking_uri": uri}
+    record = {"run_id": run_id, "run_name": name, "model_uri": model_uri, "tracking_uri": redact(uri)}
     with atomic_file(cfg.train.run_record, "w") as handle:
         json.dump(record, handle, indent=2)
 

@@ -24,6 +24,13 @@ def test_repository_params_file_is_valid():
         ({"model": {"methd": "single"}}, "model.methd: unknown key"),
         ({"model": {"method": "bilinear"}}, "model.method"),
         ({"train": {"lr": -0.1}}, "train.lr"),
+        # names the workers would only fail on, after retries: refused at load, with the allowed values
+        ({"model": {"trunk": "resnet101"}}, "model.trunk: Input should be 'resnet18', 'resnet50' or 'tiny'"),
+        ({"model": {"decoder": "segformer"}}, "model.decoder: Input should be 'deeplabv3plus', 'pspnet'"),
+        # crops of 0 or fewer pixels used to train "successfully" on empty or 1-pixel crops
+        ({"train": {"crop_size": [0, 64]}}, "train.crop_size[0]"),
+        ({"train": {"crop_size": [64, -8]}}, "train.crop_size[1]"),
+        ({"ablation": {"crop_size": [0, 0]}}, "ablation.crop_size"),
         ({"evaluate": {"scale_sets": [[1.0], [0.5, 2.0]]}}, "evaluate.scale_sets[1] = [0.5, 2.0]"),
         (
             {"model": {"method": "explicit", "train_scales": [0.5, 1.0, 2.0]}, "evaluate": {"scale_sets": [[0.5, 1.0]]}},
@@ -100,3 +107,28 @@ def test_no_stage_lists_a_cluster_setting_as_a_param():
             assert param.split(".")[0] != "storage", (name, param)
             assert param != "mlflow", (name, param)  # only mlflow.experiment shapes where results are filed
     assert "address" not in cfg.ray.model_dump()
+
+
+def test_config_names_of_trunks_and_decoders_are_the_registries():
+    import typing
+
+    from components.config import DecoderName, TrunkName
+    from components.models.decoders import DECODERS
+    from components.models.trunks import TRUNKS
+
+    assert set(typing.get_args(TrunkName)) == set(TRUNKS)
+    assert set(typing.get_args(DecoderName)) == set(DECODERS)
+
+
+def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "params.yaml"
+    bad.write_text("model:\n  trunk: resnet101\n")
+    command = [sys.executable, "-m", "pipeline.prepare", "--params", str(bad)]
+    plain = subprocess.run(command, capture_output=True, text=True)
+    assert plain.returncode == 1 and "Traceback" not in plain.stderr
+    assert plain.stderr.startswith("error: invalid configuration in") and "model.trunk" in plain.stderr
+    debug = subprocess.run([*command, "--debug"], capture_output=True, text=True)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr

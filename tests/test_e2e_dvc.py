@@ -20,7 +20,8 @@ def test_dvc_repro_whole_pipeline(tmp_path):
     registration = json.loads((tmp_path / "results/register/registration.json").read_text())
     assert registration["promoted"] and registration["aliases"]["champion"] == registration["version"]
     assert yaml.safe_load((tmp_path / "results/tune/best.yaml").read_text())["settings"]
-    assert yaml.safe_load((tmp_path / "results/tune/eval_scales.yaml").read_text())["recommended"]
+    recommended = yaml.safe_load((tmp_path / "results/tune/eval_scales.yaml").read_text())["recommended"]
+    assert registration["served_scales"] == recommended["scales"]  # what is served is what the search picked
     assert json.loads((tmp_path / "results/eval/metrics.json").read_text())["0.5,1,2"]["miou"] >= 0
 
     again = dvc(tmp_path, "repro")  # nothing changed: nothing runs

@@ -98,3 +98,31 @@ def test_publish_once_never_overwrites(tmp_path):
     (source / "manifest.json").write_text("second")
     assert Storage().publish_once(source, target) is False
     assert Path(target, "manifest.json").read_text() == "first"
+
+
+def test_redaction_masks_uri_credentials_and_secret_variables():
+    from components.redact import redact
+
+    env = {"AWS_SECRET_ACCESS_KEY": "fake-secret-KEY-123", "MLFLOW_TRACKING_PASSWORD": "hunter22"}
+    text = ("MLFLOW_TRACKING_URI = http://alice:hunter22@mlflow:5000: no server; "
+            "s3://bucket/prefix with fake-secret-KEY-123 and postgresql://u:p%40ss@db/x")
+    masked = redact(text, env)
+    for secret in ("hunter22", "alice", "fake-secret-KEY-123", "p%40ss"):
+        assert secret not in masked
+    assert "http://***@mlflow:5000" in masked and "s3://bucket/prefix" in masked
+    assert redact("http://mlflow:5000/path?x=1", {}) == "http://mlflow:5000/path?x=1"  # nothing to hide
+
+
+def test_a_bad_tracking_uri_with_credentials_is_reported_without_them(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.services import python_env
+    from tests.train_helpers import tiny_pyramid, write_params
+
+    params = write_params(tmp_path, tiny_pyramid(tmp_path / "data", train_images=2, val_images=1))
+    done = subprocess.run([sys.executable, "-m", "pipeline.train", "--params", str(params)], capture_output=True,
+                          text=True, env=python_env(MLFLOW_TRACKING_URI="http://alice:hunter22@127.0.0.1:9"),
+                          cwd=tmp_path)
+    assert done.returncode == 1 and "127.0.0.1:9" in done.stderr, done.stderr[-2000:]
+    assert "hunter22" not in done.stderr + done.stdout and "alice" not in done.stderr + done.stdout
