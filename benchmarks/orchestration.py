@@ -44,7 +44,7 @@ def train_epochs(settings: dict) -> list[float]:
     from torch.utils.data import DataLoader
 
     from components.config import validate_config
-    from components.data.dataset import PyramidTrainDataset
+    from components.data.dataset import PyramidTrainDataset, loader_settings
     from components.data.pyramid import PyramidReader
     from components.models import build_model
     from components.training import autocast_dtype, build_optimizer, train_one_epoch
@@ -63,7 +63,7 @@ def train_epochs(settings: dict) -> list[float]:
     dataset = PyramidTrainDataset(PyramidReader(settings["pyramid"]), "train", cfg.model.train_scales,
                                   tuple(cfg.train.crop_size), cfg.loader)
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
-                        num_workers=cfg.loader.workers, persistent_workers=cfg.loader.workers > 0)
+                        **loader_settings(cfg.loader, settings["cpus"]))
     if in_ray:
         loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
     world = ray.train.get_context().get_world_size() if in_ray else 1
@@ -94,7 +94,7 @@ def ray_fit(params: dict, pyramid: str, workers: int, cpus: int, storage: str) -
 
     record = Path(storage) / f"epochs-{workers}.json"
     trainer = TorchTrainer(loop, train_loop_config={"params": params, "pyramid": pyramid, "in_ray": True,
-                                                    "record": str(record)},
+                                                    "record": str(record), "cpus": cpus},
                            scaling_config=ray.train.ScalingConfig(num_workers=workers,
                                                                   resources_per_worker={"CPU": cpus}),
                            run_config=ray.train.RunConfig(storage_path=storage, name=f"bench-{workers}"))
@@ -115,7 +115,7 @@ def run(params_file: str, epochs: int, images: int) -> dict:
         pyramid = _pyramid(cfg, Path(tmp), images)
         torch.set_num_threads(cpus)
         start = time.perf_counter()
-        plain_epochs = train_epochs({"params": params, "pyramid": pyramid, "in_ray": False})
+        plain_epochs = train_epochs({"params": params, "pyramid": pyramid, "in_ray": False, "cpus": cpus})
         plain = time.perf_counter() - start
         ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
         try:

@@ -109,7 +109,7 @@ def efficiency(cfg: PipelineConfig, steps: int) -> dict:
 def data_path(cfg: PipelineConfig, consumed_images_per_s: float, batches: int = 12) -> dict:
     from torch.utils.data import DataLoader
 
-    from components.data.dataset import PyramidTrainDataset
+    from components.data.dataset import PyramidTrainDataset, loader_settings
     from components.data.prepare import prepare_dataset
     from components.data.pyramid import PyramidReader, build_pyramid
     from components.data.readers import read_cityscapes
@@ -124,8 +124,8 @@ def data_path(cfg: PipelineConfig, consumed_images_per_s: float, batches: int = 
         build_pyramid(root / "raw", cfg.pyramid.scales, cfg.pyramid.shard_size, Storage(), str(root / "pyramid"))
         dataset = PyramidTrainDataset(PyramidReader(str(root / "pyramid")), "train", cfg.model.train_scales,
                                       tuple(cfg.train.crop_size), cfg.loader)
-        loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, num_workers=cfg.loader.workers,
-                            persistent_workers=cfg.loader.workers > 0)
+        settings = loader_settings(cfg.loader, torch.get_num_threads())
+        loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, **settings)
         iterator, seen = iter(loader), 0
         next(iterator)  # workers started before timing
         start = time.perf_counter()
@@ -135,9 +135,9 @@ def data_path(cfg: PipelineConfig, consumed_images_per_s: float, batches: int = 
             except StopIteration:
                 iterator = iter(loader)
         rate = seen / (time.perf_counter() - start)
-    print(f"  loader ({cfg.loader.workers} workers): {rate:.1f} samples/s; training consumes "
+    print(f"  loader ({settings['num_workers']} workers): {rate:.1f} samples/s; training consumes "
           f"{consumed_images_per_s:.1f} -> {rate / consumed_images_per_s:.1f}x")
-    return {"loader_workers": cfg.loader.workers, "loader_samples_per_s": rate,
+    return {"loader_workers": settings["num_workers"], "loader_samples_per_s": rate,
             "training_images_per_s": consumed_images_per_s, "ratio": rate / consumed_images_per_s}
 
 

@@ -161,7 +161,9 @@ class LoaderConfig(Section):
     hue: float = Field(0.02, ge=0, le=0.5)
     photometric_probability: float = Field(0.8, ge=0, le=1)
     class_uniform: float = Field(0.0, ge=0, le=1)  # share of samples drawn by rare-class sampling
-    workers: int = Field(1, ge=0)
+    # loader processes per training worker; auto: one fewer than the worker's CPUs, at most 4
+    # (the training threads keep the rest), and 0 on a single CPU
+    workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
 
 
 class EvaluateConfig(Section):

@@ -24,6 +24,7 @@ from components.config import PipelineConfig
 from components.data.classes import CITYSCAPES_CLASSES, palette
 from components.data.dataset import to_tensor
 from components.data.images import read_image
+from components.data.pyramid import image_levels
 from components.data.readers import IMAGE_SUFFIXES
 from pipeline.common import run_stage
 from pipeline.model_source import load_model
@@ -44,6 +45,14 @@ def list_images(inputs: list[str]) -> list[Path]:
 
 
 OUTPUT_SUFFIXES = ("_label.png", "_overlay.png")
+
+
+@torch.no_grad()
+def predict_labels(model, image: np.ndarray, scales: list[float]) -> np.ndarray:
+    """The label map (H x W uint8) of one RGB image: its scale levels made as the pyramid makes
+    them (image_levels), so a prediction sees what evaluation saw."""
+    inputs = {s: to_tensor(level)[None] for s, level in image_levels(image, scales).items()}
+    return model(inputs, scales).fused.argmax(1)[0].numpy().astype(np.uint8)
 
 
 def check_outputs(images: list[Path], output: Path, overwrite: bool) -> None:
@@ -76,8 +85,7 @@ def predict(model, images: list[Path], scales: list[float], output: Path, colors
     pal = palette([tuple(c) for c in colors])
     written = []
     for path, image in zip(images, decoded):
-        with torch.no_grad():
-            label = model(to_tensor(image)[None], scales).fused.argmax(1)[0].numpy().astype(np.uint8)
+        label = predict_labels(model, image, scales)
         label_png = Image.fromarray(label, "P")
         label_png.putpalette(pal.flatten().tolist())
         _save_png(label_png, output / f"{path.stem}_label.png")

@@ -40,6 +40,7 @@ class MultiScaleSegmentationModel(PythonModel):
     def predict(self, context, model_input, params: dict | None = None) -> list[np.ndarray]:
         from components.data.dataset import to_tensor
         from components.data.images import decode_image
+        from components.data.pyramid import image_levels
 
         scales = (params or {}).get("scales") or self.scales
         try:
@@ -51,7 +52,9 @@ class MultiScaleSegmentationModel(PythonModel):
         labels = []
         with torch.no_grad():
             for image in images:  # one at a time: images of a request may differ in size
-                labels.append(self.model(to_tensor(image)[None], scales).fused.argmax(1)[0].to(torch.uint8).numpy())
+                # the scale levels as the pyramid makes them, so the served model sees what evaluation saw
+                inputs = {s: to_tensor(level)[None] for s, level in image_levels(image, scales).items()}
+                labels.append(self.model(inputs, scales).fused.argmax(1)[0].to(torch.uint8).numpy())
         return labels
 
     def trained_scales(self) -> list[float]:

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from components.config import PipelineConfig, validate_config
-from components.data.dataset import PyramidEvalDataset, PyramidTrainDataset
+from components.data.dataset import PyramidEvalDataset, PyramidTrainDataset, loader_settings
 from components.data.pyramid import PyramidReader
 from components.models import build_model
 from components.models.saved import WEIGHTS_FILE, write_model_files
@@ -68,7 +68,7 @@ def _loaders(cfg: PipelineConfig, rank: int, world: int, pyramid_uri: str):
     reader = PyramidReader(pyramid_uri, Environment.from_environ().storage(pyramid_uri))
     train_set = PyramidTrainDataset(reader, "train", cfg.model.train_scales, cfg.train.crop_size, cfg.loader,
                                     seed=cfg.train.seed + rank)
-    loader_args = dict(num_workers=cfg.loader.workers, persistent_workers=cfg.loader.workers > 0)
+    loader_args = loader_settings(cfg.loader, cfg.ray.cpus_per_worker, ray.train.torch.get_device().type)
     train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
                               **loader_args)
     # DistributedSampler shards the training set; it is not used for validation because it pads

@@ -84,9 +84,22 @@ def test_train_crops_are_aligned_across_scales(pyramid):
 def test_eval_dataset_and_class_uniform_sampling(pyramid):
     reader = PyramidReader(str(pyramid / "pyramid"))
     ds = PyramidEvalDataset(reader, "val", [0.25, 0.75, 1.0])
-    assert ds.scales == [0.25, 1.0]  # 0.75 is not stored: the model resizes it on the fly
-    assert ds[0]["images"][1.0].shape == (3, 64, 96)
+    # 0.75 is not stored: it is made from the 1.0 level with the pyramid's own resize
+    assert ds.scales == [0.25, 0.75, 1.0] and ds.stored == [0.25, 1.0]
+    assert ds[0]["images"][1.0].shape == (3, 64, 96) and ds[0]["images"][0.75].shape == (3, 48, 72)
     entries = [{"classes": [0]}] * 9 + [{"classes": [0, 5]}]
     order = class_uniform_order(entries, 19, 1.0, np.random.default_rng(0))
     assert (order == 9).mean() > 0.3  # the only image with class 5 is drawn about half the time
     assert (class_uniform_order(entries, 19, 0.0, np.random.default_rng(0)) == np.arange(10)).all()
+
+
+def test_loader_processes_and_pinned_memory_are_sized_from_the_machine():
+    from components.config import LoaderConfig
+    from components.data.dataset import loader_settings
+
+    auto = LoaderConfig()
+    assert loader_settings(auto, cpus=1)["num_workers"] == 0  # a loader process would take the only CPU
+    assert loader_settings(auto, cpus=2) == {"num_workers": 1, "persistent_workers": True, "pin_memory": False}
+    assert loader_settings(auto, cpus=16, device_type="cuda")["num_workers"] == 4
+    assert loader_settings(auto, cpus=16, device_type="cuda")["pin_memory"] is True
+    assert loader_settings(LoaderConfig(workers=0), cpus=8)["num_workers"] == 0

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 from PIL import Image
 
 from components.models import build_model, save_model
@@ -53,3 +54,43 @@ def test_an_unreadable_input_stops_the_run_before_anything_is_written(tmp_path):
     done = predict(tmp_path, params, tmp_path / "a")
     assert done.returncode == 1 and "zz-broken.png: unreadable image" in done.stderr, done.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_predict_and_the_served_model_see_what_evaluate_saw(tmp_path):
+    """On the val split at every default scale set, the label maps of `predict` and of the pyfunc
+    model give exactly evaluate's confusion matrix: the scale levels are made the same way."""
+    import io
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from components.config import load_config
+    from components.data.dataset import PyramidEvalDataset
+    from components.data.pyramid import PyramidReader
+    from components.evaluation import evaluate_shard
+    from components.metrics import ConfusionMatrix
+    from components.models import load_saved_model
+    from pipeline.predict import predict_labels
+    from pipeline.serving_model import MultiScaleSegmentationModel
+    from tests.dvc_helpers import ROOT
+    from tests.train_helpers import tiny_pyramid
+
+    reader = PyramidReader(str(tiny_pyramid(tmp_path, train_images=1, val_images=3) / "pyramid"))
+    cfg = tiny_model_config(num_classes=19)
+    save_model(build_model(cfg).eval(), cfg, tmp_path / "model")
+    model, _ = load_saved_model(tmp_path / "model")
+    served = MultiScaleSegmentationModel()
+    served.load_context(SimpleNamespace(artifacts={"model_dir": str(tmp_path / "model")}, model_config={}))
+    for scales in load_config(ROOT / "params.yaml").evaluate.scale_sets:
+        dataset = PyramidEvalDataset(reader, "val", scales)
+        (evaluated,) = evaluate_shard(model, dataset, list(range(len(dataset))), [scales], 19, batch_size=4)
+        by_predict, by_pyfunc = ConfusionMatrix(19), ConfusionMatrix(19)
+        for index in range(len(dataset)):
+            image, label = reader.read("val", index, [1.0])[1.0]
+            by_predict.update(torch.from_numpy(predict_labels(model, image, scales)), torch.from_numpy(label))
+            png = io.BytesIO()
+            Image.fromarray(image).save(png, format="PNG")
+            (served_label,) = served.predict(None, pd.DataFrame({"image": [png.getvalue()]}), {"scales": scales})
+            by_pyfunc.update(torch.from_numpy(served_label), torch.from_numpy(label))
+        assert np.array_equal(by_predict.matrix.numpy(), evaluated["matrix"]), scales
+        assert np.array_equal(by_pyfunc.matrix.numpy(), evaluated["matrix"]), scales

@@ -16,10 +16,17 @@ import torch
 from torch.utils.data import Dataset
 
 from components.config import LoaderConfig
-from components.data.pyramid import PyramidReader
+from components.data.pyramid import PyramidReader, image_levels
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
 STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+
+
+def loader_settings(cfg: LoaderConfig, cpus: float, device_type: str = "cpu") -> dict:
+    """DataLoader arguments sized from the machine: loader processes from `loader.workers` (auto:
+    from the CPUs a training worker has) and pinned memory when batches go to a GPU."""
+    workers = max(0, min(4, int(cpus) - 1)) if cfg.workers == "auto" else cfg.workers
+    return {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": device_type == "cuda"}
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -116,8 +123,10 @@ class PyramidTrainDataset(Dataset):
 
 
 class PyramidEvalDataset(Dataset):
-    """Whole images of a split at the pyramid levels it has among `scales` (others are resized by
-    the model). Yields {"images": {scale: 3xHxW}, "label": HxW int64 at 1.0, "index": int}."""
+    """Whole images of a split at every scale of `scales` (and 1.0): the stored pyramid levels, and
+    the others made from the 1.0 level with the pyramid's own resize (image_levels), so the model
+    sees what `predict` and the served model give it. Yields {"images": {scale: 3xHxW},
+    "label": HxW int64 at 1.0, "index": int}."""
 
     def __init__(self, reader: PyramidReader, split: str, scales: list[float]):
         self.reader, self.split = reader, split
@@ -125,15 +134,19 @@ class PyramidEvalDataset(Dataset):
         if not self.entries:
             raise ValueError(f"split {split!r} of the pyramid at {reader.root} is empty")
         stored = {round(s, 6) for s in reader.scales}
-        self.scales = sorted({1.0, *[s for s in scales if round(s, 6) in stored]})
+        self.scales = sorted({1.0, *scales})
+        self.stored = [s for s in self.scales if round(s, 6) in stored]
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict:
-        levels = self.reader.read(self.split, index, self.scales)
+        levels = self.reader.read(self.split, index, self.stored)
+        images = {s: levels[s][0] for s in self.stored}
+        missing = [s for s in self.scales if s not in images]
+        images.update(image_levels(images[1.0], missing))
         return {
-            "images": {s: to_tensor(levels[s][0]) for s in self.scales},
+            "images": {s: to_tensor(images[s]) for s in self.scales},
             "label": torch.from_numpy(levels[1.0][1].astype(np.int64)),
             "index": index,
         }

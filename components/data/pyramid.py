@@ -32,6 +32,12 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
+def image_levels(image: np.ndarray, scales: list[float]) -> dict[float, np.ndarray]:
+    """The image (H x W x 3 uint8, its 1.0 level) at each scale exactly as a pyramid stores it: the
+    one resize definition for the pyramid, evaluation's missing levels, predict and the served model."""
+    return {s: resize_image(image, scaled_size(image.shape[:2], s)) for s in scales}
+
+
 def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     h, w = size
     if (h, w) == label.shape[:2]:
