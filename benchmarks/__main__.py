@@ -63,6 +63,12 @@ def summary(results: dict) -> str:
     if "bf16" in eff:
         lines.append(f"| training bf16 over fp32 speed | faster where the hardware has bf16 | "
                      f"{eff['bf16_speedup']:.2f}x ({eff['bf16']['fraction_of_matmul']:.2f} of bf16 matmul) |")
+    compiled = eff.get("compile", {})
+    if "speedup" in compiled:
+        pays = (f"pays after {compiled['break_even_steps']:.0f} steps" if compiled["break_even_steps"]
+                else "never pays")
+        lines.append(f"| torch.compile of the training step ({compiled['precision']}) | where it pays | "
+                     f"{compiled['speedup']:.2f}x per step, {compiled['compile_s']:.0f} s to compile, {pays} |")
     lines.append(f"| two Ray Train workers over one (same global batch, same CPUs) | (reported) | "
                  f"{orch['two_over_one_workers_speedup']:.2f}x |")
     lines.append(f"| pyfunc model over direct call, {inf['pyfunc']['scales']} | (reported) | "

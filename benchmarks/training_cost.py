@@ -103,6 +103,29 @@ def efficiency(cfg: PipelineConfig, steps: int) -> dict:
               f"-> {flops / step / peak:.2f}")
     if "bf16" in result:
         result["bf16_speedup"] = result["fp32"]["median_step_s"] / result["bf16"]["median_step_s"]
+    result["compile"] = compile_gain(model, size, batch, steps, "bf16" if "bf16" in result else "fp32", result)
+    return result
+
+
+def compile_gain(model, size, batch: int, steps: int, precision: str, measured: dict) -> dict:
+    """torch.compile of the training step at the fastest precision: (median step, compile seconds);
+    it pays when the saving per step times the steps of a run exceeds the compile time."""
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    try:
+        timings = time_training_steps(model, size, batch, steps + 2, warmup=0, dtype=dtype, wrap=torch.compile)
+    except Exception as err:  # a missing C++ compiler, an unsupported op: reported, not fatal
+        print(f"  torch.compile: not measured ({type(err).__name__}: {str(err)[:200]})")
+        return {"error": f"{type(err).__name__}: {str(err)[:500]}"}
+    step = median(timings[2:])
+    eager = measured[precision]["median_step_s"]
+    compile_seconds = timings[0] - step
+    saving = eager - step
+    result = {"precision": precision, "eager_step_s": eager, "compiled_step_s": step, "speedup": eager / step,
+              "compile_s": compile_seconds,
+              "break_even_steps": compile_seconds / saving if saving > 0 else None}
+    print(f"  torch.compile ({precision}): {step:.3f} s/step against {eager:.3f} eager ({eager / step:.2f}x), "
+          f"compile {compile_seconds:.0f} s" + (f", pays after {result['break_even_steps']:.0f} steps"
+                                                if saving > 0 else ", never pays"))
     return result
 
 

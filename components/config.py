@@ -142,6 +142,8 @@ class PrepareConfig(Section):
     source: str | None = None  # the raw dataset's directory (unused for synthetic)
     output: LocalPath = "data/raw/synthetic"
     on_bad_sample: Literal["error", "skip"] = "error"
+    # images or labels whose header declares more pixels are refused before decoding
+    max_pixels: int = Field(40_000_000, gt=0)
     synthetic: SyntheticConfig = SyntheticConfig()
 
 

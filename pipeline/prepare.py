@@ -30,7 +30,8 @@ def main(cfg: PipelineConfig) -> None:
             reader = open_dataset(pc.dataset, pc.source)
             source_info = {"path": pc.source}
         with tqdm(total=len(reader.samples), desc="prepare", unit="img") as bar:
-            manifest = prepare_dataset(reader, pc.output, pc.on_bad_sample, progress=bar, source_info=source_info)
+            manifest = prepare_dataset(reader, pc.output, pc.on_bad_sample, progress=bar, source_info=source_info,
+                                       max_pixels=pc.max_pixels)
     counts = {split: len(ids) for split, ids in manifest["splits"].items()}
     print(f"prepared {reader.name} into {pc.output}: {counts}, {manifest['skipped']} skipped")
     if manifest["skipped"]:

@@ -56,7 +56,44 @@ def duplicate_id(root):
     return "duplicate sample id 'testcity_000000_000000'", "duplicate"
 
 
-@pytest.mark.parametrize("damage", [corrupt_image, wrong_size_label, unknown_label_id, missing_label, duplicate_id])
+def negative_label(root):
+    label = np.array(Image.open(label_path(root))).astype(np.int32)
+    label[2, 2] = -3  # a 32-bit label image (TIFF data): -3 would wrap to 253 when cast to 8 bits
+    Image.fromarray(label).save(label_path(root), format="TIFF")
+    return str(label_path(root)), "label values down to -3 are below 0"
+
+
+def huge_declared_image(root):
+    """A small PNG whose header declares 13000 x 13000 pixels: refused before decoding."""
+    import struct
+    import zlib
+
+    data = bytearray(image_path(root).read_bytes())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", 13000, 13000)
+    crc = zlib.crc32(bytes(data[ihdr:ihdr + 17]))
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", crc)
+    image_path(root).write_bytes(bytes(data))
+    return str(image_path(root)), "declares 13000x13000 pixels, more than prepare.max_pixels"
+
+
+def fifo_as_image(root):
+    image_path(root).unlink()
+    os.mkfifo(image_path(root))  # opening it to read would block for ever
+    return str(image_path(root)), "image is not a regular file"
+
+
+def image_mode_without_conversion(root):
+    Image.fromarray(np.zeros(np.array(Image.open(label_path(root))).shape, np.float32)).save(
+        image_path(root).with_suffix(".tif"))
+    image_path(root).unlink()
+    image_path(root).with_suffix(".tif").rename(image_path(root))
+    return str(image_path(root)), "image mode F is not supported"
+
+
+@pytest.mark.parametrize("damage", [corrupt_image, wrong_size_label, unknown_label_id, missing_label, duplicate_id,
+                                    negative_label, huge_declared_image, fifo_as_image,
+                                    image_mode_without_conversion])
 def test_bad_sample_is_named_and_nothing_is_written(tmp_path, damage):
     root = write_cityscapes(tmp_path / "cs")
     where, what = damage(root)
@@ -120,3 +157,53 @@ def test_interrupted_stage_leaves_no_output(tmp_path):
                    capture_output=True)
     assert (out / "manifest.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".raw.tmp-")]
+
+
+def test_16_bit_grayscale_images_are_converted_faithfully(tmp_path):
+    root = write_cityscapes(tmp_path / "cs")
+    shape = np.array(Image.open(label_path(root))).shape
+    ramp = np.linspace(0, 65535, shape[0] * shape[1]).reshape(shape).astype(np.uint16)
+    Image.fromarray(ramp).save(image_path(root))
+    prepare_dataset(open_dataset("cityscapes", root), tmp_path / "out")
+    converted = np.array(Image.open(next((tmp_path / "out" / "images" / "train").glob("*000000.png"))))
+    # PIL's own conversion clips such an image to two values; here the ramp keeps its 256 levels
+    assert len(np.unique(converted)) > 200 and converted.max() == 255 and converted.min() == 0
+
+
+def write_voc(root, ids):
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "JPEGImages").mkdir()
+    (root / "SegmentationClass").mkdir()
+    for split, names in ids.items():
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(names) + "\n")
+    for name in ["a", "b"]:
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "JPEGImages" / f"{name}.jpg")
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / "SegmentationClass" / f"{name}.png")
+
+
+def test_ids_from_a_dataset_list_cannot_escape_the_dataset_or_the_output(tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(outside / "x.jpg")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(outside / "x.png")
+    write_voc(tmp_path / "voc", {"train": ["a", "../../elsewhere/x"], "val": ["b"]})
+    with pytest.raises(BadSampleError, match="points outside the dataset root"):
+        prepare_dataset(open_dataset("voc", tmp_path / "voc"), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in outside.iterdir()) == ["x.jpg", "x.png"]
+    manifest = prepare_dataset(open_dataset("voc", tmp_path / "voc"), tmp_path / "out", on_bad_sample="skip")
+    assert manifest["splits"]["train"] == ["a"] and manifest["skipped"] == 1
+
+
+def test_a_dataset_without_a_train_split_is_refused(tmp_path):
+    write_voc(tmp_path / "voc", {"val": ["a", "b"]})
+    with pytest.raises(ValueError, match="no train split"):
+        prepare_dataset(open_dataset("voc", tmp_path / "voc"), tmp_path / "out")
+
+
+def test_a_stray_file_where_a_split_folder_belongs_is_named(tmp_path):
+    root = tmp_path / "folder"
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "images" / "notes.txt").write_text("not a split")
+    (root / "classes.txt").write_text("road\ncar\n")
+    with pytest.raises(ValueError, match="notes.txt is not a split folder"):
+        open_dataset("folder", root)

@@ -94,3 +94,17 @@ def test_predict_and_the_served_model_see_what_evaluate_saw(tmp_path):
             by_pyfunc.update(torch.from_numpy(served_label), torch.from_numpy(label))
         assert np.array_equal(by_predict.matrix.numpy(), evaluated["matrix"]), scales
         assert np.array_equal(by_pyfunc.matrix.numpy(), evaluated["matrix"]), scales
+
+
+def test_an_image_declaring_a_huge_size_is_refused_before_decoding():
+    import io
+
+    import pytest
+
+    from components.data.images import decode_image
+
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png, format="PNG")
+    with pytest.raises(ValueError, match="row 0: image declares 8x8 pixels, more than 10"):
+        decode_image(png.getvalue(), "row 0", max_pixels=10)
+    assert decode_image(png.getvalue(), "row 0").shape == (8, 8, 3)

@@ -12,11 +12,24 @@ import numpy as np
 from PIL import Image
 
 
-def decode_image(data: bytes, name: str) -> np.ndarray:
-    """Encoded image bytes -> H x W x 3 uint8 RGB; ValueError naming `name` when undecodable."""
+MAX_PIXELS = 40_000_000  # as prepare.max_pixels: a small file may declare a huge image
+
+
+class ImageTooLarge(ValueError):
+    """The header declares more pixels than allowed; nothing was decoded."""
+
+
+def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes -> H x W x 3 uint8 RGB; ValueError naming `name` when undecodable or
+    when its header declares more than `max_pixels` (checked before decoding)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageTooLarge(f"{name}: image declares {width}x{height} pixels, more than {max_pixels}")
             return np.asarray(image.convert("RGB"))
+    except ImageTooLarge:
+        raise
     except Exception as err:  # PIL raises many types for unreadable data
         raise ValueError(f"{name}: unreadable image ({type(err).__name__}: {err})") from None
 

@@ -26,23 +26,55 @@ class BadSampleError(ValueError):
     """A sample that cannot be used; the message names the file and the problem."""
 
 
-def _open_image(path: Path, what: str) -> Image.Image:
+DEFAULT_MAX_PIXELS = 40_000_000
+# Image modes PIL converts to RGB faithfully; 16- and 32-bit grayscale are scaled to 8 bits here.
+RGB_CONVERTIBLE = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "La", "RGBa"}
+WIDE_GRAY = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I": None}
+
+
+def _open_image(path: Path, what: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and decode, after checking it is a regular file and its header's size is within
+    `max_pixels` (a small file can declare a huge image: it is refused before decoding)."""
+    if not path.exists():
+        raise BadSampleError(f"{path}: {what} file is missing")
+    if not path.is_file():  # a FIFO or device would block or stream for ever
+        raise BadSampleError(f"{path}: {what} is not a regular file")
     try:
         image = Image.open(path)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise BadSampleError(f"{path}: {what} declares {width}x{height} pixels, more than "
+                                 f"prepare.max_pixels = {max_pixels}")
         image.load()
         return image
-    except FileNotFoundError:
-        raise BadSampleError(f"{path}: {what} file is missing") from None
+    except BadSampleError:
+        raise
     except Exception as err:  # PIL raises many types for corrupt files
         raise BadSampleError(f"{path}: unreadable {what} ({type(err).__name__}: {err})") from None
 
 
-def convert_sample(sample: RawSample, lookup: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def to_rgb(image: Image.Image, path: Path) -> np.ndarray:
+    """H x W x 3 uint8, converted faithfully: 16/32-bit grayscale is scaled to 0..255 (PIL's own
+    conversion clips it to two values); modes without a faithful conversion are refused."""
+    if image.mode in WIDE_GRAY:
+        values = np.asarray(image).astype(np.float64)
+        top = WIDE_GRAY[image.mode] or max(float(values.max(initial=0)), 1.0)
+        if values.min(initial=0) < 0:
+            raise BadSampleError(f"{path}: image mode {image.mode} with negative values")
+        gray = np.clip(np.round(values * 255.0 / top), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode not in RGB_CONVERTIBLE:
+        raise BadSampleError(f"{path}: image mode {image.mode} is not supported (use 8-bit RGB or grayscale)")
+    return np.asarray(image.convert("RGB"))
+
+
+def convert_sample(sample: RawSample, lookup: np.ndarray,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray]:
     """Decode and check one sample; returns (RGB uint8 image, uint8 class-index label)."""
     if sample.label_path is None:
         raise BadSampleError(f"{sample.image_path}: no label file for sample {sample.sample_id!r}")
-    image = np.asarray(_open_image(sample.image_path, "image").convert("RGB"))
-    label_image = _open_image(sample.label_path, "label")
+    image = to_rgb(_open_image(sample.image_path, "image", max_pixels), sample.image_path)
+    label_image = _open_image(sample.label_path, "label", max_pixels)
     if label_image.mode not in ("L", "P", "I", "I;16"):
         raise BadSampleError(f"{sample.label_path}: label must be single-channel (L or P), got mode {label_image.mode}")
     raw = np.asarray(label_image)
@@ -53,6 +85,8 @@ def convert_sample(sample: RawSample, lookup: np.ndarray) -> tuple[np.ndarray, n
         )
     if raw.max(initial=0) > 255:
         raise BadSampleError(f"{sample.label_path}: label values up to {raw.max()} exceed 255")
+    if raw.min(initial=0) < 0:  # would wrap around into real classes when cast to 8 bits
+        raise BadSampleError(f"{sample.label_path}: label values down to {raw.min()} are below 0")
     mapped = lookup[raw.astype(np.uint8)]
     undefined = np.unique(raw[mapped < 0])
     if undefined.size:
@@ -76,8 +110,21 @@ def _duplicates(samples: list[RawSample]) -> dict[int, str]:
     return problems
 
 
+def _check_paths(sample: RawSample, root: Path | None, output: Path) -> None:
+    """A sample's files lie inside the dataset root, and its id names a file inside the output
+    folder (an id like '../x' from a dataset's own list would write outside it)."""
+    if root is not None:
+        for path in (sample.image_path, sample.label_path):
+            if path is not None and not path.resolve().is_relative_to(root.resolve()):
+                raise BadSampleError(f"{path}: sample {sample.sample_id!r} points outside the dataset root {root}")
+    for name, what in ((sample.sample_id, "sample id"), (sample.split, "split")):
+        if not name or name in (".", "..") or any(c in name for c in "/\\\0"):
+            raise BadSampleError(f"{sample.image_path}: {what} {name!r} is not a plain file name")
+
+
 def prepare_dataset(reader: DatasetReader, output: str | Path, on_bad_sample: str = "error",
-                    progress=None, source_info: dict | None = None) -> dict:
+                    progress=None, source_info: dict | None = None,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Convert every sample of `reader` into the canonical layout at `output`; returns the manifest."""
     if on_bad_sample not in ("error", "skip"):
         raise ValueError(f"prepare.on_bad_sample: expected 'error' or 'skip', got {on_bad_sample!r}")
@@ -93,7 +140,8 @@ def prepare_dataset(reader: DatasetReader, output: str | Path, on_bad_sample: st
             try:
                 if index in duplicates:
                     raise BadSampleError(duplicates[index])
-                image, label = convert_sample(sample, reader.lookup)
+                _check_paths(sample, reader.root, Path(output))
+                image, label = convert_sample(sample, reader.lookup, max_pixels)
             except BadSampleError as err:
                 if on_bad_sample == "error":
                     raise
@@ -110,6 +158,8 @@ def prepare_dataset(reader: DatasetReader, output: str | Path, on_bad_sample: st
             splits[sample.split].append(sample.sample_id)
             if sample.split == "train":
                 pixel_counts += np.bincount(label[label != IGNORE_INDEX].ravel(), minlength=num_classes)[:num_classes]
+        if "train" not in splits:
+            raise ValueError(f"{reader.name}: the dataset has no train split (it has {sorted(splits)})")
         empty = [name for name, ids in splits.items() if not ids]
         if empty:
             raise ValueError(f"{reader.name}: split(s) {empty} are empty after checking samples "

@@ -30,6 +30,7 @@ class DatasetReader:
     classes: ClassInfo
     lookup: np.ndarray
     samples: list[RawSample]
+    root: Path | None = None  # every sample's files must lie inside it (prepare refuses others)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -55,7 +56,7 @@ def read_cityscapes(root: str | Path, splits: tuple[str, ...] = ("train", "val")
             stem = image.name.removesuffix("_leftImg8bit.png")
             label = root / "gtFine" / split / image.parent.name / f"{stem}_gtFine_labelIds.png"
             samples.append(RawSample(stem, split, image, _existing(label)))
-    return DatasetReader("cityscapes", CITYSCAPES_CLASSES, cityscapes_lookup(), samples)
+    return DatasetReader("cityscapes", CITYSCAPES_CLASSES, cityscapes_lookup(), samples, root)
 
 
 # Mapillary class names (readable, lower case) that come in thin or small pieces.
@@ -84,7 +85,7 @@ def read_mapillary(root: str | Path) -> DatasetReader:
         for image in sorted((_require_dir(root / folder / "images", "mapillary")).glob("*.jpg")):
             label = root / folder / "labels" / f"{image.stem}.png"
             samples.append(RawSample(image.stem, split, image, _existing(label)))
-    return DatasetReader("mapillary", classes, lookup, samples)
+    return DatasetReader("mapillary", classes, lookup, samples, root)
 
 
 VOC_NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -115,7 +116,7 @@ def read_voc(root: str | Path) -> DatasetReader:
                                      _existing(root / "SegmentationClass" / f"{sid}.png")))
     thin = ["bicycle", "bird", "bottle", "chair", "pottedplant", "person"]
     classes = ClassInfo(VOC_NAMES, [_voc_colour(i) for i in range(21)], thin, [n for n in VOC_NAMES if n not in thin])
-    return DatasetReader("voc", classes, identity_lookup(21), samples)
+    return DatasetReader("voc", classes, identity_lookup(21), samples, root)
 
 
 def read_folder(root: str | Path) -> DatasetReader:
@@ -140,11 +141,13 @@ def read_folder(root: str | Path) -> DatasetReader:
             thin.append(parts[0])
     samples = []
     for split_dir in sorted(_require_dir(root / "images", "folder").iterdir()):
+        if not split_dir.is_dir():
+            raise ValueError(f"folder: {split_dir} is not a split folder (images/<split>/ holds only folders)")
         for image in sorted(p for p in split_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
             label = root / "masks" / split_dir.name / f"{image.stem}.png"
             samples.append(RawSample(image.stem, split_dir.name, image, _existing(label)))
     classes = ClassInfo(names, colours, thin, [n for n in names if n not in thin])
-    return DatasetReader("folder", classes, identity_lookup(len(names)), samples)
+    return DatasetReader("folder", classes, identity_lookup(len(names)), samples, root)
 
 
 READERS = {"cityscapes": read_cityscapes, "mapillary": read_mapillary, "voc": read_voc, "folder": read_folder}
