@@ -7,11 +7,16 @@ rename is atomic on one filesystem, so readers see either the old output or the 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+# Written into every directory output: a directory at an output path without it holds something
+# the pipeline did not write (a user's folder), which a stage must not delete.
+MARKER = ".hmsa-output"
 
 
 def remove_stale_temporaries(target: Path) -> None:
@@ -26,22 +31,83 @@ def remove_stale_temporaries(target: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def check_owned(target: Path, key: str | None = None, recognise=None) -> None:
+    """Refuse to replace `target` unless it is absent, an empty directory, or a directory this
+    pipeline wrote: it holds the marker file, or `recognise(target)` says it is one of ours (a saved
+    model is recognised by its files and carries no marker)."""
+    if not target.exists() and not target.is_symlink():
+        return
+    name = f"{key} = {target}" if key else str(target)
+    if not target.is_dir() or target.is_symlink():
+        raise FileExistsError(f"{name}: is a file, not an output directory of this pipeline; move it or choose "
+                              "another path")
+    ours = recognise(target) if recognise is not None else (target / MARKER).is_file()
+    if any(target.iterdir()) and not ours:
+        raise FileExistsError(f"{name}: holds files this pipeline did not write (no {MARKER} inside); move them "
+                              "or choose another path")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def replace_dir(source: Path, target: Path) -> None:
+    """Put the finished directory `source` at `target` without the path ever standing empty: the
+    two are exchanged atomically and the old one (now at `source`, a temporary name the next run
+    removes if we are killed here) deleted. Where the exchange is unsupported, the old output is
+    first renamed to such a temporary."""
+    source, target = Path(source), Path(target)
+    if not target.exists():
+        source.rename(target)
+        return
+    if _exchange(source, target):
+        shutil.rmtree(source, ignore_errors=True)
+        return
+    old = target.with_name(f".{target.name}.tmp-old-{os.getpid()}")
+    target.rename(old)
+    source.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory that replaces `target` only if the block succeeds."""
+def scratch_dir(target: str | Path, purpose: str) -> Iterator[Path]:
+    """A working directory next to `target`, named after it, removed at the end; the ones a killed
+    run left behind (same name pattern) are removed first."""
     target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.{purpose}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix=f".{target.name}.{purpose}-", dir=target.parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, key: str | None = None, recognise=None) -> Iterator[Path]:
+    """Yield a fresh temporary directory that replaces `target` only if the block succeeds.
+
+    `target` must be absent, empty, or an earlier output of this pipeline (check_owned; `key`
+    names the setting in the error); the new directory carries the marker unless `recognise`
+    identifies such outputs by their own files."""
+    target = Path(target)
+    check_owned(target, key, recognise)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
-        tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if recognise is None:
+            (tmp / MARKER).write_text("written by the HMSA pipeline; the stage that owns this path may replace it\n")
+        replace_dir(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

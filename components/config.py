@@ -7,8 +7,9 @@ anything runs, and its errors name the key path and the offending value.
 
 from __future__ import annotations
 
+import os
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -41,17 +42,17 @@ class Section(BaseModel):
 
 # The names of components.models.trunks.TRUNKS and decoders.DECODERS (a test keeps them equal):
 # named here so a wrong name fails at config load, listing the allowed ones, not inside a worker.
-TrunkName = Literal["resnet18", "resnet50", "tiny"]
-DecoderName = Literal["deeplabv3plus", "pspnet", "fcn", "unet"]
+TRUNK_NAMES = ("resnet18", "resnet50", "tiny")
+DECODER_NAMES = ("deeplabv3plus", "pspnet", "fcn", "unet")
 PositiveInt = Annotated[int, Field(gt=0)]
 CropSize = tuple[PositiveInt, PositiveInt]  # height, width in pixels
 
 
 class ModelConfig(Section):
     method: Literal["single", "avgpool", "maxpool", "explicit", "hierarchical"] = "hierarchical"
-    trunk: TrunkName = "resnet18"
+    trunk: str = "resnet18"  # one of TRUNK_NAMES (checked with the whole config)
     output_stride: Literal[8, 16] = 8
-    decoder: DecoderName = "deeplabv3plus"
+    decoder: str = "deeplabv3plus"  # one of DECODER_NAMES
     decoder_channels: int = Field(256, gt=0)
     attention_channels: int = Field(256, gt=0)
     num_classes: int = Field(19, gt=1)
@@ -277,9 +278,39 @@ def allowed_eval_scales_problem(method: str, train_scales: list[float], scales: 
     return None
 
 
+# Stage outputs: the directories a stage replaces as a whole, and the files and folders it writes.
+DIRECTORY_OUTPUTS = ("prepare.output", "pyramid.output", "train.output", "evaluate.output_dir")
+FILE_OUTPUTS = ("train.metrics", "train.curves", "train.run_record", "register.output", "tune.output_dir",
+                "ablation.output_dir")
+
+
+def _value(cfg: PipelineConfig, key: str) -> str:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def output_overlaps(cfg: PipelineConfig) -> list[str]:
+    """Pairs of outputs where one stage would replace or delete what another wrote: equal paths,
+    or any output inside a directory that a stage replaces as a whole."""
+    paths = {key: PurePosixPath(os.path.normpath(_value(cfg, key))) for key in DIRECTORY_OUTPUTS + FILE_OUTPUTS}
+    problems = []
+    keys = list(paths)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            pa, pb = paths[a], paths[b]
+            inside = (a in DIRECTORY_OUTPUTS and pa in pb.parents) or (b in DIRECTORY_OUTPUTS and pb in pa.parents)
+            if pa == pb or inside:
+                problems.append(f"{a} = {_value(cfg, a)} and {b} = {_value(cfg, b)} overlap: one stage would "
+                                "replace what the other wrote; give each its own path")
+    return problems
+
+
 def _consistency_problems(cfg: PipelineConfig) -> list[str]:
     model = cfg.model
-    problems = []
+    problems = output_overlaps(cfg)
+    for key, value, allowed in (("model.trunk", model.trunk, TRUNK_NAMES), ("model.decoder", model.decoder, DECODER_NAMES)):
+        if value not in allowed:
+            problems.append(f"{key}: unknown name {value!r}; expected one of {', '.join(allowed)}")
     if model.method in ("single", "avgpool", "maxpool") and model.train_scales != [1.0]:
         problems.append(
             f"model.train_scales = {model.train_scales}: method '{model.method}' trains at scale 1.0 only, "

@@ -12,6 +12,8 @@ import shutil
 import uuid
 from pathlib import Path
 
+from components.atomic import replace_dir
+
 
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
@@ -61,12 +63,7 @@ class Storage:
         """Move a finished local directory to `target`, replacing what was there."""
         target_path = Path(target)
         target_path.parent.mkdir(parents=True, exist_ok=True)
-        old = target_path.with_name(f".{target_path.name}.old")
-        if target_path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            target_path.rename(old)
-        Path(local_dir).rename(target_path)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(Path(local_dir), target_path)
 
     def publish_once(self, source_dir: Path, target: str, last: str = "manifest.json") -> bool:
         """Copy a local directory to `target` unless it is already there (content-addressed targets:

@@ -72,7 +72,7 @@ def main(cfg: PipelineConfig) -> None:
     reader = PyramidReader(cfg.pyramid.output)
     torch.set_grad_enabled(False)
     rows = evaluate_all(cfg, model, model_cfg, cfg.evaluate.scale_sets, cfg.evaluate.flip, attention=True)
-    with atomic_dir(cfg.evaluate.output_dir) as out:
+    with atomic_dir(cfg.evaluate.output_dir, key="evaluate.output_dir") as out:
         write_outputs(out, rows, model, model_cfg, reader, cfg.evaluate.pictures)
     experiment_id = tracking.setup_experiment(Environment.from_environ(), cfg.mlflow.experiment)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"evaluate-{model_cfg.method}",

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
 
+from components.atomic import scratch_dir
 from components.config import PipelineConfig
 from components.data.prepare import prepare_dataset
 from components.data.readers import open_dataset, read_cityscapes
@@ -17,7 +17,9 @@ from pipeline.common import run_stage
 
 def main(cfg: PipelineConfig) -> None:
     pc = cfg.prepare
-    with tempfile.TemporaryDirectory(prefix="synthetic-cityscapes-") as scratch:
+    # The generated dataset lives next to the output under a name the next run recognises, so one
+    # that a killed run left behind is removed (a system temporary folder would keep it).
+    with scratch_dir(pc.output, "generate") as scratch:
         if pc.dataset == "synthetic":
             sc = pc.synthetic
             splits = {"train": sc.train_images, "val": sc.val_images}

@@ -18,7 +18,7 @@ import torch
 from components.atomic import atomic_dir, atomic_file
 from components.config import PipelineConfig
 from components.data.pyramid import PyramidReader
-from components.models.saved import CONFIG_FILE, WEIGHTS_FILE
+from components.models.saved import CONFIG_FILE, WEIGHTS_FILE, is_saved_model
 from components.redact import redact
 from pipeline import cluster, tracking
 from pipeline.common import run_stage
@@ -51,7 +51,7 @@ def _write_outputs(cfg: PipelineConfig, result, use_gpu: bool) -> dict:
     best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda item: item[1]["val_miou"])
     with result.checkpoint.as_directory() as latest:
         history = torch.load(Path(latest) / STATE_FILE, map_location="cpu", weights_only=True)["history"]
-    with best_checkpoint.as_directory() as best, atomic_dir(cfg.train.output) as out:
+    with best_checkpoint.as_directory() as best, atomic_dir(cfg.train.output, key="train.output", recognise=is_saved_model) as out:
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             shutil.copy2(Path(best) / name, out / name)
     with atomic_file(cfg.train.curves, "w") as handle:

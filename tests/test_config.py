@@ -25,12 +25,18 @@ def test_repository_params_file_is_valid():
         ({"model": {"method": "bilinear"}}, "model.method"),
         ({"train": {"lr": -0.1}}, "train.lr"),
         # names the workers would only fail on, after retries: refused at load, with the allowed values
-        ({"model": {"trunk": "resnet101"}}, "model.trunk: Input should be 'resnet18', 'resnet50' or 'tiny'"),
-        ({"model": {"decoder": "segformer"}}, "model.decoder: Input should be 'deeplabv3plus', 'pspnet'"),
+        ({"model": {"trunk": "resnet101"}}, "model.trunk: unknown name 'resnet101'; expected one of resnet18, "
+                                            "resnet50, tiny"),
+        ({"model": {"decoder": "segformer"}}, "model.decoder: unknown name 'segformer'; expected one of deeplabv3plus"),
         # crops of 0 or fewer pixels used to train "successfully" on empty or 1-pixel crops
         ({"train": {"crop_size": [0, 64]}}, "train.crop_size[0]"),
         ({"train": {"crop_size": [64, -8]}}, "train.crop_size[1]"),
         ({"ablation": {"crop_size": [0, 0]}}, "ablation.crop_size"),
+        # outputs that overlap: one stage would wipe what another wrote
+        ({"pyramid": {"output": "data/raw/synthetic"}}, "prepare.output = data/raw/synthetic and pyramid.output"),
+        ({"train": {"metrics": "data/pyramid/synthetic/metrics.json"}}, "pyramid.output = data/pyramid/synthetic "
+                                                                        "and train.metrics"),
+        ({"evaluate": {"output_dir": "models/model/eval"}}, "train.output = models/model and evaluate.output_dir"),
         ({"evaluate": {"scale_sets": [[1.0], [0.5, 2.0]]}}, "evaluate.scale_sets[1] = [0.5, 2.0]"),
         (
             {"model": {"method": "explicit", "train_scales": [0.5, 1.0, 2.0]}, "evaluate": {"scale_sets": [[0.5, 1.0]]}},
@@ -110,14 +116,11 @@ def test_no_stage_lists_a_cluster_setting_as_a_param():
 
 
 def test_config_names_of_trunks_and_decoders_are_the_registries():
-    import typing
-
-    from components.config import DecoderName, TrunkName
+    from components.config import DECODER_NAMES, TRUNK_NAMES
     from components.models.decoders import DECODERS
     from components.models.trunks import TRUNKS
 
-    assert set(typing.get_args(TrunkName)) == set(TRUNKS)
-    assert set(typing.get_args(DecoderName)) == set(DECODERS)
+    assert set(TRUNK_NAMES) == set(TRUNKS) and set(DECODER_NAMES) == set(DECODERS)
 
 
 def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):

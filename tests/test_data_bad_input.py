@@ -207,3 +207,49 @@ def test_a_stray_file_where_a_split_folder_belongs_is_named(tmp_path):
     (root / "classes.txt").write_text("road\ncar\n")
     with pytest.raises(ValueError, match="notes.txt is not a split folder"):
         open_dataset("folder", root)
+
+
+def test_a_folder_the_pipeline_did_not_write_is_never_replaced(tmp_path):
+    from components.data.pyramid import build_pyramid
+    from components.storage import Storage
+
+    root = write_cityscapes(tmp_path / "cs")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("a user's own work")
+    with pytest.raises(FileExistsError, match=r"prepare.output = .*mine: holds files this pipeline did not write"):
+        prepare_dataset(open_dataset("cityscapes", root), tmp_path / "mine")
+    prepare_dataset(open_dataset("cityscapes", root), tmp_path / "out")
+    with pytest.raises(FileExistsError, match=r"pyramid.output = .*mine: holds files"):
+        build_pyramid(tmp_path / "out", [0.5, 1.0], 8, Storage(), str(tmp_path / "mine"))
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["thesis.tex"]
+    prepare_dataset(open_dataset("cityscapes", root), tmp_path / "out")  # its own output: replaced
+
+
+def test_leftovers_of_killed_runs_are_removed_by_the_next_run(tmp_path):
+    """Temporaries are named after their output, so the next run of the stage finds and removes them."""
+    from components.data.pyramid import build_pyramid
+    from components.storage import Storage
+
+    root = write_cityscapes(tmp_path / "cs")
+    for stale in (".out.tmp-123", ".pyr.tmp-456", ".pyr.tmp-old-789"):
+        (tmp_path / stale).mkdir()
+        (tmp_path / stale / "big.bin").write_bytes(b"x" * 1000)
+    prepare_dataset(open_dataset("cityscapes", root), tmp_path / "out")
+    build_pyramid(tmp_path / "out", [0.5, 1.0], 8, Storage(), str(tmp_path / "pyr"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cs", "out", "pyr"]
+
+
+def test_replacing_an_output_never_leaves_the_path_empty(tmp_path):
+    from components.atomic import _exchange, replace_dir
+
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "v").write_text("2")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "v").write_text("1")
+    # One atomic exchange: no moment exists at which `out` is missing.
+    assert _exchange(tmp_path / "new", tmp_path / "out")
+    assert (tmp_path / "out" / "v").read_text() == "2" and (tmp_path / "new" / "v").read_text() == "1"
+    (tmp_path / "newer").mkdir()
+    (tmp_path / "newer" / "v").write_text("3")
+    replace_dir(tmp_path / "newer", tmp_path / "out")
+    assert (tmp_path / "out" / "v").read_text() == "3" and not (tmp_path / "newer").exists()

@@ -135,7 +135,7 @@ def prepare_dataset(reader: DatasetReader, output: str | Path, on_bad_sample: st
     splits: dict[str, list[str]] = {s: [] for s in dict.fromkeys(x.split for x in reader.samples)}
     checksums, skipped = {}, []
     pixel_counts = np.zeros(num_classes, dtype=np.int64)
-    with atomic_dir(output) as tmp:
+    with atomic_dir(output, key="prepare.output") as tmp:
         for index, sample in enumerate(reader.samples):
             try:
                 if index in duplicates:

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from components.atomic import MARKER, check_owned, remove_stale_temporaries
 from components.data.prepare import manifest_hash
 from components.scales import scale_key, scaled_size
 from components.storage import Storage, join
@@ -54,10 +55,13 @@ def build_pyramid(prepared_dir: str | Path, scales: list[float], shard_size: int
         raise FileNotFoundError(f"pyramid.input: {source_path} is missing; run the prepare stage first")
     source = json.loads(source_path.read_text())
     num_classes = len(source["classes"]["names"])
-    staging_parent = Path(output).parent if not str(output).startswith("s3://") else None
-    if staging_parent is not None:
+    local = not str(output).startswith("s3://")
+    staging_parent = Path(output).parent if local else None
+    if local:
+        check_owned(Path(output), "pyramid.output")  # never replace a folder we did not write
         staging_parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".pyramid.tmp-", dir=staging_parent))
+        remove_stale_temporaries(Path(output))  # what a killed run left: named after the output
+    staging = Path(tempfile.mkdtemp(prefix=f".{Path(output).name}.tmp-", dir=staging_parent))
     try:
         splits = {}
         for split, ids in source["splits"].items():
@@ -97,6 +101,7 @@ def build_pyramid(prepared_dir: str | Path, scales: list[float], shard_size: int
             "splits": splits,
         }
         (staging / "manifest.json").write_text(json.dumps(manifest) + "\n")
+        (staging / MARKER).write_text("written by the HMSA pipeline\n")
         storage.publish_dir(staging, output)
     finally:
         if staging.exists():

@@ -35,9 +35,14 @@ def write_model_files(model: MultiScaleSegmenter, cfg: ModelConfig, directory: s
 
 def save_model(model: MultiScaleSegmenter, cfg: ModelConfig, directory: str | Path, metadata: dict | None = None) -> Path:
     """Write the model atomically: the directory appears complete or not at all."""
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, recognise=is_saved_model) as tmp:
         write_model_files(model, cfg, tmp, metadata)
     return Path(directory)
+
+
+def is_saved_model(directory: str | Path) -> bool:
+    """A directory this format wrote (replacing it loses nothing of the user's)."""
+    return (Path(directory) / CONFIG_FILE).is_file() and (Path(directory) / WEIGHTS_FILE).is_file()
 
 
 def read_saved_config(directory: str | Path) -> tuple[ModelConfig, dict]:
