@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 import sys
 from collections.abc import Callable
@@ -33,8 +34,22 @@ def run_stage(main: Callable[..., None], description: str,
     try:
         cfg = load_config(args.params)
         main(cfg, args) if add_arguments is not None else main(cfg)
-    except USER_ERRORS as err:
-        if args.debug:
-            raise
+    except Exception as err:
+        if args.debug or not is_user_error(err):
+            raise  # our own bug: the traceback is what it takes to fix it
         print(f"error: {redact(err)}", file=sys.stderr)
         sys.exit(1)
+
+
+# OSErrors a user fixes (free space, permissions, a read-only mount), as opposed to our bugs.
+USER_OS_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Errors that are the user's to fix: one line, no traceback (a bad key, path, setting, a full
+    disk, a service that refused: MLflow's own errors name what it refused)."""
+    if isinstance(err, USER_ERRORS):
+        return True
+    if isinstance(err, OSError) and err.errno in USER_OS_ERRNOS:
+        return True
+    return type(err).__module__.split(".")[0] == "mlflow"

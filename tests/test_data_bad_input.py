@@ -253,3 +253,24 @@ def test_replacing_an_output_never_leaves_the_path_empty(tmp_path):
     (tmp_path / "newer" / "v").write_text("3")
     replace_dir(tmp_path / "newer", tmp_path / "out")
     assert (tmp_path / "out" / "v").read_text() == "3" and not (tmp_path / "newer").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs: a real full disk (needs root, as the namespaced cluster tests do)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_one_clear_line_and_leaves_nothing(tmp_path, small_disk):
+    (tmp_path / "params.yaml").write_text(
+        f"prepare:\n  output: {small_disk}/raw\n  synthetic: {{train_images: 40, val_images: 4}}\n")
+    done = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--params", str(tmp_path / "params.yaml")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 1 and "No space left on device" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert list(small_disk.iterdir()) == []  # no partial output, no temporaries

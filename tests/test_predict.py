@@ -108,3 +108,33 @@ def test_an_image_declaring_a_huge_size_is_refused_before_decoding():
     with pytest.raises(ValueError, match="row 0: image declares 8x8 pixels, more than 10"):
         decode_image(png.getvalue(), "row 0", max_pixels=10)
     assert decode_image(png.getvalue(), "row 0").shape == (8, 8, 3)
+
+
+def test_user_fixable_failures_are_one_line(tmp_path):
+    """A truncated weights file, weights of another model, `--scales inf`: one line naming the
+    file or value, no traceback."""
+    import json
+
+    params = setup(tmp_path)
+    image = tmp_path / "a" / "street.png"
+    for name, damage, message in [
+        ("inf", None, "scales must be positive, finite and distinct"),
+        ("truncated", lambda d: (d / "weights.safetensors").write_bytes((d / "weights.safetensors").read_bytes()[:100]),
+         "weights.safetensors: the weights cannot be loaded"),
+        ("other-model", lambda d: (d / "config.json").write_text(json.dumps(
+            {**json.loads((d / "config.json").read_text()),
+             "model": {**json.loads((d / "config.json").read_text())["model"], "decoder_channels": 48}})),
+         "the weights cannot be loaded into the model its config.json describes"),
+    ]:
+        model = tmp_path / f"model-{name}"
+        model.mkdir()
+        for f in (tmp_path / "model").iterdir():
+            (model / f.name).write_bytes(f.read_bytes())
+        if damage:
+            damage(model)
+        done = subprocess.run([sys.executable, "-m", "pipeline.predict", str(image), "--model", str(model),
+                               "--params", str(params), "--output", str(tmp_path / f"out-{name}"),
+                               "--scales", *(["inf", "1"] if name == "inf" else ["1"])],
+                              capture_output=True, text=True, env=python_env())
+        assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert not (tmp_path / f"out-{name}").exists()

@@ -12,6 +12,8 @@ The output type is the same in training and inference; losses live outside (comp
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import torch
@@ -61,8 +63,8 @@ class MultiScaleSegmenter(nn.Module):
 
     def check_scales(self, scales: list[float]) -> list[float]:
         scales = sorted(float(s) for s in scales)
-        if len(set(scales)) != len(scales) or any(s <= 0 for s in scales):
-            raise ValueError(f"scale set {scales}: scales must be positive and distinct")
+        if len(set(scales)) != len(scales) or any(not math.isfinite(s) or s <= 0 for s in scales):
+            raise ValueError(f"scale set {scales}: scales must be positive, finite and distinct")
         why = allowed_eval_scales_problem(self.method, self.train_scales, scales)
         if why:
             raise ValueError(f"scale set {scales}: {why}")

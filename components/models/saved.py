@@ -66,6 +66,7 @@ def load_saved_model(directory: str | Path) -> tuple[MultiScaleSegmenter, ModelC
     """Rebuild the model from config.json and load its weights; returns it in eval mode.
 
     The model's `metadata` attribute holds config.json's metadata (epoch, class names, colours)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -74,6 +75,11 @@ def load_saved_model(directory: str | Path) -> tuple[MultiScaleSegmenter, ModelC
     if not weights.is_file():
         raise FileNotFoundError(f"{directory} is not a saved model: {WEIGHTS_FILE} is missing")
     model = build_model(cfg)
-    model.load_state_dict(load_file(weights), strict=True)
+    try:
+        model.load_state_dict(load_file(weights), strict=True)
+    except (RuntimeError, SafetensorError) as err:  # truncated or foreign file, or another architecture
+        first = str(err).strip().splitlines()[0][:300]
+        raise ValueError(f"{weights}: the weights cannot be loaded into the model its {CONFIG_FILE} describes "
+                         f"({first})") from None
     model.metadata = metadata
     return model.eval(), cfg
