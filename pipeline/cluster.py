@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import urllib.error
 import urllib.request
@@ -116,8 +117,19 @@ def connect(env: Environment) -> str:
         ray.init(address=env.ray_address, runtime_env=runtime_env, log_to_driver=True)
         return f"the Ray cluster at {redact(env.ray_address)}"
     # A local instance listens on loopback only: nothing outside this machine needs to reach it.
-    ray.init(_node_ip_address="127.0.0.1")
+    # Its processes inherit RAY_API_SERVER_ADDRESS, so Ray Train's placement-group cleaner queries
+    # this instance's State API even when another Ray runs on the machine (scanning for one, it
+    # would fail to choose and never free a stopped Tune trial's workers).
+    dashboard = _free_local_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
+    ray.init(_node_ip_address="127.0.0.1", dashboard_port=dashboard)
     return "a local Ray instance"
+
+
+def _free_local_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def workers_may_be_remote() -> bool:

@@ -115,12 +115,14 @@ class RayHead:
         ray_bin = str(Path(sys.executable).parent / "ray")
         # Ray clusters started with `ray start` require token authentication; this one has its own.
         self.auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}
-        self.env = python_env(RAY_ADDRESS="", **self.auth)
+        # The dashboard serves the State API, which Ray Train's placement-group cleaner needs to free
+        # a stopped Tune trial's workers; the variable makes it use this cluster's even when another
+        # Ray runs on the machine (it would otherwise fail to choose, and the next trial wait forever).
+        dashboard = free_port()
+        self.env = python_env(RAY_ADDRESS="", RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard}", **self.auth)
         subprocess.run([ray_bin, "start", "--head", f"--port={self.port}", f"--num-cpus={num_cpus}",
                         "--num-gpus=0", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-                        # The dashboard serves the State API, which Ray Train's placement-group
-                        # cleaner needs to free a stopped Tune trial's workers.
-                        f"--dashboard-port={free_port()}",
+                        f"--dashboard-port={dashboard}",
                         f"--temp-dir={workdir}"], check=True, capture_output=True, env=self.env)
         self._ray_bin = ray_bin
 

@@ -1,7 +1,6 @@
 """A tiny Ray Tune search end to end: ASHA, nested MLflow runs, best.yaml drives train, resume."""
 
 import csv
-import os
 import signal
 import subprocess
 
@@ -44,17 +43,14 @@ def test_search_asha_mlflow_best_drives_train_and_resume(tmp_path, ray_head):
     env = stage_env(params, **ray_head.client_env())
 
     command = stage_command("tune", params)
-    if os.environ.get("HMSA_TEST_TUNE_RESUME") == "1":
-        # Interrupt the search once the first trial has reported, then run the stage again: it resumes.
-        # Opt-in: on this 2-core machine the resumed trial intermittently waits forever for workers.
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        wait_until(lambda: any((tmp_path / "store" / "ray").glob("tune-*/*/result.json")), 300, "a first trial", proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    # Interrupt the search once the first trial has reported, then run the stage again: it resumes.
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    wait_until(lambda: any((tmp_path / "store" / "ray").glob("tune-*/*/result.json")), 300, "a first trial", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    if os.environ.get("HMSA_TEST_TUNE_RESUME") == "1":
-        assert "resuming the interrupted search" in done.stdout
+    assert "resuming the interrupted search" in done.stdout
 
     rows = trial_rows(tmp_path)
     assert len(rows) == 3 and not any(int(r["failed"]) for r in rows)

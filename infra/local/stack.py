@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 VENV = Path(sys.prefix)
 BUCKET = "hmsa"
-DEFAULT_PORTS = {"s3": 8333, "mlflow": 5000, "ray": 6379}
+DEFAULT_PORTS = {"s3": 8333, "mlflow": 5000, "ray": 6379, "dashboard": 8265}
 
 
 def free_port() -> int:
@@ -180,8 +180,12 @@ class Stack:
     def _ray_env(self) -> dict:
         s = self.settings
         # Token authentication; Ray kept on loopback (one machine standing in for several).
+        # RAY_API_SERVER_ADDRESS: Ray Train's placement-group cleaner (in every worker) finds the State
+        # API of this cluster, not by scanning the machine, where another Ray may run (it then
+        # cannot tell which, never frees a stopped Tune trial's workers, and the next trial waits).
         return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": s["token"],
-                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{s['ports']['dashboard']}"}
 
     def _node_ports(self, base: int) -> list[str]:
         """Every listener of a node on its own port: several nodes share this machine's address."""
@@ -198,7 +202,7 @@ class Stack:
         env = {**self._ray_env(), "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
         args = [str(BIN / "ray"), "start", "--head", "--block", f"--port={s['ports']['ray']}", "--num-cpus=0",
                 "--num-gpus=0", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-                f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}",
+                f"--dashboard-port={s['ports']['dashboard']}", f"--ray-client-server-port={free_port()}",
                 f"--temp-dir={temp}", *self._node_ports(30000)]
         spawn(args, self.state / "ray-head.log", env, self.state / "ray-head.pid")
 
