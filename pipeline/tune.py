@@ -127,7 +127,10 @@ def search(cfg: PipelineConfig) -> list[dict]:
                                         # max_concurrent_trials for a BasicVariantGenerator given here).
                                         search_alg=BasicVariantGenerator(random_state=cfg.tune.seed,
                                                                          max_concurrent=concurrency)),
-            run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem),
+            # A trial whose driver dies (a node lost, a Ray process crashing) restarts from its last
+            # checkpoint instead of failing the search.
+            run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures)),
         )
     with tracking.run_status(parent_run_id):
         results = tuner.fit()

@@ -36,8 +36,21 @@ def trial_rows(tmp_path):
         return list(csv.DictReader(handle))
 
 
+@pytest.fixture(scope="module")
+def another_ray_on_the_machine():
+    """A second Ray instance on the same machine, as a user's machine may have. Ray Train's
+    placement-group cleaner used to find the State API by scanning the machine: with two Rays it
+    could not choose, a stopped trial's workers were never freed and the next trial (or the resumed
+    one) waited for them for ever. It now uses its own cluster's (RAY_API_SERVER_ADDRESS)."""
+    from tests.services import RayHead
+
+    other = RayHead(num_cpus=1)
+    yield other
+    other.stop()
+
+
 @pytest.mark.timeout(1500)
-def test_search_asha_mlflow_best_drives_train_and_resume(tmp_path, ray_head):
+def test_search_asha_mlflow_best_drives_train_and_resume(tmp_path, ray_head, another_ray_on_the_machine):
     data = tiny_pyramid(tmp_path / "data", train_images=16)
     params = search_params(tmp_path, data)
     env = stage_env(params, **ray_head.client_env())
