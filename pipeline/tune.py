@@ -48,9 +48,11 @@ def driver(settings: dict, base: PipelineConfig, setup: dict) -> None:
     mlflow.MlflowClient().log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in settings.items()])
     trainer = build_trainer(cfg, launch, f"{setup['name']}-{trial_id}", mlflow_run_id=run_id,
                             callbacks=[TuneReportCallback()])
-    # A trial that ASHA stops is killed here without notice; search() records it as KILLED.
-    with tracking.run_status(run_id):
-        trainer.fit()
+    trainer.fit()
+    # Only success is recorded here. A trial that ASHA stops or that fails ends in search(), from
+    # Tune's own result once the search is over: marking it here, a stopping trial's last moments
+    # could land after that and overwrite KILLED with FAILED.
+    mlflow.MlflowClient().set_terminated(run_id, status="FINISHED")
 
 
 def concurrent_trials(cfg: PipelineConfig, use_gpu: bool) -> int:
