@@ -58,7 +58,10 @@ def test_search_asha_mlflow_best_drives_train_and_resume(tmp_path, ray_head, ano
     command = stage_command("tune", params)
     # Interrupt the search once the first trial has reported, then run the stage again: it resumes.
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    wait_until(lambda: any((tmp_path / "store" / "ray").glob("tune-*/*/result.json")), 300, "a first trial", proc)
+    # Killed once a trial has reported and Tune has saved the search's state (what a restore reads).
+    store = tmp_path / "store" / "ray"
+    wait_until(lambda: any(store.glob("tune-*/*/result.json")) and any(store.glob("tune-*/experiment_state-*.json")),
+               300, "a first trial and the search's saved state", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
