@@ -138,13 +138,14 @@ def test_interrupted_stage_leaves_no_output(tmp_path):
     params = tmp_path / "params.yaml"
     out = tmp_path / "raw"
     params.write_text(
-        f"prepare:\n  output: {out}\n  synthetic: {{train_images: 400, val_images: 4, height: 64, width: 128}}\n"
+        f"prepare:\n  output: {out}\n  synthetic: {{train_images: 1200, val_images: 4, height: 64, width: 128}}\n"
     )
     for sig in (signal.SIGINT, signal.SIGKILL):
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.prepare", "--params", str(params)],
                                 stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 60
-        # Wait until it is writing the canonical layout (its temporary directory exists).
+        # Wait until it is writing the canonical layout (its temporary directory exists); 1200 images
+        # keep it writing for seconds even on a loaded machine, so the signal lands mid-write.
         while time.time() < deadline and not any(p.name.startswith(".raw.tmp-") for p in tmp_path.iterdir()):
             time.sleep(0.05)
         assert proc.poll() is None, proc.stderr.read()
