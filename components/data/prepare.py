@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from components.atomic import atomic_dir
+from components.data.images import MAX_PIXELS
 from components.data.classes import IGNORE_INDEX
 from components.data.readers import DatasetReader, RawSample
 
@@ -26,7 +27,7 @@ class BadSampleError(ValueError):
     """A sample that cannot be used; the message names the file and the problem."""
 
 
-DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_PIXELS = MAX_PIXELS  # one cap for prepared datasets and for images handed to predict/serving
 # Image modes PIL converts to RGB faithfully; 16- and 32-bit grayscale are scaled to 8 bits here.
 RGB_CONVERTIBLE = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "La", "RGBa"}
 WIDE_GRAY = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I": None}
