@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tests.services import wait_until
-from tests.train_helpers import run_stage, stage_command, stage_env, tiny_pyramid, write_params
+from tests.train_helpers import run_on_cluster, run_stage, stage_command, stage_env, tiny_pyramid, write_params
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +64,7 @@ def test_search_asha_mlflow_best_drives_train_and_resume(tmp_path, ray_head, ano
                300, "a first trial and the search's saved state", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    done = run_on_cluster(command, env, 900, ray_head)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "resuming the interrupted search" in done.stdout
 
@@ -90,7 +90,7 @@ def test_search_asha_mlflow_best_drives_train_and_resume(tmp_path, ray_head, ano
     assert parents[0].info.status == "FINISHED"
 
     # The same search again (same code, config and data) is reused, not run again.
-    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    again = run_on_cluster(command, env, 600, ray_head)
     assert again.returncode == 0 and "reusing the finished search" in again.stdout, again.stderr[-3000:]
 
     # best.yaml drives train

@@ -62,6 +62,18 @@ def run_stage(stage: str, params: Path, timeout: float = 600, **env) -> subproce
                           env=stage_env(params, **env))
 
 
+def run_on_cluster(command: list[str], env: dict, timeout: float, cluster) -> subprocess.CompletedProcess:
+    """Run a stage joined to `cluster` (a RayHead); past `timeout`, fail with the stage's last
+    output and the cluster's state (waiting placement groups, live actors) instead of a bare timeout."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as expired:
+        def text(value):
+            return (value.decode(errors="replace") if isinstance(value, bytes) else value or "")[-6000:]
+        raise AssertionError(f"{command[2]} still running after {timeout}s\n--- stdout\n{text(expired.stdout)}\n"
+                             f"--- stderr\n{text(expired.stderr)}\n--- cluster\n{cluster.describe()}") from None
+
+
 def checkpoint_dirs(workdir: Path) -> list[Path]:
     """Ray Train checkpoint directories of the runs under `workdir/store`."""
     return sorted(p for p in (workdir / "store" / "ray").glob("*/checkpoint_*") if p.is_dir())
