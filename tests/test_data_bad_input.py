@@ -169,6 +169,10 @@ def test_16_bit_grayscale_images_are_converted_faithfully(tmp_path):
     converted = np.array(Image.open(next((tmp_path / "out" / "images" / "train").glob("*000000.png"))))
     # PIL's own conversion clips such an image to two values; here the ramp keeps its 256 levels
     assert len(np.unique(converted)) > 200 and converted.max() == 255 and converted.min() == 0
+    # predict and the served model decode the same file to the same pixels
+    from components.data.images import read_image
+
+    assert np.array_equal(read_image(image_path(root)), converted)
 
 
 def write_voc(root, ids):

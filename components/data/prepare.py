@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from components.atomic import atomic_dir
-from components.data.images import MAX_PIXELS
+from components.data.images import MAX_PIXELS, UnsupportedImage, to_rgb
 from components.data.classes import IGNORE_INDEX
 from components.data.readers import DatasetReader, RawSample
 
@@ -28,17 +28,18 @@ class BadSampleError(ValueError):
 
 
 DEFAULT_MAX_PIXELS = MAX_PIXELS  # one cap for prepared datasets and for images handed to predict/serving
-# Image modes PIL converts to RGB faithfully; 16- and 32-bit grayscale are scaled to 8 bits here.
-RGB_CONVERTIBLE = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "La", "RGBa"}
-WIDE_GRAY = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I": None}
 
 
 def _open_image(path: Path, what: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open and decode, after checking it is a regular file and its header's size is within
     `max_pixels` (a small file can declare a huge image: it is refused before decoding)."""
-    if not path.exists():
+    try:
+        exists, regular = path.exists(), path.is_file()
+    except OSError as err:  # a name too long for the file system, a loop of links, ...
+        raise BadSampleError(f"{path}: cannot open the {what} ({err.strerror})") from None
+    if not exists:
         raise BadSampleError(f"{path}: {what} file is missing")
-    if not path.is_file():  # a FIFO or device would block or stream for ever
+    if not regular:  # a FIFO or device would block or stream for ever
         raise BadSampleError(f"{path}: {what} is not a regular file")
     try:
         image = Image.open(path)
@@ -54,27 +55,15 @@ def _open_image(path: Path, what: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
         raise BadSampleError(f"{path}: unreadable {what} ({type(err).__name__}: {err})") from None
 
 
-def to_rgb(image: Image.Image, path: Path) -> np.ndarray:
-    """H x W x 3 uint8, converted faithfully: 16/32-bit grayscale is scaled to 0..255 (PIL's own
-    conversion clips it to two values); modes without a faithful conversion are refused."""
-    if image.mode in WIDE_GRAY:
-        values = np.asarray(image).astype(np.float64)
-        top = WIDE_GRAY[image.mode] or max(float(values.max(initial=0)), 1.0)
-        if values.min(initial=0) < 0:
-            raise BadSampleError(f"{path}: image mode {image.mode} with negative values")
-        gray = np.clip(np.round(values * 255.0 / top), 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    if image.mode not in RGB_CONVERTIBLE:
-        raise BadSampleError(f"{path}: image mode {image.mode} is not supported (use 8-bit RGB or grayscale)")
-    return np.asarray(image.convert("RGB"))
-
-
 def convert_sample(sample: RawSample, lookup: np.ndarray,
                    max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray]:
     """Decode and check one sample; returns (RGB uint8 image, uint8 class-index label)."""
     if sample.label_path is None:
         raise BadSampleError(f"{sample.image_path}: no label file for sample {sample.sample_id!r}")
-    image = to_rgb(_open_image(sample.image_path, "image", max_pixels), sample.image_path)
+    try:
+        image = to_rgb(_open_image(sample.image_path, "image", max_pixels), str(sample.image_path))
+    except UnsupportedImage as err:
+        raise BadSampleError(str(err)) from None
     label_image = _open_image(sample.label_path, "label", max_pixels)
     if label_image.mode not in ("L", "P", "I", "I;16"):
         raise BadSampleError(f"{sample.label_path}: label must be single-channel (L or P), got mode {label_image.mode}")

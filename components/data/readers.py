@@ -43,7 +43,10 @@ def _require_dir(path: Path, what: str) -> Path:
 
 
 def _existing(path: Path) -> Path | None:
-    return path if path.is_file() else None
+    try:
+        return path if path.is_file() else None
+    except OSError:  # a name the file system cannot hold: prepare refuses it, naming the file
+        return path
 
 
 def read_cityscapes(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> DatasetReader:
@@ -139,6 +142,8 @@ def read_folder(root: str | Path) -> DatasetReader:
         colours.append(tuple(int(v) for v in parts[1:4]) if len(parts) >= 4 else _voc_colour(len(names) - 1))
         if parts[-1] == "thin":
             thin.append(parts[0])
+    if not names:
+        raise ValueError(f"folder: {class_file} lists no classes (one class name per line)")
     samples = []
     for split_dir in sorted(_require_dir(root / "images", "folder").iterdir()):
         if not split_dir.is_dir():

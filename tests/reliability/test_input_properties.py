@@ -1,0 +1,148 @@
+"""Property tests of what reads user files: the dataset readers with `prepare`, and `predict`.
+
+Whatever the files hold (random bytes named .png/.jpg, truncated files, odd modes, huge declared
+sizes) and whatever the ids and names are, only our own clear errors come out (naming the file,
+id or key), nothing is written outside the output, and no earlier output or user file changes."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from components.data.prepare import prepare_dataset
+from components.data.readers import open_dataset
+from tests.reliability.files import encoded, hostile_names, image_bytes, label_bytes, snapshot
+
+PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+GOOD_IMAGE = encoded(np.zeros((16, 16, 3), np.uint8), "JPEG")
+GOOD_LABEL = encoded(np.zeros((16, 16), np.uint8), "PNG")
+
+
+def write_voc(root: Path, lists: dict[str, list[str]], files: dict[str, tuple[bytes, bytes]]) -> None:
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "JPEGImages").mkdir()
+    (root / "SegmentationClass").mkdir()
+    for split, ids in lists.items():
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    for name, (image, label) in files.items():
+        for folder, suffix, data in (("JPEGImages", ".jpg", image), ("SegmentationClass", ".png", label)):
+            try:
+                (root / folder / f"{name}{suffix}").write_bytes(data)
+            except (OSError, ValueError):
+                pass  # a name the file system refuses: the list still names it
+
+
+def check_prepare(folder: Path, root: Path, fmt: str) -> None:
+    """A previous output exists; prepare again into it: it is replaced whole, or kept whole."""
+    out = folder / "out"
+    previous = folder / "good"
+    write_voc(previous, {"train": ["a"], "val": ["b"]}, {"a": (GOOD_IMAGE, GOOD_LABEL), "b": (GOOD_IMAGE, GOOD_LABEL)})
+    prepare_dataset(open_dataset("voc", previous), out)
+    before_out, before_rest = snapshot(out), snapshot(folder, skip=out)
+    try:
+        manifest = prepare_dataset(open_dataset(fmt, root), out)
+    except (ValueError, FileNotFoundError) as err:
+        message = str(err)
+        event(f"refused: {message.split(': ')[-1][:40]}")
+        assert str(root) in message or "prepare." in message or f"{fmt}:" in message, message
+        assert snapshot(out) == before_out  # the earlier output is kept whole
+    else:
+        event("prepared")
+        assert (out / "manifest.json").is_file() and manifest["splits"]["train"]
+    assert snapshot(folder, skip=out) == before_rest  # nothing outside the output changed or appeared
+
+
+@PROPERTY
+@given(st.lists(st.tuples(hostile_names, image_bytes(), label_bytes(), st.sampled_from(["train", "val"])),
+                min_size=1, max_size=4))
+def test_voc_prepare_gives_an_output_or_a_named_error(samples):
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        root = folder / "voc"
+        lists = {"train": [], "val": []}
+        for name, _, _, split in samples:
+            lists[split].append(name)
+        write_voc(root, lists, {name: (image, label) for name, image, label, _ in samples})
+        check_prepare(folder, root, "voc")
+
+
+classes_lines = st.lists(st.one_of(
+    st.from_regex(r"[a-z]{1,6}( \d{1,3} \d{1,3} \d{1,3})?( thin)?", fullmatch=True),
+    st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\r"), max_size=20)), max_size=5)
+
+
+@PROPERTY
+@given(classes_lines, st.lists(st.tuples(hostile_names, image_bytes(), label_bytes(classes=3)), min_size=1,
+                               max_size=3), st.booleans())
+def test_folder_prepare_gives_an_output_or_a_named_error(lines, samples, stray_file):
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        root = folder / "folder"
+        for split in ("train", "val"):
+            (root / "images" / split).mkdir(parents=True)
+            (root / "masks" / split).mkdir(parents=True)
+        (root / "classes.txt").write_text("\n".join(lines))
+        if stray_file:
+            (root / "images" / "README").write_text("not a split")
+        for i, (name, image, label) in enumerate(samples):
+            split = ("train", "val")[i % 2]
+            try:
+                (root / "images" / split / f"{name}.png").write_bytes(image)
+                (root / "masks" / split / f"{name}.png").write_bytes(label)
+            except (OSError, ValueError):
+                pass  # a name this file system refuses: that sample is simply absent
+        check_prepare(folder, root, "folder")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from components.models import build_model, save_model
+    from components.models.saved import load_saved_model
+    from tests.conftest import tiny_model_config
+
+    folder = tmp_path_factory.mktemp("model")
+    cfg = tiny_model_config(num_classes=3)
+    save_model(build_model(cfg).eval(), cfg, folder / "model")
+    return load_saved_model(folder / "model")[0]
+
+
+@PROPERTY
+@given(st.lists(st.tuples(hostile_names, image_bytes(24, 32)), min_size=1, max_size=4), st.booleans())
+def test_predict_writes_every_label_map_or_nothing(tiny_model, inputs, overwrite):
+    """A folder of inputs with any contents and names, an output folder holding a user's file:
+    predict writes label maps for all of them, or refuses naming the file and writes nothing."""
+    from pipeline.predict import list_images, predict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "in").mkdir()
+        (folder / "out").mkdir()
+        for name, data in inputs:
+            try:
+                (folder / "in" / f"{name}.png").write_bytes(data)
+            except (OSError, ValueError):
+                pass  # a name this file system refuses
+        first = next(iter((folder / "in").iterdir()), None)
+        if first is not None:  # the user's own file where a first output would go
+            (folder / "out" / f"{first.stem}_label.png").write_bytes(b"the user's own file")
+        before = snapshot(folder)
+        try:
+            written = predict(tiny_model, list_images([str(folder / "in")]), [1.0], folder / "out",
+                              [(0, 0, 0), (255, 0, 0), (0, 255, 0)], overwrite=overwrite)
+        except (ValueError, FileNotFoundError, FileExistsError) as err:
+            event(f"refused: {type(err).__name__}")
+            assert str(folder) in str(err) or "no images found" in str(err), str(err)
+            assert snapshot(folder) == before  # nothing written, the user's file untouched
+        else:
+            event("predicted")
+            assert overwrite or first is None
+            assert len(written) == len(list((folder / "in").iterdir()))
+            after = snapshot(folder)
+            assert {k: v for k, v in after.items() if k in before and not k.startswith("out/")} == \
+                {k: v for k, v in before.items() if not k.startswith("out/")}
+            assert all(k.startswith("out/") for k in set(after) - set(before))
