@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import shutil
 import tempfile
@@ -17,6 +18,24 @@ from pathlib import Path
 # Written into every directory output: a directory at an output path without it holds something
 # the pipeline did not write (a user's folder), which a stage must not delete.
 MARKER = ".hmsa-output"
+
+
+# Out of room: the user frees space or picks another path. The error names the output it hit.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def naming_the_output(target: str | Path, key: str | None) -> Iterator[None]:
+    """Re-raise a full disk or quota while writing `target` as one line that names it and its key
+    (the OSError of a write names no file, or only a temporary one)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in NO_SPACE:
+            raise
+        where = f"{key} = {target}" if key else str(target)
+        raise OSError(err.errno, f"{os.strerror(err.errno)} while writing {where} "
+                                 "(free space there or choose another path; the earlier output is kept)") from None
 
 
 def remove_stale_temporaries(target: Path) -> None:
@@ -104,25 +123,27 @@ def atomic_dir(target: str | Path, key: str | None = None, recognise=None) -> It
     remove_stale_temporaries(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        yield tmp
-        if recognise is None:
-            (tmp / MARKER).write_text("written by the HMSA pipeline; the stage that owns this path may replace it\n")
-        replace_dir(tmp, target)
+        with naming_the_output(target, key):
+            yield tmp
+            if recognise is None:
+                (tmp / MARKER).write_text("written by the HMSA pipeline; the stage that owns this path may replace it\n")
+            replace_dir(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def atomic_file(target: str | Path, mode: str = "w") -> Iterator:
+def atomic_file(target: str | Path, mode: str = "w", key: str | None = None) -> Iterator:
     """Open a temporary file next to `target`; it replaces `target` only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     try:
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-        os.replace(tmp, target)
+        with naming_the_output(target, key):
+            with os.fdopen(fd, mode) as handle:
+                yield handle
+            os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from components.scales import crop_grid_step
+
 METHODS = ("single", "avgpool", "maxpool", "explicit", "hierarchical")
 
 
@@ -70,6 +72,9 @@ class TrainConfig(Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     poly_power: float = Field(0.9, ge=0)
+    # on the fused logits: cross-entropy, or region mutual information (half sigmoid BCE, half the
+    # RMI bound), the reference implementation's default; per-scale terms stay cross-entropy
+    loss: Literal["ce", "rmi"] = "ce"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     sync_batchnorm: bool = True  # multi-GPU only: BN statistics over the global batch
@@ -157,6 +162,9 @@ class PyramidConfig(Section):
 class LoaderConfig(Section):
     # Random scale augmentation: the pyramid level that plays the role of 1.0 for a sample.
     random_scales: ScaleSet = [0.5, 1.0, 2.0]
+    # Or a continuous range [low, high] (the paper's 0.5 to 2.0): r drawn uniformly, the image at r
+    # made from the nearest stored level at or above it; random_scales is then unused.
+    random_scale_range: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] | None = None
     flip: bool = True
     brightness: float = Field(0.25, ge=0)
     contrast: float = Field(0.25, ge=0)
@@ -233,6 +241,9 @@ class AblationConfig(Section):
 
     epochs: int = Field(6, gt=0)
     crop_size: CropSize = (128, 128)
+    # every method is trained once per seed (same seeds for all: paired); the table gives mean +- std
+    seeds: Annotated[list[int], Field(min_length=1)] = [0, 1, 2]
+    bootstrap_rounds: int = Field(2000, ge=100)  # of the paired bootstrap behind the significance column
     # One augmentation for all methods, valid for the widest training set (explicit's).
     random_scales: ScaleSet = [0.5, 1.0]
     output_dir: str = "results/ablation"
@@ -305,9 +316,40 @@ def output_overlaps(cfg: PipelineConfig) -> list[str]:
     return problems
 
 
+def _crop_problem(key: str, crop: tuple[int, int], scales_key: str, scales: list[float]) -> str | None:
+    """A training crop is cut at every training scale; its size must map to whole pixels at each."""
+    try:
+        step = crop_grid_step(scales)
+    except ValueError as err:
+        return f"{scales_key} = {scales}: {err}"
+    if any(int(c) % step for c in crop):
+        return (f"{key} = {list(crop)}: with {scales_key} {scales} a crop must be a multiple of {step} pixels, "
+                f"so that its region is whole pixels at every scale (e.g. {[c // step * step or step for c in crop]})")
+    return None
+
+
+def _crop_problems(cfg: PipelineConfig) -> list[str]:
+    checks = [("train.crop_size", cfg.train.crop_size, "model.train_scales", cfg.model.train_scales)]
+    searched = cfg.tune.search.get("crop_size")
+    crops = [("train.crop_size", cfg.train.crop_size)] + [
+        ("tune.search.crop_size", tuple(c) if isinstance(c, (list, tuple)) else (c, c))
+        for c in ((searched.choice or searched.grid or []) if searched else [])]
+    for name, scales in cfg.tune.train_scale_sets.items():
+        checks += [(key, crop, f"tune.train_scale_sets.{name}", scales) for key, crop in crops]
+    for method, spec in cfg.ablation.methods.items():
+        checks.append(("ablation.crop_size", cfg.ablation.crop_size, f"ablation.methods.{method}.train_scales",
+                       spec.train_scales))
+    problems = []
+    for check in checks:
+        problem = _crop_problem(*check)
+        if problem and problem not in problems:
+            problems.append(problem)
+    return problems
+
+
 def _consistency_problems(cfg: PipelineConfig) -> list[str]:
     model = cfg.model
-    problems = output_overlaps(cfg)
+    problems = output_overlaps(cfg) + _crop_problems(cfg)
     for key, value, allowed in (("model.trunk", model.trunk, TRUNK_NAMES), ("model.decoder", model.decoder, DECODER_NAMES)):
         if value not in allowed:
             problems.append(f"{key}: unknown name {value!r}; expected one of {', '.join(allowed)}")
@@ -328,7 +370,10 @@ def _consistency_problems(cfg: PipelineConfig) -> list[str]:
     if 1.0 not in levels:
         problems.append(f"pyramid.scales = {cfg.pyramid.scales}: the pyramid needs its 1.0 level")
     missing = sorted({round(r * s, 6) for r in cfg.loader.random_scales for s in model.train_scales} - levels)
-    if missing:
+    scale_range = cfg.loader.random_scale_range
+    if scale_range is not None and scale_range[0] > scale_range[1]:
+        problems.append(f"loader.random_scale_range = {list(scale_range)}: expected [low, high] with low <= high")
+    if missing and scale_range is None:
         problems.append(
             f"loader.random_scales = {cfg.loader.random_scales}: with model.train_scales {model.train_scales} "
             f"the loader reads pyramid levels {missing}, which pyramid.scales {cfg.pyramid.scales} lacks"
@@ -358,16 +403,17 @@ def with_overrides(cfg: PipelineConfig, overrides: dict[str, dict], source: str)
     return validate_config(raw, source=source)
 
 
-def ablation_config(cfg: PipelineConfig, method: str) -> PipelineConfig:
-    """The full config of one ablation run: the base config with the method, its scales and the
-    shared budget swapped in, validated like any other (so a bad method entry names its key)."""
+def ablation_config(cfg: PipelineConfig, method: str, seed: int | None = None) -> PipelineConfig:
+    """The full config of one ablation run: the base config with the method, its scales, the seed
+    and the shared budget swapped in, validated like any other (so a bad method entry names its key)."""
     if method not in cfg.ablation.methods:
         raise ConfigError(f"ablation.methods has no entry {method!r}; it has {sorted(cfg.ablation.methods)}")
     entry, ab = cfg.ablation.methods[method], cfg.ablation
-    out = f"{ab.output_dir}/{method}"
+    seed = ab.seeds[0] if seed is None else seed
+    out = f"{ab.output_dir}/{method}/seed-{seed}"
     return with_overrides(cfg, {
         "model": {"method": method, "train_scales": entry.train_scales},
-        "train": {"epochs": ab.epochs, "crop_size": list(ab.crop_size), "output": f"{out}/model",
+        "train": {"epochs": ab.epochs, "crop_size": list(ab.crop_size), "output": f"{out}/model", "seed": seed,
                   "metrics": f"{out}/train_metrics.json", "curves": f"{out}/curves.csv", "run_record": f"{out}/run.json"},
         "loader": {"random_scales": ab.random_scales},
         "evaluate": {"scale_sets": [entry.eval_scales], "output_dir": f"{out}/eval", "model": None},
@@ -433,9 +479,11 @@ def load_config(path: str | Path = "params.yaml") -> PipelineConfig:
 
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r})") from None
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:

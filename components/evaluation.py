@@ -42,7 +42,7 @@ def evaluate_shard(model, dataset: Dataset, indices: list[int], scale_sets: list
     model.eval()
     results = []
     for position, scales in enumerate(scale_sets):
-        matrix, seconds, images = ConfusionMatrix(num_classes), 0.0, 0
+        matrix, seconds, images, per_image = ConfusionMatrix(num_classes), 0.0, 0, []
         attention = AttentionSums(scales, num_classes) if position == attention_set else None
         for batch in batches(dataset, indices, batch_size):
             inputs = {s: torch.stack([item["images"][s] for item in batch]).to(device) for s in batch[0]["images"]}
@@ -57,11 +57,17 @@ def evaluate_shard(model, dataset: Dataset, indices: list[int], scale_sets: list
             seconds += time.perf_counter() - start
             labels = [item["label"] for item in batch]
             for label, prediction in zip(labels, predictions):
-                matrix.update(prediction, label)
+                one = ConfusionMatrix(num_classes)
+                one.update(prediction, label)
+                per_image.append(one.matrix.numpy())
+                matrix.matrix += one.matrix
             if attention is not None:
-                attention.add(output.attention, labels)
+                attention.add(output.scale_weights(), labels)
             images += len(batch)
-        result = {"scales": list(scales), "matrix": matrix.matrix.numpy(), "seconds": seconds, "images": images}
+        # Per image too: the ablation's bootstrap over val images resamples them.
+        result = {"scales": list(scales), "matrix": matrix.matrix.numpy(), "seconds": seconds, "images": images,
+                  "image_matrices": np.stack(per_image) if per_image else np.zeros((0, num_classes, num_classes),
+                                                                                   np.int64)}
         if attention is not None:
             result["attention_sums"], result["attention_counts"] = attention.sums, attention.counts
         results.append(result)
@@ -69,8 +75,8 @@ def evaluate_shard(model, dataset: Dataset, indices: list[int], scale_sets: list
 
 
 class AttentionSums:
-    """Per scale that has an attention map (hierarchical fusion has none at its top scale), the sum
-    of the map over the ground-truth pixels of each class."""
+    """Per scale, the sum over the ground-truth pixels of each class of that scale's share of the
+    fused prediction (MultiScaleOutput.scale_weights: shares sum to 1 over the scales at a pixel)."""
 
     def __init__(self, scales: list[float], num_classes: int):
         self.num_classes = num_classes
@@ -91,11 +97,13 @@ class AttentionSums:
 
 
 def merge_shards(shards: list[list[dict]]) -> list[dict]:
-    """Sum the per-scale-set results of shards (each a list in the same scale-set order)."""
+    """Sum the per-scale-set results of shards (each a list in the same scale-set order); the
+    per-image matrices are concatenated in shard order (the image order for contiguous shards)."""
     merged = []
     for parts in zip(*shards):
         total = {"scales": parts[0]["scales"], "matrix": sum(p["matrix"] for p in parts),
-                 "seconds": sum(p["seconds"] for p in parts), "images": sum(p["images"] for p in parts)}
+                 "seconds": sum(p["seconds"] for p in parts), "images": sum(p["images"] for p in parts),
+                 "image_matrices": np.concatenate([p["image_matrices"] for p in parts])}
         if "attention_sums" in parts[0]:
             total["attention_sums"] = {s: sum(p["attention_sums"][s] for p in parts) for s in parts[0]["attention_sums"]}
             total["attention_counts"] = sum(p["attention_counts"] for p in parts)
@@ -104,8 +112,8 @@ def merge_shards(shards: list[list[dict]]) -> list[dict]:
 
 
 def attention_means(result: dict) -> dict[float, np.ndarray] | None:
-    """Mean attention of each scale over each class's pixels (NaN where a class is absent), from
-    a merged result; for hierarchical attention a high value at scale s means 'trust scale s here'."""
+    """Mean share of each scale in the fused prediction over each class's pixels (NaN where a class
+    is absent), from a merged result: per class the shares of all scales sum to 1."""
     if "attention_sums" not in result:
         return None
     counts = result["attention_counts"]

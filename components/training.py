@@ -102,7 +102,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         inputs, target = _to_device(batch, device, channels_last)
         with autocast(device, amp_dtype):
             output = model(inputs)
-        loss = segmentation_loss(output, target, model_cfg)  # in fp32: cross_entropy upcasts
+        loss = segmentation_loss(output, target, model_cfg, train_cfg.loss)  # in fp32: the losses upcast
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

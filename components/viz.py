@@ -31,9 +31,11 @@ def _tile(array: np.ndarray, title: str, size: tuple[int, int]) -> Image.Image:
 @torch.no_grad()
 def attention_figure(model, item: dict, scales: list[float], colors: list) -> Image.Image:
     """Top row: input, each scale's prediction, fused prediction, ground truth.
-    Bottom row: each scale's attention map (white = high), under its prediction."""
+    Bottom row: each scale's share of the fused prediction (white = all of it; the shares of all
+    scales sum to 1 at every pixel), under that scale's prediction."""
     images = {s: t[None] for s, t in item["images"].items()}
     output = model(images, scales)
+    shares = output.scale_weights()
     label = item["label"].numpy()
     size = label.shape
     top = [_tile(denormalize(item["images"][1.0]), "input", size)]
@@ -41,10 +43,10 @@ def attention_figure(model, item: dict, scales: list[float], colors: list) -> Im
     for s in scales:
         pred = output.logits[s].argmax(1)[0].numpy()
         top.append(_tile(colorize(pred, colors), f"pred {s:g}", size))
-        if s in output.attention:
-            att = F.interpolate(output.attention[s], size=size, mode="bilinear", align_corners=False)[0, 0]
-            grey = (att.clamp(0, 1).numpy() * 255).astype(np.uint8)
-            bottom.append(_tile(np.stack([grey] * 3, -1), f"attention {s:g}", size))
+        if s in shares:
+            share = F.interpolate(shares[s].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+            grey = (share.clamp(0, 1).numpy() * 255).astype(np.uint8)
+            bottom.append(_tile(np.stack([grey] * 3, -1), f"share {s:g}", size))
         else:
             bottom.append(_tile(np.full((*size, 3), 255, np.uint8), "", size))
     top.append(_tile(colorize(output.fused.argmax(1)[0].numpy(), colors), "fused", size))

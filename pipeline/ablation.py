@@ -4,7 +4,9 @@
     python -m pipeline.ablation table                       # results/ablation/table.{md,json}
 
 Every method trains through the same Ray Train code as the `train` stage, with the same budget
-(ablation.epochs, crop, augmentation), and is evaluated at its own eval scales.
+(ablation.epochs, crop, augmentation), once per seed of ablation.seeds, and is evaluated at its own
+eval scales. The table gives mean ± std over the seeds and, against single scale, a paired
+bootstrap of the mIoU difference (components.significance).
 """
 
 from __future__ import annotations
@@ -12,29 +14,41 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from components.atomic import atomic_file
 from components.config import ConfigError, PipelineConfig, ablation_config
+from components.data.pyramid import PyramidReader
+from components.evaluation import group_indices
 from components.flops import train_step_flops
 from components.memory import saved_activation_bytes
 from components.models import load_saved_model
 from components.scales import scale_set_key
+from components.significance import paired_bootstrap
 from pipeline import evaluate, train
 from pipeline.common import run_stage
 
-COLUMNS = ["method", "train scales", "eval scales", "mIoU", "thin mIoU", "large mIoU",
-           "train FLOPs vs single", "minibatch s", "peak RSS MB", "activations MB"]
+COLUMNS = ["method", "train scales", "eval scales", "mIoU", "thin mIoU", "large mIoU", "mIoU vs single [95% CI]",
+           "p", "train FLOPs vs single", "minibatch s", "peak RSS MB", "activations MB"]
+SEED_DIR = "seed-{seed}"
+IMAGE_MATRICES = "image_matrices.npy"  # one confusion matrix per val image, for the bootstrap
+SIGNIFICANCE = 0.05
 
 
-def run_method(cfg: PipelineConfig, method: str) -> dict:
-    run_cfg = ablation_config(cfg, method)
+def run_seed(cfg: PipelineConfig, method: str, seed: int) -> dict:
+    """Train and evaluate one method with one seed; its result.json and per-image matrices land in
+    <output_dir>/<method>/seed-<seed>/."""
+    run_cfg = ablation_config(cfg, method, seed)
     train.main(run_cfg)
     model, model_cfg = load_saved_model(run_cfg.train.output)
-    (row,) = evaluate.evaluate_all(run_cfg, model, model_cfg, run_cfg.evaluate.scale_sets, flip=False)
+    (row,) = evaluate.evaluate_all(run_cfg, model, model_cfg, run_cfg.evaluate.scale_sets, flip=False,
+                                   per_image=True)
     trained = json.loads(Path(run_cfg.train.metrics).read_text())
     crop = tuple(cfg.ablation.crop_size)
     single = run_cfg.model.model_copy(update={"method": "single", "train_scales": [1.0]})
     result = {
         "method": method,
+        "seed": seed,
         "train_scales": run_cfg.model.train_scales,
         "eval_scales": row["scales"],
         "miou": row["miou"],
@@ -47,29 +61,98 @@ def run_method(cfg: PipelineConfig, method: str) -> dict:
         "eval_gflops": row["gflops"],
         "epochs": trained["epochs"],
     }
-    with atomic_file(Path(cfg.ablation.output_dir) / method / "result.json", "w") as handle:
+    folder = Path(cfg.ablation.output_dir) / method / SEED_DIR.format(seed=seed)
+    with atomic_file(folder / IMAGE_MATRICES, "wb") as handle:
+        np.save(handle, row["image_matrices"])
+    with atomic_file(folder / "result.json", "w") as handle:
         json.dump(result, handle, indent=2)
     return result
 
 
-def write_table(cfg: PipelineConfig) -> list[dict]:
+def run_method(cfg: PipelineConfig, method: str) -> list[dict]:
+    """Every seed of ablation.seeds for one method (one DVC stage per method caches them together)."""
+    results = [run_seed(cfg, method, seed) for seed in cfg.ablation.seeds]
+    with atomic_file(Path(cfg.ablation.output_dir) / method / "result.json", "w") as handle:
+        json.dump({"method": method, "seeds": results}, handle, indent=2)
+    return results
+
+
+def _load_method(cfg: PipelineConfig, method: str) -> tuple[list[dict], np.ndarray]:
+    folder = Path(cfg.ablation.output_dir) / method
+    path = folder / "result.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `dvc repro ablation` (or the run for {method!r})")
+    seeds = json.loads(path.read_text())["seeds"]
+    if [r["seed"] for r in seeds] != list(cfg.ablation.seeds):
+        raise ValueError(f"{path} has seeds {[r['seed'] for r in seeds]}, ablation.seeds is {cfg.ablation.seeds}: "
+                         "run `dvc repro ablation` again")
+    matrices = np.stack([np.load(folder / SEED_DIR.format(seed=r["seed"]) / IMAGE_MATRICES) for r in seeds])
+    return seeds, matrices
+
+
+def _mean_std(values: list[float]) -> dict:
+    array = np.asarray(values, dtype=np.float64)
+    return {"mean": float(np.nanmean(array)), "std": float(np.nanstd(array, ddof=1)) if len(array) > 1 else 0.0,
+            "values": [float(v) for v in array]}
+
+
+def summarize_methods(cfg: PipelineConfig, classes: dict) -> list[dict]:
+    """Per method: mean and std over seeds of each metric, and against single scale the paired
+    bootstrap (components.significance) of the mIoU and thin-class mIoU differences."""
+    loaded = {method: _load_method(cfg, method) for method in cfg.ablation.methods}
+    thin = group_indices(classes).get("thin_small")
+    baseline = loaded.get("single")
     rows = []
-    for method in cfg.ablation.methods:
-        path = Path(cfg.ablation.output_dir) / method / "result.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: run `dvc repro ablation` (or the run for {method!r})")
-        rows.append(json.loads(path.read_text()))
+    for method, (seeds, matrices) in loaded.items():
+        first = seeds[0]
+        row = {key: first[key] for key in ("method", "train_scales", "eval_scales", "train_flops_vs_single",
+                                             "activation_mb", "eval_gflops", "epochs")}
+        row["seeds"] = [r["seed"] for r in seeds]
+        for key in ("miou", "thin_miou", "large_miou", "minibatch_seconds", "peak_rss_mb"):
+            row[key] = _mean_std([r[key] for r in seeds])
+        if baseline is not None and method != "single":
+            rounds = cfg.ablation.bootstrap_rounds
+            row["vs_single"] = paired_bootstrap(matrices, baseline[1], rounds)
+            if thin:
+                row["thin_vs_single"] = paired_bootstrap(matrices, baseline[1], rounds, classes=thin)
+        rows.append(row)
+    return rows
+
+
+def _pm(stat: dict, digits: int = 4) -> str:
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _versus(row: dict, rounds: int) -> tuple[str, str]:
+    test = row.get("vs_single")
+    if test is None:
+        return "—", "—"
+    low, high = test["ci95"]
+    p = f"<{1 / rounds:.4f}" if test["p_value"] == 0 else f"{test['p_value']:.3f}"
+    mark = " *" if test["p_value"] < SIGNIFICANCE else ""
+    return f"{test['difference']:+.4f} [{low:+.4f}, {high:+.4f}]", p + mark
+
+
+def write_table(cfg: PipelineConfig) -> list[dict]:
+    classes = PyramidReader(cfg.pyramid.output).manifest["classes"]
+    rows = summarize_methods(cfg, classes)
+    rounds = cfg.ablation.bootstrap_rounds
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
+        difference, p = _versus(r, rounds)
         lines.append(
-            f"| {r['method']} | {scale_set_key(r['train_scales'], ', ')} | {scale_set_key(r['eval_scales'], ', ')} | {r['miou']:.4f} | "
-            f"{r['thin_miou']:.4f} | {r['large_miou']:.4f} | {r['train_flops_vs_single']:.2f}x | "
-            f"{r['minibatch_seconds']:.3f} | {r['peak_rss_mb']:.0f} | {r['activation_mb']:.1f} |"
+            f"| {r['method']} | {scale_set_key(r['train_scales'], ', ')} | {scale_set_key(r['eval_scales'], ', ')} | "
+            f"{_pm(r['miou'])} | {_pm(r['thin_miou'])} | {_pm(r['large_miou'])} | {difference} | {p} | "
+            f"{r['train_flops_vs_single']:.2f}x | {r['minibatch_seconds']['mean']:.3f} | "
+            f"{r['peak_rss_mb']['mean']:.0f} | {r['activation_mb']:.1f} |"
         )
     budget = (f"\nBudget: {cfg.ablation.epochs} epochs, crop {cfg.ablation.crop_size[0]}x{cfg.ablation.crop_size[1]}, "
               f"batch {cfg.train.batch_size}, {cfg.model.trunk}/{cfg.model.decoder}, random scales "
-              f"{cfg.ablation.random_scales}. mIoU on the val split; minibatch time and peak RSS measured "
-              "in the training worker; activations = bytes autograd saves for backward (one minibatch).\n")
+              f"{cfg.ablation.random_scales}, seeds {cfg.ablation.seeds}. mIoU on the val split, mean ± std over "
+              "the seeds. 'mIoU vs single': the mean paired difference with its 95% interval and two-sided p "
+              f"from a bootstrap over seed pairs and val images ({rounds} rounds; * marks p < {SIGNIFICANCE}). "
+              "Minibatch time and peak RSS measured in the training worker; activations = bytes autograd "
+              "saves for backward (one minibatch).\n")
     out = Path(cfg.ablation.output_dir)
     with atomic_file(out / "table.md", "w") as handle:
         handle.write("\n".join(lines) + "\n" + budget)

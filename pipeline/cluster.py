@@ -12,9 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -48,13 +47,22 @@ def check_tracking(env: Environment) -> None:
 
 
 def tracking_problem(uri: str) -> str | None:
+    """None when the server's /health answers 200, else why not. Credentials come from the URI
+    (user:password@host, which requests turns into basic auth) or MLFLOW_TRACKING_USERNAME/PASSWORD,
+    as the MLflow client itself sends them."""
+    import requests
+
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as answer:
-            return None if answer.status == 200 else f"the server answered HTTP {answer.status}"
-    except urllib.error.HTTPError as err:
-        return f"the server answered HTTP {err.code}"
-    except (OSError, ValueError) as err:
-        return f"no MLflow server answers there ({getattr(err, 'reason', err)})"
+        answer = requests.get(f"{uri.rstrip('/')}/health", timeout=5,
+                              auth=(user, password) if user and password else None)
+    except (requests.RequestException, ValueError) as err:
+        reason = re.search(r"\[Errno -?\d+\] [^'\")]+", str(err))  # the socket's own words, if any
+        return f"no MLflow server answers there ({reason.group(0) if reason else type(err).__name__})"
+    if answer.status_code in (401, 403):
+        return (f"the server refused the credentials (HTTP {answer.status_code}; set them in the URI or in "
+                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)")
+    return None if answer.status_code == 200 else f"the server answered HTTP {answer.status_code}"
 
 
 def storage_problem(env: Environment, root: str) -> str | None:
@@ -239,7 +247,8 @@ def preflight(pyramid_uri: str, checkpoint_root: str, tracking_uri: str) -> int:
             continue
         failures += [f"node {answer['ip']} ({answer['node'][:12]}): {p}" for p in answer["problems"]]
     if failures:
-        raise ClusterError("pre-flight failed on " + "; ".join(failures))
+        raise ClusterError("pre-flight failed on " + "; ".join(failures) + ". Nodes of a cluster use their own "
+                           "credentials (a Secret or an instance role, as in infra/kuberay), never the driver's")
     return len(nodes)
 
 

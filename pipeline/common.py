@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -31,6 +32,8 @@ def run_stage(main: Callable[..., None], description: str,
     args = parser.parse_args()
     # SIGTERM (a scheduler, `kill`, Ray job stop) unwinds like Ctrl-C, so MLflow runs end as KILLED.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # Credentials in the tracking URI move to MLflow's own variables before anything reads the URI.
+    move_uri_credentials()
     try:
         cfg = load_config(args.params)
         main(cfg, args) if add_arguments is not None else main(cfg)
@@ -39,6 +42,25 @@ def run_stage(main: Callable[..., None], description: str,
             raise  # our own bug: the traceback is what it takes to fix it
         print(f"error: {redact(err)}", file=sys.stderr)
         sys.exit(1)
+
+
+def move_uri_credentials(environ=None) -> None:
+    """MLFLOW_TRACKING_URI = scheme://user:password@host becomes the bare URI plus
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (which the MLflow client sends as basic auth),
+    before anything reads it: the URI is then safe to print, log, store and hand to workers."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    env = os.environ if environ is None else environ
+    uri = env.get("MLFLOW_TRACKING_URI") or ""
+    parts = urlsplit(uri)
+    if not parts.scheme.startswith("http") or "@" not in parts.netloc:
+        return
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    env["MLFLOW_TRACKING_URI"] = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    env["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+    if password:
+        env["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
 
 
 # OSErrors a user fixes (free space, permissions, a read-only mount), as opposed to our bugs.

@@ -10,10 +10,18 @@ read once, at a stage's entry point, from the standard variables the libraries t
     AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL   an S3-compatible endpoint (SeaweedFS, MinIO)
     AWS_REGION / AWS_DEFAULT_REGION
     AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE   credentials
-    MLFLOW_TRACKING_URI             an MLflow server (unset: sqlite:///mlflow.db, this machine only)
+    MLFLOW_TRACKING_URI             an MLflow server (unset: sqlite:///mlflow.db, this machine only);
+                                    user:password@ in it become MLFLOW_TRACKING_USERNAME/PASSWORD
+                                    (pipeline.common.move_uri_credentials, at every stage's start)
+    MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN   tracking credentials
 
 One `Environment` builds every client of object storage: boto3 (through components.storage) where
 we call S3 ourselves, a pyarrow filesystem where Ray needs one.
+
+Credentials never travel with a job: Ray writes a job's runtime_env (its env_vars included) into its
+logs and job table. A local Ray's processes inherit this process's environment; the nodes of a
+cluster take their own (a Kubernetes Secret, an instance role: infra/kuberay), and the pre-flight
+check names a node that has none.
 """
 
 from __future__ import annotations
@@ -24,13 +32,14 @@ from pathlib import Path
 
 from components.storage import Storage, is_s3, join, split_s3, storage_for
 
-# Variables a Ray worker needs to reach storage and tracking; shipped with the job's runtime_env.
+# Where storage and tracking are, which a Ray worker on another node needs: shipped with the job's
+# runtime_env. No secret among them (see the module docstring).
 FORWARDED_VARIABLES = (
-    "HMSA_STORAGE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-    "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "HMSA_STORAGE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+    "MLFLOW_TRACKING_URI", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
 )
+
+
 LOCAL_CHECKPOINTS = "ray_results"
 LOCAL_TRACKING = "sqlite:///mlflow.db"
 
@@ -107,8 +116,8 @@ class Environment:
         return fs.S3FileSystem(**kwargs)
 
     def worker_variables(self) -> dict[str, str]:
-        """The variables of this process that workers on other nodes need (credentials included:
-        they travel in the job's runtime_env, never as params or logged values)."""
+        """The variables of this process that workers on other nodes need: where storage and
+        tracking are, never credentials (the nodes have their own)."""
         variables = {name: os.environ[name] for name in FORWARDED_VARIABLES if os.environ.get(name)}
         # As resolved here: a relative path would resolve against the worker's own directory.
         variables["MLFLOW_TRACKING_URI"] = self.tracking_uri

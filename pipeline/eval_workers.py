@@ -69,13 +69,14 @@ def shards(count: int, parts: int) -> list[list[int]]:
 
 
 def evaluate_on_ray(cfg: PipelineConfig, model, model_cfg: ModelConfig, scale_sets: list[list[float]],
-                    flip: bool, launch: Launch | None = None,
-                    attention_set: int | None = None) -> tuple[list[dict], dict | None]:
+                    flip: bool, launch: Launch | None = None, attention_set: int | None = None,
+                    per_image: bool = False) -> tuple[list[dict], dict | None]:
     """Metrics of `model` at each scale set on the val split of cfg.pyramid.output, computed by Ray
     workers: rows as components.evaluation.summarize gives them, plus `gflops`, `latency_device` and
     `eval_workers`; and, when `attention_set` is given, the mean attention by class of that set
-    (components.evaluation.attention_means). A scale set the method cannot use fails here, before
-    any work."""
+    (components.evaluation.attention_means). With `per_image`, each row also has `image_matrices`
+    (one confusion matrix per val image, in order). A scale set the method cannot use fails here,
+    before any work."""
     import ray
 
     from components.data.dataset import PyramidEvalDataset
@@ -103,5 +104,7 @@ def evaluate_on_ray(cfg: PipelineConfig, model, model_cfg: ModelConfig, scale_se
         row["gflops"] = inference_flops(model_cfg, row["scales"], size) * (2 if flip else 1) / 1e9
         row["latency_device"] = answers[0]["device"]
         row["eval_workers"] = len(work)
+        if per_image:
+            row["image_matrices"] = merged["image_matrices"]
         rows.append(row)
     return rows, attention

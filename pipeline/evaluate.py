@@ -29,13 +29,14 @@ from pipeline.model_source import load_model
 
 
 def evaluate_all(cfg: PipelineConfig, model, model_cfg, scale_sets: list[list[float]], flip: bool,
-                 launch=None, attention: bool = False) -> list[dict]:
+                 launch=None, attention: bool = False, per_image: bool = False) -> list[dict]:
     """Every scale set on the val split of cfg.pyramid.output, as Ray work (pipeline.eval_workers),
     with the Pareto front over (GFLOPs, mIoU) marked. With `attention`, the widest set's row also
     carries `attention_by_class` (scale -> mean attention per class), from the same forward pass."""
     widest = max(range(len(scale_sets)), key=lambda i: len(scale_sets[i]))
     wanted = attention and model_cfg.method in ("hierarchical", "explicit")
-    rows, means = evaluate_on_ray(cfg, model, model_cfg, scale_sets, flip, launch, widest if wanted else None)
+    rows, means = evaluate_on_ray(cfg, model, model_cfg, scale_sets, flip, launch, widest if wanted else None,
+                                  per_image=per_image)
     for row, front in zip(rows, pareto_front(rows)):
         row["pareto"] = front
     if means is not None:

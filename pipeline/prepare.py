@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from components.atomic import scratch_dir
+from components.atomic import naming_the_output, scratch_dir
 from components.config import PipelineConfig
 from components.data.prepare import prepare_dataset
 from components.data.readers import open_dataset, read_cityscapes
@@ -19,7 +19,7 @@ def main(cfg: PipelineConfig) -> None:
     pc = cfg.prepare
     # The generated dataset lives next to the output under a name the next run recognises, so one
     # that a killed run left behind is removed (a system temporary folder would keep it).
-    with scratch_dir(pc.output, "generate") as scratch:
+    with scratch_dir(pc.output, "generate") as scratch, naming_the_output(pc.output, "prepare.output"):
         if pc.dataset == "synthetic":
             sc = pc.synthetic
             splits = {"train": sc.train_images, "val": sc.val_images}

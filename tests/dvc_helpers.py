@@ -22,7 +22,7 @@ TINY = {
     "evaluate": {"scale_sets": [[1.0], [0.5, 1.0], [0.5, 1.0, 2.0]], "pictures": 1},
     "tune": {"num_samples": 2, "epochs": 1, "steps_per_epoch": 2,
              "eval_scale_sets": {"s10": [1.0], "s05_10_20": [0.5, 1.0, 2.0]}},
-    "ablation": {"epochs": 1, "crop_size": [64, 64]},
+    "ablation": {"epochs": 1, "crop_size": [64, 64], "seeds": [0, 1], "bootstrap_rounds": 200},
 }
 
 

@@ -58,10 +58,9 @@ def stop(proc: subprocess.Popen, grace: float = 10) -> None:
 class SeaweedS3:
     """A SeaweedFS server (master, volume, filer) with its S3 gateway and one access key."""
 
-    access_key, secret_key = "hmsa-test", "hmsa-test-secret"
-
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, access_key: str = "hmsa-test", secret_key: str = "hmsa-test-secret"):
         self.workdir = workdir
+        self.access_key, self.secret_key = access_key, secret_key
         weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
         (workdir / "data").mkdir(parents=True)
         config = workdir / "s3.json"
@@ -78,7 +77,12 @@ class SeaweedS3:
         for flag in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
                      "filer.port.grpc", "s3.port.grpc"):
             args.append(f"-{flag}={free_port()}")
-        self.proc = subprocess.Popen(args, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        self._args = args
+        self.start()
+
+    def start(self) -> None:
+        """Start (or start again, with the same ports and data) and wait until it takes writes."""
+        self.proc = subprocess.Popen(self._args, stdout=self.log.open("a"), stderr=subprocess.STDOUT)
         wait_until(self._bucket_ready, 60, "SeaweedFS S3 gateway", self.proc, self.log)
 
     def client(self, secret: str | None = None, quick: bool = False):
@@ -91,7 +95,13 @@ class SeaweedS3:
             aws_access_key_id=self.access_key, aws_secret_access_key=secret or self.secret_key)
 
     def _bucket_ready(self) -> bool:
-        self.client(quick=True).create_bucket(Bucket="ready-check")
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client(quick=True).create_bucket(Bucket="ready-check")
+        except ClientError as err:  # started again: the bucket is there from the first start
+            if err.response["Error"]["Code"] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
         return True
 
     def env(self) -> dict:
@@ -105,11 +115,11 @@ class SeaweedS3:
 class RayHead:
     """A local Ray cluster started with `ray start --head`, which stage subprocesses join."""
 
-    def __init__(self, num_cpus: int = 4):
+    def __init__(self, num_cpus: int = 4, **node_env):
         import tempfile
 
         # Ray's Unix socket paths must stay short: a temp dir right under /tmp.
-        workdir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+        workdir = self.workdir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         ray_bin = str(Path(sys.executable).parent / "ray")
@@ -119,7 +129,9 @@ class RayHead:
         # a stopped Tune trial's workers; the variable makes it use this cluster's even when another
         # Ray runs on the machine (it would otherwise fail to choose, and the next trial wait forever).
         dashboard = free_port()
-        self.env = python_env(RAY_ADDRESS="", RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard}", **self.auth)
+        # `node_env`: what a node of a real cluster holds in its own environment (credentials).
+        self.env = python_env(RAY_ADDRESS="", RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard}", **self.auth,
+                              **node_env)
         subprocess.run([ray_bin, "start", "--head", f"--port={self.port}", f"--num-cpus={num_cpus}",
                         "--num-gpus=0", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
                         f"--dashboard-port={dashboard}",
@@ -130,25 +142,50 @@ class RayHead:
         """What a stage subprocess needs to join this cluster."""
         return {"RAY_ADDRESS": self.address, **self.auth}
 
+    def describe(self) -> str:
+        """The cluster's resources, placement groups and live actors: what a test that timed out
+        waiting on this cluster prints, so a hang in CI can be read from its log."""
+        env = python_env(RAY_ADDRESS=self.address, **self.auth)
+        parts = []
+        for args in (["status"], ["list", "placement-groups", "--detail"], ["list", "actors", "--filter", "state!=DEAD"]):
+            done = subprocess.run([self._ray_bin, *args], capture_output=True, text=True, env=env, timeout=60)
+            parts.append(f"$ ray {' '.join(args)}\n{(done.stdout + done.stderr)[-4000:]}")
+        return "\n".join(parts)
+
     def stop(self) -> None:
         subprocess.run([self._ray_bin, "stop", "--force"], capture_output=True, env=self.env)
 
 
 class MlflowServer:
-    """A real `mlflow server` process with a SQLite backend and a local artifact root."""
+    """A real `mlflow server` process with a SQLite backend and a local artifact root; with
+    `admin_password`, MLflow's basic-auth app, whose only user is `admin`."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, admin_password: str | None = None):
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log = workdir / "mlflow.log"
         mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-        self.proc = subprocess.Popen(
-            [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-             "--artifacts-destination", str(workdir / "artifacts"), "--workers", "1"],
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=workdir)
+        args = [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(self.port),
+                "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+                "--artifacts-destination", str(workdir / "artifacts"), "--workers", "1"]
+        env = python_env()
+        if admin_password is not None:
+            # The repository's own auth config, with this folder's user database.
+            config = (Path(__file__).resolve().parents[1] / "infra" / "mlflow" / "basic_auth.ini").read_text()
+            config = config.replace("sqlite:////mlflow/basic_auth.db", f"sqlite:///{workdir / 'basic_auth.db'}")
+            (workdir / "basic_auth.ini").write_text(config)
+            env.update(MLFLOW_AUTH_CONFIG_PATH=str(workdir / "basic_auth.ini"), MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
+                       MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex())
+            args += ["--app-name", "basic-auth"]
+        self._args, self._env, self._workdir = args, env, workdir
+        self.start()
+
+    def start(self) -> None:
+        """Start (or start again, on the same port and store) and wait until it answers."""
         import urllib.request
 
+        self.proc = subprocess.Popen(self._args, stdout=self.log.open("a"), stderr=subprocess.STDOUT,
+                                     cwd=self._workdir, env=self._env)
         wait_until(lambda: urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200, 90,
                    "mlflow server", self.proc, self.log)
 

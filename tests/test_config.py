@@ -135,3 +135,16 @@ def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     assert plain.stderr.startswith("error: invalid configuration in") and "model.trunk" in plain.stderr
     debug = subprocess.run([*command, "--debug"], capture_output=True, text=True)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"train": {"crop_size": [190, 190]}, "tune": {"train_scale_sets": {"s075_10": [0.75, 1.0]}}},
+     "train.crop_size = [190, 190]: with tune.train_scale_sets.s075_10 [0.75, 1.0] a crop must be a multiple of 4"),
+    ({"ablation": {"crop_size": [129, 129]}}, "ablation.crop_size = [129, 129]: with ablation.methods."),
+    ({"model": {"train_scales": [0.7, 1.0]}, "train": {"crop_size": [64, 64]}},
+     "train.crop_size = [64, 64]: with model.train_scales [0.7, 1.0] a crop must be a multiple of 10"),
+    ({"model": {"train_scales": [0.123456789, 1.0]}}, "is not a ratio of small whole numbers"),
+])
+def test_crops_must_be_whole_pixels_at_every_training_scale(raw, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        validate_config(raw)

@@ -1,12 +1,15 @@
 """Generator determinism, pyramid round trip and the aligned multi-scale loader."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from components.config import LoaderConfig
+from components.config import LoaderConfig, load_config
 from components.data.classes import cityscapes_lookup
-from components.data.dataset import PyramidEvalDataset, PyramidTrainDataset, class_uniform_order
+from components.data.dataset import (MEAN, STD, PyramidEvalDataset, PyramidTrainDataset, class_uniform_order,
+                                     crop_windows)
 from components.data.prepare import prepare_dataset
 from components.data.pyramid import PyramidReader, build_pyramid, resize_image, resize_label
 from components.data.readers import read_cityscapes
@@ -103,3 +106,78 @@ def test_loader_processes_and_pinned_memory_are_sized_from_the_machine():
     assert loader_settings(auto, cpus=16, device_type="cuda")["num_workers"] == 4
     assert loader_settings(auto, cpus=16, device_type="cuda")["pin_memory"] is True
     assert loader_settings(LoaderConfig(workers=0), cpus=8)["num_workers"] == 0
+
+
+def default_training_scale_sets() -> dict[str, list[float]]:
+    """Every training scale set the shipped params.yaml can train: the model's, the tune search's
+    and each ablation method's."""
+    cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml")
+    sets = {"model.train_scales": cfg.model.train_scales}
+    sets.update({f"tune.train_scale_sets.{k}": v for k, v in cfg.tune.train_scale_sets.items()})
+    sets.update({f"ablation.methods.{k}": m.train_scales for k, m in cfg.ablation.methods.items()})
+    return sets
+
+
+@pytest.mark.parametrize("name", sorted(default_training_scale_sets()))
+def test_crop_windows_are_exact_at_every_level_of_the_default_pyramid(name):
+    """For every default training scale set and every random scale (the level that plays 1.0), each
+    level's window is the 1.0 window times its scale exactly, in whole pixels: no level is off by a
+    rounded half pixel (0.75 used to be, for about half the crops)."""
+    from fractions import Fraction
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml")
+    scales = default_training_scale_sets()[name]
+    size = (cfg.prepare.synthetic.height, cfg.prepare.synthetic.width)
+    crop = cfg.ablation.crop_size if name.startswith("ablation") else cfg.train.crop_size
+    random_scales = cfg.ablation.random_scales if name.startswith("ablation") else cfg.loader.random_scales
+    rng = np.random.default_rng(0)
+    for r in random_scales:
+        base = (round(size[0] * r), round(size[1] * r))
+        for _ in range(200):
+            windows = crop_windows(base, crop, scales, rng)
+            y, x, h, w = windows[1.0] if 1.0 in windows else (None,) * 4
+            for s, window in windows.items():
+                assert round(r * s, 6) in [round(v, 6) for v in cfg.pyramid.scales]
+                exact = [Fraction(v) / Fraction(s).limit_denominator(64) for v in window]
+                if y is not None:
+                    assert exact == [y, x, h, w], (r, s, window, windows[1.0])
+                assert all(e.denominator == 1 for e in exact) or s > 1.0
+
+
+def test_a_crop_at_a_lower_level_is_the_area_resize_of_the_full_crop(tmp_path):
+    """Pixels, not just windows: with the default pyramid's levels, the crop at 0.75, 0.5, 0.375
+    and 0.25 is exactly the area resize of the 1.0 crop (only an aligned window makes it so)."""
+    levels = [0.25, 0.375, 0.5, 0.75, 1.0]
+    write_cityscapes_layout(tmp_path / "cs", {"train": 3, "val": 1}, 64, 96, seed=2)
+    prepare_dataset(read_cityscapes(tmp_path / "cs"), tmp_path / "raw")
+    build_pyramid(tmp_path / "raw", levels, shard_size=2, storage=Storage(), output=str(tmp_path / "pyramid"))
+    reader = PyramidReader(str(tmp_path / "pyramid"))
+    cfg = LoaderConfig(random_scales=[1.0], photometric_probability=0.0, flip=False)
+    for scales in ([0.75, 1.0], [0.5, 1.0], [0.375, 1.0], [0.25, 0.5, 1.0]):
+        ds = PyramidTrainDataset(reader, "train", scales, (40, 56), cfg, seed=1)
+        for index in range(len(ds)):
+            item = ds[index]
+            full = (item["images"][1.0].permute(1, 2, 0).numpy() * STD + MEAN).round().clip(0, 255).astype(np.uint8)
+            for s in scales[:-1]:
+                low = (item["images"][s].permute(1, 2, 0).numpy() * STD + MEAN).round().clip(0, 255).astype(np.uint8)
+                expected = resize_image(full, (low.shape[0], low.shape[1]))
+                assert np.abs(low.astype(int) - expected.astype(int)).max() <= 1, (scales, s, index)
+
+
+def test_a_continuous_random_scale_range_keeps_every_level_aligned(pyramid):
+    """loader.random_scale_range (the paper's 0.5 to 2.0): any r, not only stored levels; the image at
+    r comes from the nearest stored level at or above it, and the lower training scales are resizes
+    of the very crop, so they show exactly its region."""
+    reader = PyramidReader(str(pyramid / "pyramid"))
+    cfg = LoaderConfig(random_scale_range=(0.5, 2.0), photometric_probability=0.0, flip=False)
+    ds = PyramidTrainDataset(reader, "train", [0.5, 1.0], (32, 48), cfg, seed=4)
+    for index in range(len(ds)):
+        item = ds[index]
+        full = (item["images"][1.0].permute(1, 2, 0).numpy() * STD + MEAN).round().clip(0, 255).astype(np.uint8)
+        low = (item["images"][0.5].permute(1, 2, 0).numpy() * STD + MEAN).round().clip(0, 255).astype(np.uint8)
+        assert full.shape == (32, 48, 3) and low.shape == (16, 24, 3) and item["label"].shape == (32, 48)
+        assert np.abs(low.astype(int) - resize_image(full, (16, 24)).astype(int)).max() <= 1
+    # the range needs no particular pyramid levels: a set the discrete loader could not read is fine
+    from components.config import validate_config
+
+    validate_config({"loader": {"random_scales": [0.3], "random_scale_range": [0.5, 2.0]}})

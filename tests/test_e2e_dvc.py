@@ -17,6 +17,13 @@ def test_dvc_repro_whole_pipeline(tmp_path):
     dvc(tmp_path, "repro")
     table = json.loads((tmp_path / "results/ablation/table.json").read_text())
     assert [row["method"] for row in table] == ["single", "avgpool", "maxpool", "explicit", "hierarchical"]
+    for row in table:  # every method per seed: mean and std over seeds, and a paired test against single
+        assert row["seeds"] == [0, 1] and len(row["miou"]["values"]) == 2 and row["miou"]["std"] >= 0
+        assert ("vs_single" in row) == (row["method"] != "single")
+        if row["method"] != "single":
+            low, high = row["vs_single"]["ci95"]
+            assert low <= high and 0 <= row["vs_single"]["p_value"] <= 1
+    assert "± " in (tmp_path / "results/ablation/table.md").read_text()
     registration = json.loads((tmp_path / "results/register/registration.json").read_text())
     assert registration["promoted"] and registration["aliases"]["champion"] == registration["version"]
     assert yaml.safe_load((tmp_path / "results/tune/best.yaml").read_text())["settings"]

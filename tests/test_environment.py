@@ -46,7 +46,21 @@ def test_worker_variables_carry_resolved_locations(tmp_path, monkeypatch):
     env = Environment.from_environ()
     variables = env.worker_variables()
     assert variables["HMSA_STORAGE"] == str(tmp_path / "shared")  # not relative to the worker's folder
-    assert variables["AWS_SECRET_ACCESS_KEY"] == "s3cr3t" and variables["MLFLOW_TRACKING_URI"].startswith("sqlite:////")
+    assert variables["MLFLOW_TRACKING_URI"].startswith("sqlite:////")
+    # Credentials never travel with the job (Ray logs a job's runtime_env); nodes hold their own.
+    assert "AWS_SECRET_ACCESS_KEY" not in variables and "s3cr3t" not in repr(variables)
+
+
+def test_credentials_in_the_tracking_uri_become_mlflow_variables():
+    from pipeline.common import move_uri_credentials
+
+    env = {"MLFLOW_TRACKING_URI": "https://ada:p%40ss:word@mlflow.example:5000/base"}
+    move_uri_credentials(env)
+    assert env == {"MLFLOW_TRACKING_URI": "https://mlflow.example:5000/base", "MLFLOW_TRACKING_USERNAME": "ada",
+                   "MLFLOW_TRACKING_PASSWORD": "p@ss:word"}
+    plain = {"MLFLOW_TRACKING_URI": "sqlite:////tmp/x@y/mlflow.db"}
+    move_uri_credentials(plain)
+    assert plain == {"MLFLOW_TRACKING_URI": "sqlite:////tmp/x@y/mlflow.db"}
 
 
 def test_storage_root_without_bucket_is_refused():

@@ -58,8 +58,11 @@ def test_hierarchical_on_unseen_scale_sets(tmp_path, data, local_ray):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert set(metrics) == {"1", "0.25,0.5,1,2", "0.75,1,1.5"}
     attention = json.loads((tmp_path / "out" / "attention_by_class.json").read_text())
-    # every scale's mean attention but the top one's, which hierarchical fusion never uses
-    assert set(attention) == {"0.25", "0.5", "1"} and 0 <= attention["0.5"]["road"] <= 1
+    # every scale's mean share of the fused prediction, the top one's included; per class they sum to 1
+    assert set(attention) == {"0.25", "0.5", "1", "2"} and 0 <= attention["0.5"]["road"] <= 1
+    for name, value in attention["1"].items():
+        if value is not None:
+            assert abs(sum(attention[s][name] for s in attention) - 1) < 1e-4, name
     assert len(list((tmp_path / "out" / "attention").glob("*.png"))) == 2
     assert (tmp_path / "out" / "pareto.csv").read_text().startswith("scales,gflops,miou")
 

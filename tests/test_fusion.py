@@ -96,3 +96,40 @@ def test_explicit_fuse_softmax_over_scales():
     assert torch.allclose(out, torch.full_like(out, 0.25 * 1 + 0.75 * 4), atol=1e-5)
     with pytest.raises(ValueError, match="channels"):
         explicit_fuse(logits, torch.zeros(2, 3, 97, 131))
+
+
+@pytest.mark.parametrize("scales", [(0.5, 1.0), (0.5, 1.0, 2.0), (0.25, 0.5, 1.0, 2.0), (1.0, 1.5, 2.0)])
+def test_effective_weights_unroll_the_recursion_and_sum_to_one(scales):
+    """w_s = a_s * prod_{s' < s} (1 - a_s'), a_top = 1: with spatially constant maps the fused logits
+    are exactly sum_s w_s p_s; with random maps the weights still sum to 1 at every pixel."""
+    from components.models.fusion import hierarchical_weights
+
+    p = {s: 1.0 + 3 * i for i, s in enumerate(scales)}
+    a = {s: 0.1 + 0.15 * i for i, s in enumerate(scales)}
+    logits, attn = constant_inputs(p, a)
+    weights = hierarchical_weights(attn, list(scales), (97, 131))
+    assert sorted(weights) == sorted(scales)
+    fused = hierarchical_fuse(logits, attn)
+    assert torch.allclose(fused, sum(weights[s] * p[s] for s in scales).expand_as(fused), atol=1e-5)
+    # by hand for (0.5, 1.0, 2.0): w_0.5 = a_0.5, w_1 = (1 - a_0.5) a_1, w_2 = (1 - a_0.5)(1 - a_1)
+    if scales == (0.5, 1.0, 2.0):
+        expected = {0.5: a[0.5], 1.0: (1 - a[0.5]) * a[1.0], 2.0: (1 - a[0.5]) * (1 - a[1.0])}
+        assert all(torch.allclose(weights[s], torch.full_like(weights[s], v)) for s, v in expected.items())
+    random = {s: torch.rand(2, 1, *size_at(s)) for s in scales[:-1]}  # the top map is never read
+    total = sum(hierarchical_weights(random, list(scales), (97, 131)).values())
+    assert torch.allclose(total, torch.ones_like(total), atol=1e-6)
+
+
+def test_model_output_reports_shares_of_the_prediction():
+    from components.models import build_model
+    from tests.conftest import tiny_model_config
+
+    for method in ("hierarchical", "explicit"):
+        model = build_model(tiny_model_config(method=method, train_scales=[0.5, 1.0, 2.0] if method == "explicit"
+                                              else [0.5, 1.0])).eval()
+        with torch.no_grad():
+            output = model(torch.randn(1, 3, 64, 64), [0.5, 1.0, 2.0])
+        weights = output.scale_weights()
+        assert sorted(weights) == [0.5, 1.0, 2.0]  # the top scale has its share too
+        assert all(w.shape == (1, 1, 64, 64) for w in weights.values())
+        assert torch.allclose(sum(weights.values()), torch.ones(1, 1, 64, 64), atol=1e-5)

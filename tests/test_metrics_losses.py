@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,3 +62,62 @@ def test_auxiliary_terms_by_method():
     assert segmentation_loss(out, target, explicit).item() == pytest.approx(base * 3)
     single = tiny_model_config(method="avgpool")
     assert segmentation_loss(out, target, single).item() == pytest.approx(base)
+
+
+def rmi_by_hand(onehot: np.ndarray, probs: np.ndarray, radius: int = 3, ridge: float = 5e-4) -> np.ndarray:
+    """The RMI bound of one class map pair per image, written out: every radius x radius window as a
+    vector (pixel loops), covariances from centred vectors, the Schur complement, 0.5 log det."""
+    n, c, h, w = onehot.shape
+    out = np.zeros((n, c))
+    for i in range(n):
+        for k in range(c):
+            ys, ps = [], []
+            for top in range(h - radius + 1):
+                for left in range(w - radius + 1):
+                    ys.append(onehot[i, k, top:top + radius, left:left + radius].reshape(-1))
+                    ps.append(probs[i, k, top:top + radius, left:left + radius].reshape(-1))
+            y, p = np.array(ys).T, np.array(ps).T  # (radius^2, positions)
+            y = y - y.mean(axis=1, keepdims=True)
+            p = p - p.mean(axis=1, keepdims=True)
+            eye = ridge * np.eye(radius * radius)
+            var = y @ y.T - (y @ p.T) @ np.linalg.inv(p @ p.T + eye) @ (y @ p.T).T
+            out[i, k] = 0.5 * np.linalg.slogdet(var + eye)[1]
+    return out.mean(axis=0) / radius ** 2
+
+
+def test_rmi_bound_matches_a_hand_computation():
+    from components.losses import rmi_lower_bound
+
+    rng = np.random.default_rng(0)
+    onehot = (rng.random((2, 3, 7, 8)) < 0.4).astype(np.float64)
+    probs = np.clip(0.7 * onehot + 0.3 * rng.random((2, 3, 7, 8)), 1e-6, 1)
+    ours = rmi_lower_bound(torch.from_numpy(onehot), torch.from_numpy(probs)).numpy()
+    assert np.allclose(ours, rmi_by_hand(onehot, probs), rtol=1e-4, atol=1e-5)
+
+
+def test_rmi_loss_prefers_the_truth_and_ignores_ignored_pixels():
+    from components.losses import rmi_loss
+
+    torch.manual_seed(0)
+    target = torch.randint(0, 4, (2, 24, 24))
+    target[:, :4] = 255
+    truth = torch.nn.functional.one_hot(torch.where(target == 255, 0, target), 4).permute(0, 3, 1, 2).float()
+    good, noise = truth * 8 - 4, torch.randn(2, 4, 24, 24, requires_grad=True)
+    assert rmi_loss(good, target) < rmi_loss(noise, target)
+    rmi_loss(noise, target).backward()
+    assert torch.isfinite(noise.grad).all() and noise.grad[:, :, :4].abs().max() < 1e-3  # only via pooling edges
+    changed = good.clone()
+    changed[:, :, :3] = torch.randn(2, 4, 3, 24) * 5  # ignored rows (away from the pooling seam) do not count
+    assert torch.allclose(rmi_loss(changed, target), rmi_loss(good, target), atol=1e-5)
+
+
+def test_rmi_replaces_cross_entropy_on_the_fused_logits_only():
+    cfg = tiny_model_config(method="hierarchical", aux_scale_weight=0.05)
+    target = torch.randint(0, 5, (2, 16, 16))
+    out = MultiScaleOutput(fused=torch.randn(2, 5, 16, 16), logits={0.5: torch.randn(2, 5, 8, 8),
+                                                                    1.0: torch.randn(2, 5, 16, 16)})
+    from components.losses import rmi_loss
+
+    per_scale = sum(0.05 * cross_entropy(l, target) for l in out.logits.values())
+    assert torch.allclose(segmentation_loss(out, target, cfg, "rmi"), rmi_loss(out.fused, target) + per_scale)
+    assert torch.allclose(segmentation_loss(out, target, cfg, "ce"), cross_entropy(out.fused, target) + per_scale)

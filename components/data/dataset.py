@@ -8,15 +8,14 @@ same for all levels of one sample, so the levels stay aligned.
 
 from __future__ import annotations
 
-import math
-
 import albumentations as A
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from components.config import LoaderConfig
-from components.data.pyramid import PyramidReader, image_levels
+from components.data.pyramid import PyramidReader, image_levels, resize_image, resize_label
+from components.scales import crop_grid_step, scale_key, scaled_size
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
 STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
@@ -66,6 +65,20 @@ def class_uniform_order(entries: list[dict], num_classes: int, share: float, rng
     return rng.choice(n, size=n, replace=True, p=weights / weights.sum())
 
 
+def crop_windows(base_shape: tuple[int, ...], crop_size: tuple[int, int], train_scales: list[float],
+                 rng: np.random.Generator) -> dict[float, tuple[int, int, int, int]]:
+    """A random crop of `crop_size` in the base level (the one playing 1.0) and the same region at
+    every training scale: {scale: (top, left, height, width)} in that level's pixels. The origin lies
+    on the grid of crop_grid_step(train_scales), so every level's window is exact, never rounded
+    (a crop size that is a multiple of the step is required by the config)."""
+    step = crop_grid_step(train_scales)
+    crop_h, crop_w = crop_size
+    top = int(rng.integers(0, max(0, base_shape[0] - crop_h) // step + 1)) * step
+    left = int(rng.integers(0, max(0, base_shape[1] - crop_w) // step + 1)) * step
+    return {s: (int(top * s), int(left * s), max(1, int(crop_h * s)), max(1, int(crop_w * s)))
+            for s in train_scales}
+
+
 class PyramidTrainDataset(Dataset):
     """Yields {"images": {scale: 3xhxw}, "label": HxW int64} with crops aligned across scales."""
 
@@ -93,33 +106,51 @@ class PyramidTrainDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, self.epoch, index])
         sample = int(self.order[index])
-        r = float(rng.choice(self.cfg.random_scales))
-        levels = self.reader.read(self.split, sample, [round(r * s, 6) for s in self.train_scales])
-        _, base_label = levels[round(r, 6)]
-        crop_h, crop_w = self.crop_size
-        # The crop origin is a multiple of `step` so that it maps to whole pixels at every scale.
-        step = max(1, math.ceil(1 / min(self.train_scales)))
-        top = int(rng.integers(0, max(0, base_label.shape[0] - crop_h) // step + 1)) * step
-        left = int(rng.integers(0, max(0, base_label.shape[1] - crop_w) // step + 1)) * step
-        flip = self.cfg.flip and rng.random() < 0.5
-        images, label = {}, None
-        for s in self.train_scales:
-            image, lab = levels[round(r * s, 6)]
-            h, w = max(1, round(crop_h * s)), max(1, round(crop_w * s))
-            y, x = round(top * s), round(left * s)
-            image = _pad(image[y : y + h, x : x + w], h, w, 0)
-            if flip:
-                image = image[:, ::-1]
-            images[s] = np.ascontiguousarray(image)
-            if s == 1.0:
-                label = _pad(lab[y : y + h, x : x + w], h, w, 255)
-                label = np.ascontiguousarray(label[:, ::-1] if flip else label)
+        if self.cfg.random_scale_range is not None:
+            crops, label = self._crops_at_any_scale(sample, rng)
+        else:
+            crops, label = self._crops_from_levels(sample, rng)
+        if self.cfg.flip and rng.random() < 0.5:
+            crops = {s: image[:, ::-1] for s, image in crops.items()}
+            label = label[:, ::-1]
+        images = {s: np.ascontiguousarray(image) for s, image in crops.items()}
         keys = [f"level{i}" for i in range(len(self.train_scales))]
         jittered = self.photometric(image=images[1.0], **{k: images[s] for k, s in zip(keys, self.train_scales)})
         return {
             "images": {s: to_tensor(jittered[k]) for k, s in zip(keys, self.train_scales)},
-            "label": torch.from_numpy(label.astype(np.int64)),
+            "label": torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)),
         }
+
+    def _crops_from_levels(self, sample: int, rng: np.random.Generator) -> tuple[dict, np.ndarray]:
+        """Random scale r from loader.random_scales: every crop cut from a stored level (r * s)."""
+        r = float(rng.choice(self.cfg.random_scales))
+        levels = self.reader.read(self.split, sample, [round(r * s, 6) for s in self.train_scales])
+        windows = crop_windows(levels[round(r, 6)][1].shape, self.crop_size, self.train_scales, rng)
+        crops, label = {}, None
+        for s in self.train_scales:
+            image, lab = levels[round(r * s, 6)]
+            y, x, h, w = windows[s]
+            crops[s] = _pad(image[y : y + h, x : x + w], h, w, 0)
+            if s == 1.0:
+                label = _pad(lab[y : y + h, x : x + w], h, w, 255)
+        return crops, label
+
+    def _crops_at_any_scale(self, sample: int, rng: np.random.Generator) -> tuple[dict, np.ndarray]:
+        """Random scale r drawn from loader.random_scale_range (the paper's 0.5 to 2.0): the image at
+        r is made from the nearest stored level at or above r (area resize down, no detail made up),
+        the crop is cut there, and the other training scales are resizes of that crop with the
+        pyramid's own resize (image_levels), so every level shows exactly the same region."""
+        low, high = self.cfg.random_scale_range
+        r = float(rng.uniform(low, high))
+        above = [s for s in self.reader.scales if s >= r - 1e-9]
+        source = min(above) if above else max(self.reader.scales)
+        image, lab = self.reader.read(self.split, sample, [source])[source]
+        full = self.entries[sample]["levels"][scale_key(1.0)]
+        size = scaled_size((full["height"], full["width"]), r)
+        image, lab = resize_image(image, size), resize_label(lab, size)
+        y, x, h, w = crop_windows(lab.shape, self.crop_size, [1.0], rng)[1.0]
+        crop = _pad(image[y : y + h, x : x + w], h, w, 0)
+        return image_levels(crop, self.train_scales), _pad(lab[y : y + h, x : x + w], h, w, 255)
 
 
 class PyramidEvalDataset(Dataset):

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from components.atomic import MARKER, check_owned, remove_stale_temporaries
+from components.atomic import MARKER, check_owned, naming_the_output, remove_stale_temporaries
 from components.data.prepare import manifest_hash
 from components.scales import scale_key, scaled_size
 from components.storage import Storage, join
@@ -63,46 +63,47 @@ def build_pyramid(prepared_dir: str | Path, scales: list[float], shard_size: int
         remove_stale_temporaries(Path(output))  # what a killed run left: named after the output
     staging = Path(tempfile.mkdtemp(prefix=f".{Path(output).name}.tmp-", dir=staging_parent))
     try:
-        splits = {}
-        for split, ids in source["splits"].items():
-            entries, shard, handle, offset = [], -1, None, 0
-            for i, sample_id in enumerate(ids):
-                if i % shard_size == 0:
-                    if handle:
-                        handle.close()
-                    shard, offset = shard + 1, 0
-                    handle = open(staging / f"{split}-{shard:05d}.bin", "wb")
-                image = np.asarray(Image.open(prepared_dir / "images" / split / f"{sample_id}.png").convert("RGB"))
-                label = np.asarray(Image.open(prepared_dir / "labels" / split / f"{sample_id}.png"))
-                present = np.unique(label[label < num_classes]).tolist()
-                levels = {}
-                for s in scales:
-                    size = scaled_size(label.shape, s)
-                    img_s, lab_s = resize_image(image, size), resize_label(label, size)
-                    handle.write(np.ascontiguousarray(img_s).tobytes())
-                    handle.write(np.ascontiguousarray(lab_s).tobytes())
-                    levels[scale_key(s)] = {"offset": offset, "height": size[0], "width": size[1]}
-                    offset += size[0] * size[1] * 4
-                entries.append({"id": sample_id, "shard": f"{split}-{shard:05d}.bin", "levels": levels,
-                                "classes": present})
-                if progress is not None:
-                    progress.update(1)
-            if handle:
-                handle.close()
-            splits[split] = entries
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "scales": [float(s) for s in scales],
-            "classes": source["classes"],
-            "ignore_index": source["ignore_index"],
-            "class_frequencies": source["class_frequencies"],
-            "dataset": source["dataset"],
-            "source_manifest": manifest_hash(source),
-            "splits": splits,
-        }
-        (staging / "manifest.json").write_text(json.dumps(manifest) + "\n")
-        (staging / MARKER).write_text("written by the HMSA pipeline\n")
-        storage.publish_dir(staging, output)
+        with naming_the_output(output, "pyramid.output"):
+            splits = {}
+            for split, ids in source["splits"].items():
+                entries, shard, handle, offset = [], -1, None, 0
+                for i, sample_id in enumerate(ids):
+                    if i % shard_size == 0:
+                        if handle:
+                            handle.close()
+                        shard, offset = shard + 1, 0
+                        handle = open(staging / f"{split}-{shard:05d}.bin", "wb")
+                    image = np.asarray(Image.open(prepared_dir / "images" / split / f"{sample_id}.png").convert("RGB"))
+                    label = np.asarray(Image.open(prepared_dir / "labels" / split / f"{sample_id}.png"))
+                    present = np.unique(label[label < num_classes]).tolist()
+                    levels = {}
+                    for s in scales:
+                        size = scaled_size(label.shape, s)
+                        img_s, lab_s = resize_image(image, size), resize_label(label, size)
+                        handle.write(np.ascontiguousarray(img_s).tobytes())
+                        handle.write(np.ascontiguousarray(lab_s).tobytes())
+                        levels[scale_key(s)] = {"offset": offset, "height": size[0], "width": size[1]}
+                        offset += size[0] * size[1] * 4
+                    entries.append({"id": sample_id, "shard": f"{split}-{shard:05d}.bin", "levels": levels,
+                                    "classes": present})
+                    if progress is not None:
+                        progress.update(1)
+                if handle:
+                    handle.close()
+                splits[split] = entries
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "scales": [float(s) for s in scales],
+                "classes": source["classes"],
+                "ignore_index": source["ignore_index"],
+                "class_frequencies": source["class_frequencies"],
+                "dataset": source["dataset"],
+                "source_manifest": manifest_hash(source),
+                "splits": splits,
+            }
+            (staging / "manifest.json").write_text(json.dumps(manifest) + "\n")
+            (staging / MARKER).write_text("written by the HMSA pipeline\n")
+            storage.publish_dir(staging, output)
     finally:
         if staging.exists():
             import shutil

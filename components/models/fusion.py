@@ -56,6 +56,28 @@ def hierarchical_fuse(logits: dict[float, Tensor], attn: dict[float, Tensor]) ->
     return pred
 
 
+def hierarchical_weights(attn: dict[float, Tensor], scales: list[float], size: tuple[int, int] | torch.Size
+                         ) -> dict[float, Tensor]:
+    """The effective weight of every scale at each pixel of hierarchical fusion, on the grid `size`
+    (the fused output's): unrolling the recursion of hierarchical_fuse gives
+
+        fused = sum over s of w_s * p_s,   w_s = a_s * prod over s' < s of (1 - a_s'),   a_top = 1
+
+    so the weights sum to 1 at every pixel (exactly, for any maps). A raw map a_s says how much scale
+    s is trusted *relative to the scales above it*; w_s is its share of the final prediction. The
+    top scale has no map of its own: its share is what every lower scale left to it.
+    """
+    ordered = sorted(scales)  # ascending: each scale's weight carries the (1 - a) of those below it
+    weights, remaining = {}, None  # remaining: prod of (1 - a_s') over the scales handled so far
+    for s in ordered[:-1]:
+        a = resize(attn[s].float(), size)
+        weights[s] = a if remaining is None else a * remaining
+        remaining = (1 - a) if remaining is None else remaining * (1 - a)
+    if remaining is not None:  # the top scale: what every lower scale left to it
+        weights[ordered[-1]] = remaining
+    return weights
+
+
 def avg_fuse(logits: dict[float, Tensor]) -> Tensor:
     """Mean over scales of every p_s resized to the 1.0 resolution."""
     size = _base_size(logits)

@@ -32,6 +32,17 @@ class MultiScaleOutput:
     # Per-scale attention: sigmoid maps (hierarchical) or softmax weights on the 1.0 grid (explicit).
     attention: dict[float, torch.Tensor] = field(default_factory=dict)
 
+    def scale_weights(self) -> dict[float, torch.Tensor]:
+        """Each scale's share of the fused prediction at each pixel, (N, 1, H1, W1) on the 1.0 grid and
+        summing to 1 over the scales: what attention reports and pictures show. Explicit attention
+        gives these weights directly; hierarchical maps are relative to the scales above and are
+        unrolled (fusion.hierarchical_weights). Empty for methods without attention."""
+        if not self.attention:
+            return {}
+        if set(self.attention) == set(self.logits):  # explicit: softmax over the scales already
+            return dict(self.attention)
+        return fusion.hierarchical_weights(self.attention, sorted(self.logits), self.fused.shape[-2:])
+
 
 class ExplicitScaleAttention(nn.Module):
     """Reads concatenated per-scale features and scores each scale at each pixel (Chen et al. 2016)."""

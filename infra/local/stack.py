@@ -183,7 +183,9 @@ class Stack:
         # RAY_API_SERVER_ADDRESS: Ray Train's placement-group cleaner (in every worker) finds the State
         # API of this cluster, not by scanning the machine, where another Ray may run (it then
         # cannot tell which, never frees a stopped Tune trial's workers, and the next trial waits).
-        return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": s["token"],
+        # The nodes hold their own S3 credentials, as pods get them from a Secret: a job never carries
+        # credentials (Ray would write its runtime_env into its logs).
+        return {**os.environ, **self._aws_env(s), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": s["token"],
                 "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0",
                 "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{s['ports']['dashboard']}"}
 

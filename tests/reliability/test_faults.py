@@ -1,0 +1,108 @@
+"""Faults with real processes: a full disk under the stage outputs. Each stage fails with one line
+naming the problem, the previous outputs survive byte for byte, no temporary is left behind, and
+once there is room a rerun finishes the work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.reliability.files import snapshot
+from tests.services import python_env
+
+pytestmark = pytest.mark.integration
+
+
+@contextmanager
+def small_disk(path: Path, size: str):
+    """A tmpfs of `size` at `path` (tests run as root, as CI does): a disk that fills up."""
+    path.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield lambda new_size: subprocess.run(["mount", "-o", f"remount,size={new_size}", str(path)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def run(stage: str, params: Path, systmp: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--params", str(params)],
+                          capture_output=True, text=True, timeout=600, env=python_env(TMPDIR=str(systmp)))
+
+
+def write(params: Path, disk: Path, train_images: int) -> None:
+    params.write_text(yaml.safe_dump({
+        "prepare": {"output": str(disk / "raw"),
+                    "synthetic": {"train_images": train_images, "val_images": 2, "height": 64, "width": 96}},
+        "pyramid": {"output": str(disk / "pyramid"), "scales": [0.5, 1.0, 2.0], "shard_size": 4},
+        "loader": {"random_scales": [1.0, 2.0]},
+    }))
+
+
+def assert_failed_for_space(done: subprocess.CompletedProcess, key: str) -> None:
+    assert done.returncode == 1, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert "Traceback" not in done.stderr and "No space left on device" in lines[-1], done.stderr[-2000:]
+    assert f"while writing {key} = " in lines[-1], lines[-1]  # names the output it could not write
+
+
+def test_a_full_disk_during_prepare_and_pyramid_loses_nothing(tmp_path):
+    params, systmp = tmp_path / "params.yaml", tmp_path / "systmp"
+    systmp.mkdir()
+    disk = tmp_path / "disk"
+    with small_disk(disk, "2m") as resize:
+        write(params, disk, train_images=4)  # about 0.9 MB of outputs: fits
+        for stage in ("prepare", "pyramid"):
+            assert run(stage, params, systmp).returncode == 0
+        before = snapshot(disk)
+
+        write(params, disk, train_images=100)  # a new dataset of 1.7 MB: prepare runs out of room
+        assert_failed_for_space(run("prepare", params, systmp), "prepare.output")
+        assert snapshot(disk) == before  # the earlier dataset and pyramid, byte for byte; no temporary
+
+        resize("6m")  # room for the dataset, not for its 13 MB pyramid
+        assert run("prepare", params, systmp).returncode == 0
+        raw_now = snapshot(disk / "raw")
+        assert_failed_for_space(run("pyramid", params, systmp), "pyramid.output")
+        assert {k: v for k, v in snapshot(disk).items() if k.startswith("pyramid")} == \
+            {k: v for k, v in before.items() if k.startswith("pyramid")}  # the earlier pyramid, whole
+        assert sorted(p.name for p in disk.iterdir()) == ["pyramid", "raw"] and snapshot(disk / "raw") == raw_now
+
+        resize("32m")  # room again: the rerun finishes
+        assert run("pyramid", params, systmp).returncode == 0
+        assert (disk / "pyramid" / "manifest.json").is_file()
+    assert not any(systmp.iterdir())  # nor in the system's temporary folder
+
+
+def test_sigkill_of_the_pyramid_stage_keeps_the_earlier_pyramid(tmp_path):
+    """SIGKILL while the pyramid stage writes: the earlier pyramid stays byte for byte, and the rerun
+    completes and removes what the killed run left."""
+    import os
+    import signal
+    import time
+
+    params, systmp = tmp_path / "params.yaml", tmp_path / "systmp"
+    systmp.mkdir()
+    out = tmp_path / "out"
+    write(params, out, train_images=4)
+    for stage in ("prepare", "pyramid"):
+        assert run(stage, params, systmp).returncode == 0
+    before = snapshot(out / "pyramid")
+    write(params, out, train_images=600)  # seconds of writing, so the signal lands mid-write
+    assert run("prepare", params, systmp).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.pyramid", "--params", str(params)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=python_env(TMPDIR=str(systmp)))
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(len(list(p.iterdir())) >= 2 for p in out.glob(".pyramid.tmp-*")):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert snapshot(out / "pyramid") == before  # never a mix, never empty
+    assert run("pyramid", params, systmp).returncode == 0
+    assert (out / "pyramid" / "manifest.json").is_file() and not list(out.glob(".pyramid.tmp-*"))
