@@ -65,6 +65,27 @@ def tracking_problem(uri: str) -> str | None:
     return None if answer.status_code == 200 else f"the server answered HTTP {answer.status_code}"
 
 
+# What pyarrow, botocore and the OS say when object storage cannot be reached or refuses.
+STORAGE_FAILURE_MARKERS = ("AWS Error", "curlCode", "Could not connect", "Connection refused", "NoSuchBucket",
+                           "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+
+
+def storage_failure(err: BaseException, root: str) -> ClusterError | None:
+    """A training that stopped because storage failed (Ray reports it as a controller or worker
+    error with a long traceback) as one line naming HMSA_STORAGE, or None for any other failure."""
+    seen, current = [], err
+    while current is not None and current not in seen:  # the error and what caused it
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    for error in seen:
+        for line in str(error).splitlines():
+            if any(marker in line for marker in STORAGE_FAILURE_MARKERS):
+                return ClusterError(f"HMSA_STORAGE = {root}: training stopped because the storage failed "
+                                    f"({line.strip()[:300]}); the checkpoints registered before are kept: once "
+                                    "the storage answers, run the stage again to resume")
+    return None
+
+
 def storage_problem(env: Environment, root: str) -> str | None:
     """Write and delete a probe under `root`; None when that works."""
     probe = join(root, f".write-test-{uuid.uuid4().hex}")

@@ -32,6 +32,9 @@ def run_stage(main: Callable[..., None], description: str,
     args = parser.parse_args()
     # SIGTERM (a scheduler, `kill`, Ray job stop) unwinds like Ctrl-C, so MLflow runs end as KILLED.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # Ctrl-C unwinds (temporaries removed, runs marked KILLED) however the stage was started: a
+    # process started in the background by a shell inherits SIGINT ignored, and Python then keeps it so.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # Credentials in the tracking URI move to MLflow's own variables before anything reads the URI.
     move_uri_credentials()
     try:

@@ -8,7 +8,9 @@ attention_by_class.json, and attention/*.png pictures; logs the same to an MLflo
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from components.data.pyramid import PyramidReader
 from components.evaluation import pareto_front
 from components.scales import scale_set_key
 from components.viz import attention_figure
-from pipeline import tracking
+from pipeline import cluster, tracking
 from pipeline.environment import Environment
 from pipeline.common import run_stage
 from pipeline.eval_workers import evaluate_on_ray
@@ -65,9 +67,39 @@ def write_outputs(out: Path, rows: list[dict], model, model_cfg, reader: Pyramid
         attention_figure(model, dataset[i], widest, classes["colors"]).save(out / "attention" / f"val_{i:02d}.png")
 
 
-def main(cfg: PipelineConfig) -> None:
-    import mlflow
+def evaluation_key(cfg: PipelineConfig, model, reader: PyramidReader) -> str:
+    """What this evaluation is: the model's weights and config, the val data, the evaluation
+    settings and the code. The same key reuses its MLflow run (a rerun, or one after a kill that left
+    it RUNNING), so no evaluation is ever recorded twice."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(json.dumps({"evaluate": cfg.evaluate.model_dump(mode="json", exclude={"model", "output_dir"}),
+                              "data": reader.manifest["source_manifest"], "code": cluster.code_fingerprint(),
+                              "precision": cfg.train.precision}, sort_keys=True).encode())
+    return f"evaluate-{digest.hexdigest()[:12]}"
 
+
+def _log_to_mlflow(cfg: PipelineConfig, source: str, model, model_cfg, rows: list[dict], reader) -> None:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    experiment_id = tracking.setup_experiment(Environment.from_environ(), cfg.mlflow.experiment)
+    run_id = tracking.find_or_create_run(experiment_id, evaluation_key(cfg, model, reader),
+                                         f"evaluate-{model_cfg.method}",
+                                         {"stage": "evaluate", "model_source": source, "method": model_cfg.method})
+    client = MlflowClient()
+    with tracking.run_status(run_id):
+        metrics, now = [], int(time.time() * 1000)
+        for r in rows:
+            tag = scale_set_key(r["scales"], "_")
+            metrics += [Metric(f"{name}_{tag}", float(r[key]), now, 0) for name, key in
+                        (("miou", "miou"), ("gflops", "gflops"), ("thin_miou", "thin_miou"), ("large_miou", "large_miou"))]
+        client.log_batch(run_id, metrics=metrics)
+        client.log_artifacts(run_id, cfg.evaluate.output_dir, artifact_path="eval")
+
+
+def main(cfg: PipelineConfig) -> None:
     source = cfg.evaluate.model or cfg.train.output
     model, model_cfg = load_model(source, cfg)
     reader = PyramidReader(cfg.pyramid.output)
@@ -75,14 +107,7 @@ def main(cfg: PipelineConfig) -> None:
     rows = evaluate_all(cfg, model, model_cfg, cfg.evaluate.scale_sets, cfg.evaluate.flip, attention=True)
     with atomic_dir(cfg.evaluate.output_dir, key="evaluate.output_dir") as out:
         write_outputs(out, rows, model, model_cfg, reader, cfg.evaluate.pictures)
-    experiment_id = tracking.setup_experiment(Environment.from_environ(), cfg.mlflow.experiment)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"evaluate-{model_cfg.method}",
-                          tags={"stage": "evaluate", "model_source": source, "method": model_cfg.method}):
-        for r in rows:
-            tag = scale_set_key(r["scales"], "_")
-            mlflow.log_metrics({f"miou_{tag}": r["miou"], f"gflops_{tag}": r["gflops"],
-                                f"thin_miou_{tag}": r["thin_miou"], f"large_miou_{tag}": r["large_miou"]})
-        mlflow.log_artifacts(cfg.evaluate.output_dir, artifact_path="eval")
+    _log_to_mlflow(cfg, source, model, model_cfg, rows, reader)
     for r in rows:
         print(f"{str(r['scales']):28s} mIoU {r['miou']:.4f}  thin {r['thin_miou']:.4f}  large {r['large_miou']:.4f}  "
               f"{r['gflops']:7.2f} GFLOPs  {r['latency_ms']:7.1f} ms{'  pareto' if r['pareto'] else ''}")

@@ -110,7 +110,10 @@ def main(cfg: PipelineConfig) -> None:
           f"MLflow run {run_id} at {redact(launch.env.tracking_uri)}")
     trainer = build_trainer(cfg, launch, name, mlflow_run_id=run_id)
     with tracking.run_status(run_id):
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as err:  # Ray's own error types; a storage outage is the user's to fix
+            raise cluster.storage_failure(err, launch.env.checkpoint_root()) or err
         metrics = _write_outputs(cfg, result, launch.use_gpu)
         _log_completed_run(cfg, run_id, name, metrics, launch)
     print(f"best val mIoU {metrics['best_val_miou']:.4f} at epoch {metrics['best_epoch']}; "

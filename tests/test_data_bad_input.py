@@ -134,15 +134,17 @@ def test_previous_output_survives_a_failed_run(tmp_path):
 
 
 def test_interrupted_stage_leaves_no_output(tmp_path):
-    """Kill the prepare stage mid-way (SIGINT, then SIGKILL): the output never appears."""
+    """Interrupt the prepare stage mid-way (SIGINT, SIGTERM, then SIGKILL): the output never appears.
+    The stage starts with SIGINT ignored, as a shell's background job does: Ctrl-C must still work."""
     params = tmp_path / "params.yaml"
     out = tmp_path / "raw"
     params.write_text(
         f"prepare:\n  output: {out}\n  synthetic: {{train_images: 1200, val_images: 4, height: 64, width: 128}}\n"
     )
-    for sig in (signal.SIGINT, signal.SIGKILL):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.prepare", "--params", str(params)],
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
         deadline = time.time() + 60
         # Wait until it is writing the canonical layout (its temporary directory exists); 1200 images
         # keep it writing for seconds even on a loaded machine, so the signal lands mid-write.

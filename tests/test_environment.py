@@ -140,3 +140,23 @@ def test_a_bad_tracking_uri_with_credentials_is_reported_without_them(tmp_path):
                           cwd=tmp_path)
     assert done.returncode == 1 and "127.0.0.1:9" in done.stderr, done.stderr[-2000:]
     assert "hunter22" not in done.stderr + done.stdout and "alice" not in done.stderr + done.stdout
+
+
+def test_a_training_stopped_by_storage_is_one_line_naming_it():
+    from pipeline.cluster import storage_failure
+
+    class ControllerError(RuntimeError):  # what Ray raises, with pyarrow's error as its cause
+        pass
+
+    cause = OSError("When initiating multiple part upload for key 'x/checkpoint_manager_snapshot.json' in bucket "
+                    "'runs': AWS Error NETWORK_CONNECTION during CreateMultipartUpload operation: curlCode: 7")
+    try:
+        try:
+            raise cause
+        except OSError as inner:
+            raise ControllerError("Training failed due to controller error:") from inner
+    except ControllerError as err:
+        found = storage_failure(err, "s3://runs/hmsa/ray")
+    assert found is not None and str(found).startswith("HMSA_STORAGE = s3://runs/hmsa/ray: training stopped because")
+    assert "NETWORK_CONNECTION" in str(found) and "run the stage again" in str(found)
+    assert storage_failure(ValueError("a bug of ours"), "s3://runs/hmsa/ray") is None
