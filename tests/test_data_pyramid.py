@@ -181,3 +181,12 @@ def test_a_continuous_random_scale_range_keeps_every_level_aligned(pyramid):
     from components.config import validate_config
 
     validate_config({"loader": {"random_scales": [0.3], "random_scale_range": [0.5, 2.0]}})
+
+
+def test_crop_windows_are_exact_where_floats_are_not():
+    """0.7 * 90 is 62.99999... in floating point: the window must still start at pixel 63."""
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        windows = crop_windows((400, 400), (40, 70), [0.7, 1.0], rng)
+        top, left, height, width = windows[1.0]
+        assert windows[0.7] == (top * 7 // 10, left * 7 // 10, 28, 49) and top % 10 == 0 == left % 10

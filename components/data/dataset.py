@@ -75,7 +75,8 @@ def crop_windows(base_shape: tuple[int, ...], crop_size: tuple[int, int], train_
     crop_h, crop_w = crop_size
     top = int(rng.integers(0, max(0, base_shape[0] - crop_h) // step + 1)) * step
     left = int(rng.integers(0, max(0, base_shape[1] - crop_w) // step + 1)) * step
-    return {s: (int(top * s), int(left * s), max(1, int(crop_h * s)), max(1, int(crop_w * s)))
+    # Whole numbers by construction; round() only removes float error (0.7 * 30 = 20.999...).
+    return {s: (round(top * s), round(left * s), max(1, round(crop_h * s)), max(1, round(crop_w * s)))
             for s in train_scales}
 
 
