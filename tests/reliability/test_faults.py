@@ -139,3 +139,30 @@ def test_evaluate_again_or_after_a_kill_records_one_run(tmp_path):
     runs = evaluation_runs()
     assert [(r.info.run_id, r.info.status) for r in runs] == [(run.info.run_id, "FINISHED")]
     assert runs[0].data.metrics["miou_0.5_1"] >= 0 and (tmp_path / "eval" / "metrics.json").is_file()
+
+
+@pytest.mark.timeout(900)
+def test_a_full_disk_under_the_training_outputs_is_one_line_and_the_rerun_finishes(tmp_path, ray_head):
+    """train.output, metrics and curves on a 64 KB tmpfs: the training runs, writing its outputs
+    fails with one line naming train.output; with room, the rerun writes them from the finished
+    training (no second training, one MLflow run)."""
+    import mlflow
+
+    from tests.train_helpers import run_stage, tiny_pyramid, write_params
+
+    data = tiny_pyramid(tmp_path / "data")
+    disk = tmp_path / "disk"
+    with small_disk(disk, "64k") as resize:
+        params = write_params(tmp_path, data, train={"epochs": 2, "output": str(disk / "model"),
+                                                     "metrics": str(disk / "metrics.json"),
+                                                     "curves": str(disk / "curves.csv")})
+        done = run_stage("train", params, **ray_head.client_env())
+        assert_failed_for_space(done, "train.output")
+        assert not (disk / "model").exists() and not list(disk.glob(".model.tmp-*"))
+        resize("16m")
+        again = run_stage("train", params, **ray_head.client_env())
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert (disk / "model").is_dir() and (disk / "metrics.json").is_file()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("hmsa").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]
