@@ -381,7 +381,8 @@ def _consistency_problems(cfg: PipelineConfig) -> list[str]:
     search = cfg.tune.search
     if "train_scales" in search:
         spec = search["train_scales"]
-        unknown = [n for n in (spec.choice or spec.grid or []) if n not in cfg.tune.train_scale_sets]
+        unknown = [n for n in (spec.choice or spec.grid or [])
+                   if not isinstance(n, str) or n not in cfg.tune.train_scale_sets]
         if unknown or spec.loguniform or spec.uniform:
             problems.append(f"tune.search.train_scales: names {unknown or 'ranges'} are not keys of "
                             f"tune.train_scale_sets {sorted(cfg.tune.train_scale_sets)}")

@@ -1,5 +1,12 @@
+import os
+import tempfile
+
 import pytest
 import torch
+
+# Hypothesis keeps its files (example database, caches) here, not in the checkout: tests write
+# nothing into the repository.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", tempfile.mkdtemp(prefix="hmsa-hypothesis-"))
 
 from components.config import ModelConfig
 

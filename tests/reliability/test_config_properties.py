@@ -24,7 +24,8 @@ trees = st.recursive(scalars, lambda children: st.one_of(st.lists(children, max_
                                                            st.dictionaries(keys, children, max_size=5)),
                      max_leaves=25)
 
-PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# database=None: nothing written into the checkout (examples are drawn afresh each run)
+PROPERTY = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def load_text(text: str | bytes):

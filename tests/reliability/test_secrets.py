@@ -37,13 +37,18 @@ def files_holding(root: Path, secrets=SECRETS) -> list[str]:
 
 @pytest.mark.timeout(900)
 def test_no_secret_is_written_anywhere(tmp_path):
-    s3 = SeaweedS3(tmp_path / "s3", access_key=S3_KEY_ID, secret_key=S3_SECRET)
-    mlflow_dir = tmp_path / "mlflow"
-    mlflow_dir.mkdir()
-    server = MlflowServer(mlflow_dir, admin_password=MLFLOW_PASSWORD)
-    # A cluster whose node holds its own credentials, as a pod gets them from a Secret.
-    cluster = RayHead(num_cpus=2, **s3.env(), MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=MLFLOW_PASSWORD)
+    started = []  # every service this test starts, stopped at the end whatever happens
     try:
+        s3 = SeaweedS3(tmp_path / "s3", access_key=S3_KEY_ID, secret_key=S3_SECRET)
+        started.append(s3)
+        mlflow_dir = tmp_path / "mlflow"
+        mlflow_dir.mkdir()
+        server = MlflowServer(mlflow_dir, admin_password=MLFLOW_PASSWORD)
+        started.append(server)
+        # A cluster whose node holds its own credentials, as a pod gets them from a Secret.
+        cluster = RayHead(num_cpus=2, **s3.env(), MLFLOW_TRACKING_USERNAME="admin",
+                          MLFLOW_TRACKING_PASSWORD=MLFLOW_PASSWORD)
+        started.append(cluster)
         s3.client().create_bucket(Bucket="runs")
         data = tiny_pyramid(tmp_path / "data")
         params = write_params(tmp_path, data, train={"epochs": 1})
@@ -69,6 +74,5 @@ def test_no_secret_is_written_anywhere(tmp_path):
         leaks += files_holding(Path(cluster.workdir))
         assert not leaks, "\n".join(leaks[:20])
     finally:
-        cluster.stop()
-        server.stop()
-        s3.stop()
+        for service in reversed(started):
+            service.stop()

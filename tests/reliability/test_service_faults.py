@@ -67,11 +67,15 @@ def test_tracking_server_down_during_training(tmp_path, ray_head):
 
 @pytest.mark.timeout(1200)
 def test_s3_endpoint_down_during_checkpoint_uploads(tmp_path):
-    s3 = SeaweedS3(tmp_path / "s3")
-    (tmp_path / "mlflow").mkdir()
-    server = MlflowServer(tmp_path / "mlflow")
-    ray_head = RayHead(num_cpus=2, **s3.env())  # the node's own S3 credentials
+    started = []  # every service this test starts, stopped at the end whatever happens
     try:
+        s3 = SeaweedS3(tmp_path / "s3")
+        started.append(s3)
+        (tmp_path / "mlflow").mkdir()
+        server = MlflowServer(tmp_path / "mlflow")
+        started.append(server)
+        ray_head = RayHead(num_cpus=2, **s3.env())  # the node's own S3 credentials
+        started.append(ray_head)
         s3.client().create_bucket(Bucket="runs")
         params, env, proc = start_training(tmp_path, ray_head, **s3.env(), AWS_ENDPOINT_URL=s3.endpoint,
                                            HMSA_STORAGE="s3://runs/hmsa", MLFLOW_TRACKING_URI=server.uri)
@@ -95,6 +99,5 @@ def test_s3_endpoint_down_during_checkpoint_uploads(tmp_path):
         assert not [k for k in before if "checkpoint_manager_snapshot" in k and k not in after]
         assert_one_complete_run(server)
     finally:
-        ray_head.stop()
-        server.stop()
-        s3.stop()
+        for service in reversed(started):
+            service.stop()
