@@ -93,8 +93,8 @@ def register(cfg: PipelineConfig) -> dict:
                 "train_scales": str(cfg.model.train_scales),
                 "dataset_manifest": client.get_run(run["run_id"]).data.tags.get("dataset_manifest", ""),
                 "git_commit": tracking.git_commit()}
-        with mlflow.start_run(run_id=run["run_id"]):  # the served model: the trained weights, served scales
-            model_uri = tracking.log_saved_model(cfg.train.output, served["scales"], name="served")
+        model_uri = _served_model(client, cfg, run["run_id"], served["scales"],
+                                  {"weights_sha256": weights_sha, "eval_scales": str(served["scales"])})
         version = mlflow.register_model(model_uri, rc.model_name, tags=tags)
     try:
         candidate = {"version": version.version, "miou": served["miou"], "gflops": served["gflops"],
@@ -121,6 +121,22 @@ def register(cfg: PipelineConfig) -> dict:
             "promoted": promote, "reason": reason, "candidate": candidate, "previous_champion": champion,
             "served_scales": served["scales"], "gate_source": served["source"],
             "aliases": aliases, "run_id": run["run_id"]}
+
+
+def _served_model(client, cfg: PipelineConfig, run_id: str, scales: list[float], tags: dict[str, str]) -> str:
+    """URI of the served model (the trained weights serving `scales`) logged to the training run,
+    logged once: a rerun after a kill reuses the one that finished and deletes one left half-logged."""
+    import mlflow
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    matching = " AND ".join(f"tags.{key} = '{value}'" for key, value in tags.items())
+    for logged in client.search_logged_models(
+            [experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = 'served' AND {matching}"):
+        if logged.status.value == "READY":
+            return logged.model_uri
+        client.delete_logged_model(logged.model_id)  # a kill during its upload left it unfinished
+    with mlflow.start_run(run_id=run_id):
+        return tracking.log_saved_model(cfg.train.output, scales, name="served", tags=tags)
 
 
 def _version_by_alias(client, name: str, alias: str):

@@ -89,7 +89,8 @@ def log_epoch(uri: str, run_id: str, metrics: dict, step: int) -> None:
     MlflowClient(uri).log_batch(run_id, metrics=batch)
 
 
-def log_saved_model(model_dir: str | Path, default_scales: list[float], name: str = "model") -> str:
+def log_saved_model(model_dir: str | Path, default_scales: list[float], name: str = "model",
+                    tags: dict[str, str] | None = None) -> str:
     """Log a saved-model directory as a pyfunc model (code, not pickle) to the active run.
 
     `default_scales` is the scale set a caller gets without passing one (the `scales` parameter)."""
@@ -110,6 +111,7 @@ def log_saved_model(model_dir: str | Path, default_scales: list[float], name: st
         code_paths=[str(root / "components")],
         signature=signature,
         model_config={"default_scales": default_scales},
+        tags=tags,
         pip_requirements=["torch==2.13.0", "safetensors", "pydantic>=2", "numpy", "pyyaml", "pillow",
                           "albumentations", "opencv-python-headless", "pandas"],
     )
