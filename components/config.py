@@ -241,6 +241,10 @@ class AblationConfig(Section):
 
     epochs: int = Field(6, gt=0)
     crop_size: CropSize = (128, 128)
+    # The table's own model size (null: the model section's): small enough that all methods and
+    # seeds fit the budget, with enough resolution (output stride) to learn thin structures.
+    trunk: str | None = None  # one of TRUNK_NAMES
+    output_stride: Literal[8, 16] | None = None
     # every method is trained once per seed (same seeds for all: paired); the table gives mean +- std
     seeds: Annotated[list[int], Field(min_length=1)] = [0, 1, 2]
     bootstrap_rounds: int = Field(2000, ge=100)  # of the paired bootstrap behind the significance column
@@ -350,7 +354,10 @@ def _crop_problems(cfg: PipelineConfig) -> list[str]:
 def _consistency_problems(cfg: PipelineConfig) -> list[str]:
     model = cfg.model
     problems = output_overlaps(cfg) + _crop_problems(cfg)
-    for key, value, allowed in (("model.trunk", model.trunk, TRUNK_NAMES), ("model.decoder", model.decoder, DECODER_NAMES)):
+    names = [("model.trunk", model.trunk, TRUNK_NAMES), ("model.decoder", model.decoder, DECODER_NAMES)]
+    if cfg.ablation.trunk is not None:
+        names.append(("ablation.trunk", cfg.ablation.trunk, TRUNK_NAMES))
+    for key, value, allowed in names:
         if value not in allowed:
             problems.append(f"{key}: unknown name {value!r}; expected one of {', '.join(allowed)}")
     if model.method in ("single", "avgpool", "maxpool") and model.train_scales != [1.0]:
@@ -413,7 +420,9 @@ def ablation_config(cfg: PipelineConfig, method: str, seed: int | None = None) -
     seed = ab.seeds[0] if seed is None else seed
     out = f"{ab.output_dir}/{method}/seed-{seed}"
     return with_overrides(cfg, {
-        "model": {"method": method, "train_scales": entry.train_scales},
+        "model": {"method": method, "train_scales": entry.train_scales,
+                  **({"trunk": ab.trunk} if ab.trunk else {}),
+                  **({"output_stride": ab.output_stride} if ab.output_stride else {})},
         "train": {"epochs": ab.epochs, "crop_size": list(ab.crop_size), "output": f"{out}/model", "seed": seed,
                   "metrics": f"{out}/train_metrics.json", "curves": f"{out}/curves.csv", "run_record": f"{out}/run.json"},
         "loader": {"random_scales": ab.random_scales},

@@ -69,12 +69,56 @@ def run_seed(cfg: PipelineConfig, method: str, seed: int) -> dict:
     return result
 
 
+def trainings_at_once(cfg: PipelineConfig, method: str) -> int:
+    """How many of a method's seeds train at the same time: as many as the cluster holds whole
+    trainings (CPUs, and GPUs when it has them), at least one. A local 2-core Ray holds one."""
+    import ray
+
+    from pipeline.launch import prepare_launch
+
+    launch = prepare_launch(ablation_config(cfg, method))  # checks services and joins Ray once
+    ray_cfg, resources = cfg.ray, ray.cluster_resources()
+    workers = ray_cfg.worker_range[1]
+    room = int(resources.get("CPU", 0) // (workers * ray_cfg.cpus_per_worker))
+    if launch.use_gpu:
+        room = min(room, int(resources.get("GPU", 0) // (workers * ray_cfg.gpus_per_worker)))
+    return max(1, min(room, len(cfg.ablation.seeds)))
+
+
 def run_method(cfg: PipelineConfig, method: str) -> list[dict]:
-    """Every seed of ablation.seeds for one method (one DVC stage per method caches them together)."""
-    results = [run_seed(cfg, method, seed) for seed in cfg.ablation.seeds]
+    """Every seed of ablation.seeds for one method (one DVC stage per method caches them together),
+    as many at once as the cluster has room for; each seed is its own Ray Train run."""
+    at_once = trainings_at_once(cfg, method)
+    if at_once == 1:
+        results = [run_seed(cfg, method, seed) for seed in cfg.ablation.seeds]
+    else:
+        results = _run_seeds_concurrently(cfg, method, at_once)
     with atomic_file(Path(cfg.ablation.output_dir) / method / "result.json", "w") as handle:
         json.dump({"method": method, "seeds": results}, handle, indent=2)
     return results
+
+
+def _run_seeds_concurrently(cfg: PipelineConfig, method: str, at_once: int) -> list[dict]:
+    """Seeds in driver threads, each fitting its own trainer (Ray places their workers side by
+    side). An interrupt of the stage disconnects from Ray, which ends the trainings in the threads
+    (each run is then marked failed; a rerun resumes every seed from its last checkpoint)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+
+    print(f"ablation {method}: {len(cfg.ablation.seeds)} seeds, {at_once} trainings at a time")
+    pool = ThreadPoolExecutor(max_workers=at_once, thread_name_prefix=f"ablation-{method}")
+    futures = []
+    try:
+        futures = [pool.submit(run_seed, cfg, method, seed) for seed in cfg.ablation.seeds]
+        return [future.result() for future in futures]
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        ray.shutdown()
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def _load_method(cfg: PipelineConfig, method: str) -> tuple[list[dict], np.ndarray]:

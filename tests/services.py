@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -153,7 +154,53 @@ class RayHead:
         return "\n".join(parts)
 
     def stop(self) -> None:
-        subprocess.run([self._ray_bin, "stop", "--force"], capture_output=True, env=self.env)
+        """Stop this cluster's processes only. (`ray stop` would stop every Ray on the machine,
+        another test's cluster or a user's included.)"""
+        import signal
+
+        processes = _process_table()
+        mine = {pid for pid, (_, args) in processes.items()
+                if self.workdir in args or f"--address={self.address} " in args}
+        children: dict[int, list[int]] = {}
+        for pid, (parent, _) in processes.items():
+            children.setdefault(parent, []).append(pid)
+        pending = list(mine)
+        while pending:  # with every descendant: workers, agents, dashboard modules
+            for child in children.get(pending.pop(), []):
+                if child not in mine:
+                    mine.add(child)
+                    pending.append(child)
+        for sig, grace in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
+            for pid in mine:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.time() + grace
+            while time.time() < deadline and any(_alive(pid) for pid in mine):
+                time.sleep(0.2)
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """{pid: (parent pid, command line)} of every process, from /proc."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])  # the name in parentheses may hold spaces
+        table[int(entry.name)] = (parent, args)
+    return table
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 class MlflowServer:

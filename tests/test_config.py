@@ -32,6 +32,8 @@ def test_repository_params_file_is_valid():
         ({"train": {"crop_size": [0, 64]}}, "train.crop_size[0]"),
         ({"train": {"crop_size": [64, -8]}}, "train.crop_size[1]"),
         ({"ablation": {"crop_size": [0, 0]}}, "ablation.crop_size"),
+        ({"ablation": {"trunk": "vgg"}}, "ablation.trunk: unknown name 'vgg'; expected one of resnet18"),
+        ({"ablation": {"output_stride": 4}}, "ablation.output_stride"),
         # outputs that overlap: one stage would wipe what another wrote
         ({"pyramid": {"output": "data/raw/synthetic"}}, "prepare.output = data/raw/synthetic and pyramid.output"),
         ({"train": {"metrics": "data/pyramid/synthetic/metrics.json"}}, "pyramid.output = data/pyramid/synthetic "
@@ -70,6 +72,9 @@ def test_every_ablation_entry_of_the_repository_params_is_valid():
     for method in METHODS:
         run = ablation_config(cfg, method)
         assert run.model.method == method and run.evaluate.scale_sets == [cfg.ablation.methods[method].eval_scales]
+        # the table's own model size, when set; the model section's otherwise
+        assert run.model.trunk == (cfg.ablation.trunk or cfg.model.trunk)
+        assert run.model.output_stride == (cfg.ablation.output_stride or cfg.model.output_stride)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ Scale genuinely matters in it, as on real streets:
   same range per image), so only layout and perspective tell them apart; buildings and vegetation
   overlap in colour and are told apart by shape (blocks vs blobs); sky sits above the horizon.
   These large regions reward context, i.e. the low scales;
-- poles 1 to 3 pixels wide, small signs and traffic lights, distant cars and people need resolution,
+- poles 1 to 6 pixels wide (by distance), small signs and traffic lights, distant cars and people need resolution,
   i.e. the high scales;
 - sensor noise, shading, blur and JPEG artefacts vary per image.
 Every image depends only on (seed, split, index), so the dataset is deterministic and any subset can
@@ -128,7 +128,7 @@ def _draw_objects(rng, img, label, horizon, vp_x):
     items = []
     for _ in range(int(rng.integers(1, 6))):
         items.append(("car", *_ground_point(rng, horizon, h, w, vp_x, "road")))
-    for _ in range(int(rng.integers(2, 6))):
+    for _ in range(int(rng.integers(3, 8))):
         items.append(("pole", *_ground_point(rng, horizon, h, w, vp_x, "side")))
     for _ in range(int(rng.integers(0, 4))):
         items.append(("person", *_ground_point(rng, horizon, h, w, vp_x, "side")))
@@ -141,13 +141,17 @@ def _draw_objects(rng, img, label, horizon, vp_x):
             glass = (40.0, 50.0, 60.0)
             cv2.rectangle(img, (x - cw // 3, y - ch), (x + cw // 3, y - ch + max(1, ch // 3)), glass, -1)
         elif kind == "pole":
-            width = int(rng.integers(1, 4))  # 1 to 3 pixels: only the high scales resolve it
+            # 1 to 2 pixels far away, up to 6 close to the camera (perspective): at half scale most
+            # poles are a pixel or less, so only the high scales resolve them
+            width = int(rng.integers(1, 3)) + int(t * w / 96)
             height = max(4, int(scale * rng.uniform(0.9, 1.4)))
             top = max(0, y - height)
-            grey = float(rng.uniform(60, 170))
+            # dark metal or pale concrete: a pole stands out from the ground (85..150 grey), its
+            # width, not its colour, is what makes it hard
+            grey = float(rng.uniform(30, 70) if rng.random() < 0.5 else rng.uniform(170, 215))
             _box(img, label, x, top, x + width - 1, y, (grey, grey, grey), ID["pole"])
             if rng.random() < 0.6:
-                size = max(2, int(scale * 0.08) + int(rng.integers(1, 4)))
+                size = max(3, int(scale * 0.1) + int(rng.integers(1, 4)))
                 if rng.random() < 0.6:
                     colour = [(200.0, 30.0, 30.0), (30.0, 60.0, 200.0), (230.0, 200.0, 40.0)][int(rng.integers(0, 3))]
                     _box(img, label, x - size // 2, top, x + size // 2 + width, top + size, colour, ID["traffic sign"])
