@@ -190,8 +190,10 @@ def write_table(cfg: PipelineConfig) -> list[dict]:
             f"{r['train_flops_vs_single']:.2f}x | {r['minibatch_seconds']['mean']:.3f} | "
             f"{r['peak_rss_mb']['mean']:.0f} | {r['activation_mb']:.1f} |"
         )
+    model = ablation_config(cfg, next(iter(cfg.ablation.methods))).model  # the table's model size
     budget = (f"\nBudget: {cfg.ablation.epochs} epochs, crop {cfg.ablation.crop_size[0]}x{cfg.ablation.crop_size[1]}, "
-              f"batch {cfg.train.batch_size}, {cfg.model.trunk}/{cfg.model.decoder}, random scales "
+              f"batch {cfg.train.batch_size}, {model.trunk} at output stride {model.output_stride} with "
+              f"{model.decoder}, random scales "
               f"{cfg.ablation.random_scales}, seeds {cfg.ablation.seeds}. mIoU on the val split, mean ± std over "
               "the seeds. 'mIoU vs single': the mean paired difference with its 95% interval and two-sided p "
               f"from a bootstrap over seed pairs and val images ({rounds} rounds; * marks p < {SIGNIFICANCE}). "

@@ -24,6 +24,8 @@ def test_dvc_repro_whole_pipeline(tmp_path):
             low, high = row["vs_single"]["ci95"]
             assert low <= high and 0 <= row["vs_single"]["p_value"] <= 1
     assert "± " in (tmp_path / "results/ablation/table.md").read_text()
+    # the budget line names the table's own model size (ablation.trunk, ablation.output_stride)
+    assert "tiny at output stride 8 with deeplabv3plus" in (tmp_path / "results/ablation/table.md").read_text()
     registration = json.loads((tmp_path / "results/register/registration.json").read_text())
     assert registration["promoted"] and registration["aliases"]["champion"] == registration["version"]
     assert yaml.safe_load((tmp_path / "results/tune/best.yaml").read_text())["settings"]

@@ -1,6 +1,6 @@
-"""SIGKILL of the stages that follow training (`register`, `eval-scales`, one `ablation` method):
-whatever moment the kill lands, the earlier outputs stay whole, nothing in the registry or the
-tracking store is duplicated or left half-made, and a rerun finishes the work.
+"""SIGKILL of the stages that follow training (`evaluate`, `eval-scales`, `register`, one `ablation`
+method): whatever moment the kill lands, the earlier outputs stay whole, nothing in the registry or
+the tracking store is duplicated or left half-made, and a rerun finishes the work.
 
 The kill moments are fractions of the stage's own measured duration on this machine, so they fall
 inside the stage's work (not its imports) however fast or slow the machine is."""
@@ -128,19 +128,24 @@ def test_sigkill_of_an_ablation_method_resumes_at_the_killed_seed(tmp_path, ray_
     """Killed while training its second seed, the rerun keeps the first seed's finished training
     (no second MLflow run for it) and ends with every seed's result."""
     data = tiny_pyramid(tmp_path / "data")
-    params = write_params(tmp_path, data, ablation={
-        "epochs": 2, "crop_size": [64, 64], "seeds": [0, 1], "bootstrap_rounds": 200,
+    # 2-CPU workers on the 2-CPU cluster: one training at a time (with room, seeds run side by side)
+    params = write_params(tmp_path, data, ray={"num_workers": 1, "cpus_per_worker": 2}, ablation={
+        "epochs": 6, "crop_size": [64, 64], "seeds": [0, 1], "bootstrap_rounds": 200,
         "output_dir": str(tmp_path / "ablation")})
     command = [*stage_command("ablation", params)[:3], "run", "--method", "hierarchical",
                *stage_command("ablation", params)[3:]]
     env = stage_env(params, **ray_head.client_env())
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     first_seed = tmp_path / "ablation" / "hierarchical" / "seed-0" / "result.json"
+
+    def second_seed_checkpointed() -> bool:  # each seed is its own Ray Train run with its own folder
+        runs = (tmp_path / "store" / "ray").glob("train-*")
+        return first_seed.is_file() and sum(any(run.glob("checkpoint_*")) for run in runs) >= 2
+
     deadline = time.time() + 600
-    while time.time() < deadline and not first_seed.is_file() and proc.poll() is None:
-        time.sleep(0.2)
-    time.sleep(8)  # into the second seed's training
-    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    while time.time() < deadline and not second_seed_checkpointed() and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]  # killed in the second seed's training
     proc.kill()
     proc.wait(timeout=60)
     kept = first_seed.read_bytes()
@@ -155,3 +160,36 @@ def test_sigkill_of_an_ablation_method_resumes_at_the_killed_seed(tmp_path, ray_
     experiment = client.get_experiment_by_name("hmsa-ablation")
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]  # one run per seed, both whole
+
+
+@pytest.mark.timeout(900)
+def test_sigkill_of_evaluate_keeps_the_earlier_results_and_one_run(tmp_path, ray_head):
+    """evaluate replaces its whole output folder at once: after each kill the folder is the
+    earlier one, byte for byte; the rerun finishes and the tracking store holds one evaluation run."""
+    from components.models import build_model, save_model
+    from tests.conftest import tiny_model_config
+    from tests.reliability.files import snapshot
+
+    data = tiny_pyramid(tmp_path / "data")
+    cfg = tiny_model_config(num_classes=19)
+    save_model(build_model(cfg).eval(), cfg, tmp_path / "model")
+    out = tmp_path / "results" / "eval"
+    params = write_params(tmp_path, data, evaluate={"model": str(tmp_path / "model"), "pictures": 1,
+                                                    "output_dir": str(out), "scale_sets": [[1.0], [0.5, 1.0]]})
+    env = stage_env(params, **ray_head.client_env())
+    timed(stage_command("evaluate", params), env)
+    duration = timed(stage_command("evaluate", params), env)  # the second run: as the kills see it
+    before = snapshot(out)
+    landed = 0
+    for fraction in KILL_FRACTIONS:
+        landed += kill_after(stage_command("evaluate", params), env, fraction * duration)
+        now = snapshot(out)  # the earlier folder, or (a kill after the exchange) a complete new one
+        assert now == before or (sorted(now) == sorted(before) and json.loads((out / "metrics.json").read_text()))
+    assert landed >= 2
+    assert run_stage("evaluate", params, **ray_head.client_env()).returncode == 0
+    assert sorted(snapshot(out)) == sorted(before)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["eval"]  # no temporary of a killed run is left
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("hmsa").experiment_id],
+                              filter_string="tags.stage = 'evaluate'")
+    assert [r.info.status for r in runs] == ["FINISHED"]
