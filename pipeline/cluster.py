@@ -291,3 +291,29 @@ def run_key(cfg: PipelineConfig, dataset_fingerprint: str) -> str:
                 "loader": cfg.loader.model_dump(mode="json"), "data": dataset_fingerprint,
                 "workers": cfg.ray.model_dump(mode="json")["num_workers"], "code": code_fingerprint()}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def free_placement_groups_of_ended_jobs() -> int:
+    """Remove the placement groups that jobs which have ended still hold; returns how many.
+
+    A driver killed while a trial's training is starting can leave one behind: Ray registers the
+    worker group's placement group a moment after it has marked the driver's job finished, and then
+    never frees it (seen in `ray list placement-groups`: CREATED, creator job SUCCEEDED, nothing in
+    it), so the resumed search's trial waits for those CPUs for ever. A placement group of an ended
+    job with no live actor in it serves nobody; detached ones are left alone."""
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup
+    from ray.util.state import list_actors
+
+    ended = {job["JobID"] for job in ray.state.jobs() if job["IsDead"]}
+    in_use = {actor.placement_group_id for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=10000,
+                                                                 raise_on_missing_output=False)}
+    freed = 0
+    for group_id, group in ray.util.placement_group_table().items():
+        creator_job = group_id[-8:]  # a placement group's id ends with its creator job's id
+        if (group["state"] in ("CREATED", "PENDING", "RESCHEDULING") and creator_job in ended
+                and group_id not in in_use and not group.get("is_detached", False)):
+            ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group_id))))
+            freed += 1
+    return freed

@@ -5,8 +5,8 @@ Scale genuinely matters in it, as on real streets:
   same range per image), so only layout and perspective tell them apart; buildings and vegetation
   overlap in colour and are told apart by shape (blocks vs blobs); sky sits above the horizon.
   These large regions reward context, i.e. the low scales;
-- poles 1 to 6 pixels wide (by distance), small signs and traffic lights, distant cars and people need resolution,
-  i.e. the high scales;
+- poles 1 to 6 pixels wide (by distance), small signs and traffic lights, distant cars and people
+  need resolution, i.e. the high scales;
 - sensor noise, shading, blur and JPEG artefacts vary per image.
 Every image depends only on (seed, split, index), so the dataset is deterministic and any subset can
 be regenerated on its own.

@@ -17,7 +17,8 @@ import mlflow
 import pytest
 import yaml
 
-from tests.services import MlflowServer, python_env
+from tests.services import python_env
+from tests.test_register_predict import _no_leaked_tracking_uri, server  # noqa: F401  (fixtures)
 from tests.train_helpers import run_stage, stage_command, stage_env, tiny_pyramid, write_params
 
 pytestmark = pytest.mark.integration
@@ -42,19 +43,6 @@ def kill_after(command: list[str], env: dict, seconds: float) -> bool:
         proc.kill()
         proc.wait(timeout=60)
         return True
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_tracking_uri(monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset-by-test")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
 
 
 def served_models(client, run_id: str) -> list:
