@@ -296,18 +296,19 @@ def run_key(cfg: PipelineConfig, dataset_fingerprint: str) -> str:
 def free_placement_groups_of_ended_jobs() -> int:
     """Remove the placement groups that jobs which have ended still hold; returns how many.
 
-    A driver killed while a trial's training is starting can leave one behind: Ray registers the
-    worker group's placement group a moment after it has marked the driver's job finished, and then
-    never frees it (seen in `ray list placement-groups`: CREATED, creator job SUCCEEDED, nothing in
-    it), so the resumed search's trial waits for those CPUs for ever. A placement group of an ended
-    job with no live actor in it serves nobody; detached ones are left alone."""
+    A driver killed while its training starts can leave one behind: the job's TrainController asks
+    for the worker group's placement group, Ray marks the job finished and kills the controller, and
+    the request arrives a moment later; Ray registers it after both events it frees placement groups
+    on, and never frees it (seen in `ray list placement-groups`: CREATED, creator job SUCCEEDED,
+    nothing in it). The rerun's workers then wait for those CPUs for ever. A placement group of an
+    ended job with no actor in it serves nobody; detached ones are left alone."""
     import ray
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup
     from ray.util.state import list_actors
 
     ended = {job["JobID"] for job in ray.state.jobs() if job["IsDead"]}
-    in_use = {actor.placement_group_id for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=10000,
+    in_use = {actor.placement_group_id for actor in list_actors(filters=[("state", "!=", "DEAD")], limit=10000,
                                                                  raise_on_missing_output=False)}
     freed = 0
     for group_id, group in ray.util.placement_group_table().items():

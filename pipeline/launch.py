@@ -55,7 +55,21 @@ def prepare_launch(cfg: PipelineConfig, env: Environment | None = None) -> Launc
         cluster.check_remote_requirements(env)
     pyramid_uri = cluster.place_pyramid(env, cfg.pyramid.output, remote)
     if env.ray_address:
+        _free_leaked_placement_groups()
         nodes = cluster.preflight(pyramid_uri, checkpoint_root, env.tracking_uri)
         print(f"pre-flight passed on {nodes} node(s): pyramid readable, storage writable, tracking reachable")
     return Launch(env=env, where=where, use_gpu=use_gpu, remote=remote, pyramid_uri=pyramid_uri,
                   checkpoint_root=checkpoint_root)
+
+
+def _free_leaked_placement_groups() -> None:
+    """A joined cluster may still hold resources for a run that was killed (see
+    `cluster.free_placement_groups_of_ended_jobs`); a fresh local instance has no earlier jobs.
+    Best effort: the stage goes on either way, and says what it did."""
+    try:
+        freed = cluster.free_placement_groups_of_ended_jobs()
+    except Exception as err:  # noqa: BLE001  (Ray's State API may be unreachable)
+        print(f"could not look for placement groups left by ended jobs: {err}")
+    else:
+        if freed:
+            print(f"freed {freed} placement group(s) that ended jobs still held (a killed run's leftovers)")

@@ -114,14 +114,6 @@ def search(cfg: PipelineConfig) -> list[dict]:
     if tune.Tuner.can_restore(path, storage_filesystem=storage_filesystem):
         print(f"reusing the finished search at {path}: same code, config and data" if finished else
               f"resuming the interrupted search at {path}")
-        if not finished:
-            try:  # best effort: the search resumes either way
-                freed = cluster.free_placement_groups_of_ended_jobs()
-            except Exception as err:  # noqa: BLE001  (Ray's State API may be unreachable)
-                print(f"could not look for placement groups left by ended jobs: {err}")
-            else:
-                if freed:
-                    print(f"freed {freed} placement group(s) that the interrupted run's ended job still held")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=storage_filesystem)
     else:
