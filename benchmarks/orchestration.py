@@ -22,6 +22,7 @@ import torch
 
 from benchmarks.steps import median
 from components.config import PipelineConfig, load_config
+from pipeline import cluster
 
 
 def _pyramid(cfg: PipelineConfig, root: Path, images: int) -> str:
@@ -117,6 +118,7 @@ def run(params_file: str, epochs: int, images: int) -> dict:
         start = time.perf_counter()
         plain_epochs = train_epochs({"params": params, "pyramid": pyramid, "in_ray": False, "cpus": cpus})
         plain = time.perf_counter() - start
+        os.environ.update(cluster.train_controller_variables())  # as the pipeline runs Ray Train
         ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
         try:
             one, one_epochs = ray_fit(params, pyramid, 1, cpus, tmp)

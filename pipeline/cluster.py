@@ -142,7 +142,7 @@ def connect(env: Environment) -> str:
     if env.ray_address:
         _check_reachable(env.ray_address)
         runtime_env = {"working_dir": str(REPO_ROOT), "excludes": WORKING_DIR_EXCLUDES,
-                       "env_vars": env.worker_variables()}
+                       "env_vars": {**env.worker_variables(), **train_controller_variables()}}
         ray.init(address=env.ray_address, runtime_env=runtime_env, log_to_driver=True)
         return f"the Ray cluster at {redact(env.ray_address)}"
     # A local instance listens on loopback only: nothing outside this machine needs to reach it.
@@ -151,8 +151,23 @@ def connect(env: Environment) -> str:
     # would fail to choose and never free a stopped Tune trial's workers).
     dashboard = _free_local_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
+    os.environ.update(train_controller_variables())  # the local Ray's processes inherit them
     ray.init(_node_ip_address="127.0.0.1", dashboard_port=dashboard)
     return "a local Ray instance"
+
+
+# Ray Train's controller takes a worker's report when it polls the workers, every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), and a worker's next report waits until the
+# previous one was taken (a queue of one). Epochs shorter than the interval were stretched to it:
+# the ablation's 0.9 s epochs took 2.0 s. A poll is one small task per worker; a poll a worker is
+# too busy to answer in time is waited for in the next round (a hang counts after 10 minutes).
+TRAIN_POLL_INTERVAL_S = "0.2"
+
+
+def train_controller_variables() -> dict[str, str]:
+    """Settings of the Train controller, for every process of the job (a user's own value wins)."""
+    return {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+                                                                TRAIN_POLL_INTERVAL_S)}
 
 
 def _free_local_port() -> int:
@@ -286,8 +301,13 @@ def code_fingerprint() -> str:
 
 def run_key(cfg: PipelineConfig, dataset_fingerprint: str) -> str:
     """A stable id for 'this training': same code, config and data, same run (so a restart resumes
-    it and a finished one is reused); anything changed gives a new id."""
-    relevant = {"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
+    it and a finished one is reused); anything that changes what is computed gives a new id. Where
+    the results are written does not, and methods that train alike (`training_method`) share it."""
+    from components.models.build import training_method
+
+    model = cfg.model.model_copy(update={"method": training_method(cfg.model)}).model_dump(mode="json")
+    train = cfg.train.model_dump(mode="json", exclude={"output", "metrics", "curves", "run_record"})
+    relevant = {"model": model, "train": train,
                 "loader": cfg.loader.model_dump(mode="json"), "data": dataset_fingerprint,
                 "workers": cfg.ray.model_dump(mode="json")["num_workers"], "code": code_fingerprint()}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]

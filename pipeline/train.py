@@ -18,6 +18,7 @@ import torch
 from components.atomic import atomic_dir, atomic_file
 from components.config import PipelineConfig
 from components.data.pyramid import PyramidReader
+from components.models.build import training_method
 from components.models.saved import CONFIG_FILE, WEIGHTS_FILE, is_saved_model
 from components.redact import redact
 from pipeline import cluster, tracking
@@ -36,7 +37,7 @@ def _start_tracking(cfg: PipelineConfig, env: Environment, key: str, name: str, 
     finished = tracking.finished_run(experiment_id, key)
     if finished is not None:
         return experiment_id, finished.info.run_id, finished
-    tags = {"method": cfg.model.method, "train_scales": str(cfg.model.train_scales),
+    tags = {"method": training_method(cfg.model), "train_scales": str(cfg.model.train_scales),
             "dataset": manifest["dataset"], "dataset_manifest": manifest["source_manifest"],
             "git_commit": tracking.git_commit(), "code": cluster.code_fingerprint()[:12]}
     run_id = tracking.find_or_create_run(experiment_id, key, name, tags)
@@ -47,13 +48,21 @@ def _start_tracking(cfg: PipelineConfig, env: Environment, key: str, name: str, 
     return experiment_id, run_id, None
 
 
+def _copy_config_as(source: Path, target: Path, method: str) -> None:
+    """The checkpoint's model config, for `method`: a run reused by a method that trains alike (see
+    `training_method`) holds the same weights under the method that trained them."""
+    document = json.loads(source.read_text())
+    document["model"]["method"] = method
+    target.write_text(json.dumps(document, indent=2) + "\n")
+
+
 def _write_outputs(cfg: PipelineConfig, result, use_gpu: bool) -> dict:
     best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda item: item[1]["val_miou"])
     with result.checkpoint.as_directory() as latest:
         history = torch.load(Path(latest) / STATE_FILE, map_location="cpu", weights_only=True)["history"]
     with best_checkpoint.as_directory() as best, atomic_dir(cfg.train.output, key="train.output", recognise=is_saved_model) as out:
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            shutil.copy2(Path(best) / name, out / name)
+        shutil.copy2(Path(best) / WEIGHTS_FILE, out / WEIGHTS_FILE)
+        _copy_config_as(Path(best) / CONFIG_FILE, out / CONFIG_FILE, cfg.model.method)
     with atomic_file(cfg.train.curves, "w") as handle:
         fields = ["epoch", "loss", "val_miou", "lr", "lr_at_samples", "samples_seen", "workers", "images_per_s",
                   "epoch_seconds", "step_seconds"]
@@ -92,13 +101,16 @@ def main(cfg: PipelineConfig) -> None:
     manifest = PyramidReader(cfg.pyramid.output).manifest
     launch = prepare_launch(cfg)
     key = cluster.run_key(cfg, manifest["source_manifest"])
-    name = f"train-{cfg.model.method}-{key}"
+    trained_as = training_method(cfg.model)
+    name = f"train-{trained_as}-{key}"
     _, run_id, finished = _start_tracking(cfg, launch.env, key, name, manifest)
     storage_path, storage_filesystem = launch.run_storage()
     if finished is not None:
         # Same code, config and data as a completed run: its result is this stage's output.
+        alike = (f" ({cfg.model.method} trains as {trained_as}: its fusion differs at inference only)"
+                 if trained_as != cfg.model.method else "")
         print(f"reusing the finished run {name} (MLflow run {run_id}): same code, config and data, "
-              "nothing to train")
+              f"nothing to train{alike}")
         from ray.train import Result
 
         result = Result.from_path(f"{storage_path.rstrip('/')}/{name}", storage_filesystem=storage_filesystem)

@@ -40,3 +40,30 @@ def test_seeds_train_side_by_side_when_the_cluster_has_room(tmp_path, ray_head, 
     assert (second_start < first_end) == side_by_side  # overlapping runs, or one after the other
     result = json.loads((tmp_path / "ablation" / "hierarchical" / "result.json").read_text())
     assert [r["seed"] for r in result["seeds"]] == [0, 1] and all(r["miou"] >= 0 for r in result["seeds"])
+
+
+@pytest.mark.timeout(900)
+def test_pooling_methods_evaluate_single_scales_training(tmp_path, ray_head):
+    """Average and max pooling train exactly what single scale trains: whichever of the three runs
+    first trains, the others reuse its run and evaluate the same weights with their own fusion."""
+    from safetensors.torch import load_file
+
+    params = ablation_params(tmp_path, cpus_per_worker=1)
+    env = stage_env(params, **ray_head.client_env())
+    outputs = {}
+    for method in ("avgpool", "single"):
+        done = run_on_cluster([*stage_command("ablation", params), "run", "--method", method], env, 600, ray_head)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs[method] = done.stdout
+    assert "reusing the finished run train-single-" not in outputs["avgpool"]  # the first trains
+    assert outputs["single"].count("reusing the finished run train-single-") == 2  # one per seed
+    assert len(training_intervals(tmp_path)) == 2  # two trainings (one per seed), not four
+    for seed in (0, 1):
+        folders = {m: tmp_path / "ablation" / m / f"seed-{seed}" for m in ("avgpool", "single")}
+        models = {m: json.loads((f / "model" / "config.json").read_text())["model"] for m, f in folders.items()}
+        assert {m: c["method"] for m, c in models.items()} == {"avgpool": "avgpool", "single": "single"}
+        weights = [load_file(f / "model" / "weights.safetensors") for f in folders.values()]
+        assert weights[0].keys() == weights[1].keys()
+        assert all(weights[0][k].equal(weights[1][k]) for k in weights[0])
+        results = {m: json.loads((f / "result.json").read_text()) for m, f in folders.items()}
+        assert results["avgpool"]["eval_scales"] == [0.5, 1.0, 2.0] and results["single"]["eval_scales"] == [1.0]

@@ -173,3 +173,22 @@ def test_misconfigured_cluster_fails_before_training_in_seconds(tmp_path, stack,
     assert done.returncode == 1 and len(errors) == 1 and message in errors[0], done.stderr[-3000:]
     assert "Traceback" not in done.stderr and time.time() - start < 30
     assert not (tmp_path / "model").exists()
+
+
+def test_run_key_names_what_a_training_computes_not_where_it_writes():
+    """Methods that train alike share one training (the ablation trains single scale once per seed
+    for single, average and max pooling); output paths do not make a new training; anything the
+    training computes with does."""
+    from components.config import ablation_config
+    from pipeline.cluster import run_key
+
+    cfg = load_config(ROOT / "params.yaml")
+    key = {method: run_key(ablation_config(cfg, method, 0), "data") for method in cfg.ablation.methods}
+    assert key["single"] == key["avgpool"] == key["maxpool"]  # each writes to its own folder
+    assert len({key["single"], key["explicit"], key["hierarchical"]}) == 3
+    single = ablation_config(cfg, "single", 0)
+    assert run_key(ablation_config(cfg, "single", 1), "data") != key["single"]  # another seed
+    assert run_key(single, "other data") != key["single"]
+    pooled_in_training = single.model_copy(update={"model": single.model.model_copy(
+        update={"method": "avgpool", "train_scales": [0.5, 1.0]})})
+    assert run_key(pooled_in_training, "data") != key["single"]  # fusing in training is not single scale

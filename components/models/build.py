@@ -27,3 +27,13 @@ def build_segmenter(cfg: ModelConfig) -> Segmenter:
 
 def build_model(cfg: ModelConfig) -> MultiScaleSegmenter:
     return MultiScaleSegmenter(build_segmenter(cfg), cfg.method, cfg.train_scales, cfg.attention_channels)
+
+
+def training_method(cfg: ModelConfig) -> str:
+    """The method whose training `cfg` runs. Average and max pooling fuse scales at inference only:
+    trained at one scale they build single scale's network (no attention head) and train it the
+    same way, so their trainings are single scale's (the ablation trains it once per seed for all
+    three, and each evaluates the weights with its own fusion)."""
+    if cfg.method in ("avgpool", "maxpool") and len(cfg.train_scales) == 1:
+        return "single"
+    return cfg.method
