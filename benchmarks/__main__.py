@@ -53,6 +53,7 @@ def summary(results: dict) -> str:
                                                     f"({eff['fp32']['train_gflops_per_s']:.0f} of "
                                                     f"{eff['fp32']['matmul_gflops_per_s']:.0f} GFLOP/s)",
         "Ray Train 1 worker over plain loop": f"{orch['ray_over_plain_epoch']:.2f}x per epoch, "
+                                              f"{orch['ray_over_plain_epoch_wall']:.2f}x with its report, "
                                               f"{orch['ray_over_plain_wall']:.2f}x wall with worker start",
         "loader samples/s over training consumption": f"{cost['data_path']['ratio']:.1f}x "
                                                       f"({cost['data_path']['loader_workers']} loader workers)",

@@ -87,6 +87,23 @@ def test_train_crops_are_aligned_across_scales(pyramid):
         assert (pooled - lo).abs().mean() < 0.35 * hi.std()
 
 
+def test_a_training_sample_is_a_function_of_seed_epoch_and_index(pyramid):
+    """Colour jitter included: the same train.seed trains on the same samples in every run and
+    process, and another seed or epoch on others."""
+    reader = PyramidReader(str(pyramid / "pyramid"))
+    cfg = LoaderConfig(random_scales=[0.5, 1.0, 2.0], photometric_probability=1.0)
+
+    def samples(seed: int, epoch: int) -> list[torch.Tensor]:
+        ds = PyramidTrainDataset(reader, "train", [0.5, 1.0], (48, 64), cfg, seed=seed)
+        ds.set_epoch(epoch)
+        return [ds[i]["images"][1.0] for i in range(len(ds))]
+
+    first = samples(seed=3, epoch=1)
+    assert all(a.equal(b) for a, b in zip(first, samples(seed=3, epoch=1)))
+    assert not any(a.equal(b) for a, b in zip(first, samples(seed=4, epoch=1)))
+    assert not any(a.equal(b) for a, b in zip(first, samples(seed=3, epoch=2)))
+
+
 def test_eval_dataset_and_class_uniform_sampling(pyramid):
     reader = PyramidReader(str(pyramid / "pyramid"))
     ds = PyramidEvalDataset(reader, "val", [0.25, 0.75, 1.0])

@@ -164,6 +164,10 @@ def test_code_change_trains_again_and_unchanged_rerun_reuses(tmp_path, data, ray
     assert "reusing" not in edited.stdout and "training train-" in edited.stdout
     metrics = read_metrics(tmp_path)
     assert metrics["epochs"] == 1 and metrics["resumed_at_epochs"] == []
+    # The edit changes no computation, and train.seed fixes every random draw (sample order, crops,
+    # flips, colour jitter): the new run trains the same model, bit for bit.
+    assert (tmp_path / "model" / "weights.safetensors").read_bytes() == \
+        (tmp_path / "model-first" / "weights.safetensors").read_bytes()
     runs = list((tmp_path / "store" / "ray").glob("train-*"))
     assert len({p.name for p in runs}) == 2  # two runs, one per code version
 

@@ -116,6 +116,9 @@ class PyramidTrainDataset(Dataset):
             label = label[:, ::-1]
         images = {s: np.ascontiguousarray(image) for s, image in crops.items()}
         keys = [f"level{i}" for i in range(len(self.train_scales))]
+        # The jitter draws from the sample's own seed too: albumentations would otherwise seed itself
+        # from the OS once per process, and the same train.seed would train on other colours each run.
+        self.photometric.set_random_seed(int(rng.integers(2**32)))
         jittered = self.photometric(image=images[1.0], **{k: images[s] for k, s in zip(keys, self.train_scales)})
         return {
             "images": {s: to_tensor(jittered[k]) for k, s in zip(keys, self.train_scales)},
