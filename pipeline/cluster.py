@@ -335,6 +335,10 @@ def free_placement_groups_of_ended_jobs() -> int:
         creator_job = group_id[-8:]  # a placement group's id ends with its creator job's id
         if (group["state"] in ("CREATED", "PENDING", "RESCHEDULING") and creator_job in ended
                 and group_id not in in_use and not group.get("is_detached", False)):
-            ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group_id))))
+            try:
+                ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group_id))))
+            except Exception as err:  # noqa: BLE001  (Ray may be removing it already: go on with the rest)
+                print(f"could not remove placement group {group_id}: {err}")
+                continue
             freed += 1
     return freed
