@@ -112,8 +112,11 @@ def test_elastic_training_shrinks_when_a_node_goes_and_grows_when_it_returns(tmp
                           ray={"num_workers": [1, 2], "cpus_per_worker": 1, "elastic_resize_interval_s": 5,
                                "max_failures": 6},
                           mlflow={"experiment": "elastic"})
+    # Epochs of this tiny training take well under a second; paced by Ray's default 2 s poll of the
+    # workers (a user's own RAY_TRAIN_HEALTH_CHECK_INTERVAL_S wins over the pipeline's 0.2 s), the
+    # 30 epochs last long enough for the stopped node to come back and the run to grow onto it.
     proc = subprocess.Popen(stage_command("train", params), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=stack.env)
+                            text=True, env={**stack.env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"})
     client = mlflow.MlflowClient(stack.variables["MLFLOW_TRACKING_URI"])
 
     def run_id() -> str | None:
