@@ -58,8 +58,12 @@ def measure_method(cfg: ModelConfig, size, batch: int, steps: int, threads: int)
 
 def cost_table(cfg: PipelineConfig, steps: int, threads: int) -> list[dict]:
     size, batch = tuple(cfg.train.crop_size), cfg.train.batch_size
-    rows = []
-    for method, entry in cfg.ablation.methods.items():
+    rows, measured = [], set()
+    for row, entry in cfg.ablation.methods.items():
+        method = cfg.ablation.method_of(row)
+        if (method, tuple(entry.train_scales)) in measured:  # a row that differs at inference only
+            continue
+        measured.add((method, tuple(entry.train_scales)))
         model = cfg.model.model_copy(update={"method": method, "train_scales": entry.train_scales, "pretrained": None})
         row = {"method": method, "train_scales": entry.train_scales,
                "train_gflops": train_step_flops(model, size, batch) / 1e9,

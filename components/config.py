@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from components.scales import crop_grid_step
 
 METHODS = ("single", "avgpool", "maxpool", "explicit", "hierarchical")
+MethodName = Literal["single", "avgpool", "maxpool", "explicit", "hierarchical"]
 
 
 class ConfigError(ValueError):
@@ -51,7 +52,7 @@ CropSize = tuple[PositiveInt, PositiveInt]  # height, width in pixels
 
 
 class ModelConfig(Section):
-    method: Literal["single", "avgpool", "maxpool", "explicit", "hierarchical"] = "hierarchical"
+    method: MethodName = "hierarchical"
     trunk: str = "resnet18"  # one of TRUNK_NAMES (checked with the whole config)
     output_stride: Literal[8, 16] = 8
     decoder: str = "deeplabv3plus"  # one of DECODER_NAMES
@@ -232,8 +233,17 @@ class RegisterConfig(Section):
 
 
 class AblationMethod(Section):
+    """One row of the method table. A row named after its method needs no `method`; another row
+    (e.g. hierarchical evaluated at its training scales) names the method it trains. Rows that
+    train alike share their trainings (pipeline.cluster.run_key), so such a row costs evaluations."""
+
     train_scales: ScaleSet
     eval_scales: ScaleSet
+    method: MethodName | None = None
+
+
+# A table row's name is also a DVC stage key and a folder name.
+RowName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
 
 
 class AblationConfig(Section):
@@ -250,14 +260,28 @@ class AblationConfig(Section):
     bootstrap_rounds: int = Field(2000, ge=100)  # of the paired bootstrap behind the significance column
     # One augmentation for all methods, valid for the widest training set (explicit's).
     random_scales: ScaleSet = [0.5, 1.0]
+    # Share of class-uniform samples in the table's trainings (null: loader.class_uniform's).
+    class_uniform: float | None = Field(None, ge=0, le=1)
     output_dir: str = "results/ablation"
-    methods: dict[Literal["single", "avgpool", "maxpool", "explicit", "hierarchical"], AblationMethod] = {
+    methods: dict[RowName, AblationMethod] = {
         "single": AblationMethod(train_scales=[1.0], eval_scales=[1.0]),
         "avgpool": AblationMethod(train_scales=[1.0], eval_scales=[0.5, 1.0, 2.0]),
         "maxpool": AblationMethod(train_scales=[1.0], eval_scales=[0.5, 1.0, 2.0]),
         "explicit": AblationMethod(train_scales=[0.5, 1.0, 2.0], eval_scales=[0.5, 1.0, 2.0]),
         "hierarchical": AblationMethod(train_scales=[0.5, 1.0], eval_scales=[0.5, 1.0, 2.0]),
     }
+
+    @model_validator(mode="after")
+    def _rows_name_their_method(self) -> "AblationConfig":
+        for name, row in self.methods.items():
+            if row.method is None and name not in METHODS:
+                raise ValueError(f"methods.{name}: a row not named after a method needs `method:` "
+                                 f"(one of {', '.join(METHODS)})")
+        return self
+
+    def method_of(self, row: str) -> str:
+        """The method a table row trains and evaluates."""
+        return self.methods[row].method or row
 
 
 # The stage is called `register`, which pydantic warns shadows ABCMeta.register on the class; the
@@ -411,26 +435,28 @@ def with_overrides(cfg: PipelineConfig, overrides: dict[str, dict], source: str)
     return validate_config(raw, source=source)
 
 
-def ablation_config(cfg: PipelineConfig, method: str, seed: int | None = None) -> PipelineConfig:
-    """The full config of one ablation run: the base config with the method, its scales, the seed
-    and the shared budget swapped in, validated like any other (so a bad method entry names its key)."""
-    if method not in cfg.ablation.methods:
-        raise ConfigError(f"ablation.methods has no entry {method!r}; it has {sorted(cfg.ablation.methods)}")
-    entry, ab = cfg.ablation.methods[method], cfg.ablation
+def ablation_config(cfg: PipelineConfig, row: str, seed: int | None = None) -> PipelineConfig:
+    """The full config of one ablation run (a row of the table, ablation.methods.<row>, and a seed):
+    the base config with the row's method, its scales, the seed and the shared budget swapped in,
+    validated like any other (so a bad entry names its key). Outputs go to <output_dir>/<row>/."""
+    if row not in cfg.ablation.methods:
+        raise ConfigError(f"ablation.methods has no entry {row!r}; it has {sorted(cfg.ablation.methods)}")
+    entry, ab = cfg.ablation.methods[row], cfg.ablation
     seed = ab.seeds[0] if seed is None else seed
-    out = f"{ab.output_dir}/{method}/seed-{seed}"
+    out = f"{ab.output_dir}/{row}/seed-{seed}"
     return with_overrides(cfg, {
-        "model": {"method": method, "train_scales": entry.train_scales,
+        "model": {"method": ab.method_of(row), "train_scales": entry.train_scales,
                   **({"trunk": ab.trunk} if ab.trunk else {}),
                   **({"output_stride": ab.output_stride} if ab.output_stride else {})},
         "train": {"epochs": ab.epochs, "crop_size": list(ab.crop_size), "output": f"{out}/model", "seed": seed,
                   "metrics": f"{out}/train_metrics.json", "curves": f"{out}/curves.csv", "run_record": f"{out}/run.json"},
-        "loader": {"random_scales": ab.random_scales},
+        "loader": {"random_scales": ab.random_scales,
+                   **({"class_uniform": ab.class_uniform} if ab.class_uniform is not None else {})},
         "evaluate": {"scale_sets": [entry.eval_scales], "output_dir": f"{out}/eval", "model": None},
         "mlflow": {"experiment": f"{cfg.mlflow.experiment}-ablation"},
         "tune": {"apply_to_train": False},  # the table compares methods, not tuned settings
         "register": {"scale_set": entry.eval_scales},
-    }, source=f"ablation.methods.{method}")
+    }, source=f"ablation.methods.{row}")
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

@@ -3,9 +3,10 @@
     python -m pipeline.ablation run --method hierarchical   # one method (a DVC foreach stage each)
     python -m pipeline.ablation table                       # results/ablation/table.{md,json}
 
-Every method trains through the same Ray Train code as the `train` stage, with the same budget
-(ablation.epochs, crop, augmentation), once per seed of ablation.seeds, and is evaluated at its own
-eval scales. The table gives mean ± std over the seeds and, against single scale, a paired
+Every row of ablation.methods (a method with its training and eval scales) trains through the same
+Ray Train code as the `train` stage, with the same budget (ablation.epochs, crop, augmentation),
+once per seed of ablation.seeds, and is evaluated at its own eval scales; rows that train alike share
+their trainings. The table gives mean ± std over the seeds and, against single scale, a paired
 bootstrap of the mIoU difference (components.significance).
 """
 
@@ -47,7 +48,8 @@ def run_seed(cfg: PipelineConfig, method: str, seed: int) -> dict:
     crop = tuple(cfg.ablation.crop_size)
     single = run_cfg.model.model_copy(update={"method": "single", "train_scales": [1.0]})
     result = {
-        "method": method,
+        "method": method,  # the table row
+        "fusion": run_cfg.model.method,  # the method it trains and evaluates
         "seed": seed,
         "train_scales": run_cfg.model.train_scales,
         "eval_scales": row["scales"],
@@ -149,7 +151,7 @@ def summarize_methods(cfg: PipelineConfig, classes: dict) -> list[dict]:
     rows = []
     for method, (seeds, matrices) in loaded.items():
         first = seeds[0]
-        row = {key: first[key] for key in ("method", "train_scales", "eval_scales", "train_flops_vs_single",
+        row = {key: first[key] for key in ("method", "fusion", "train_scales", "eval_scales", "train_flops_vs_single",
                                              "activation_mb", "eval_gflops", "epochs")}
         row["seeds"] = [r["seed"] for r in seeds]
         for key in ("miou", "thin_miou", "large_miou", "minibatch_seconds", "peak_rss_mb"):
@@ -190,11 +192,12 @@ def write_table(cfg: PipelineConfig) -> list[dict]:
             f"{r['train_flops_vs_single']:.2f}x | {r['minibatch_seconds']['mean']:.3f} | "
             f"{r['peak_rss_mb']['mean']:.0f} | {r['activation_mb']:.1f} |"
         )
-    model = ablation_config(cfg, next(iter(cfg.ablation.methods))).model  # the table's model size
+    run = ablation_config(cfg, next(iter(cfg.ablation.methods)))  # the table's model size and loader
+    model = run.model
     budget = (f"\nBudget: {cfg.ablation.epochs} epochs, crop {cfg.ablation.crop_size[0]}x{cfg.ablation.crop_size[1]}, "
               f"batch {cfg.train.batch_size}, {model.trunk} at output stride {model.output_stride} with "
-              f"{model.decoder}, random scales "
-              f"{cfg.ablation.random_scales}, seeds {cfg.ablation.seeds}. mIoU on the val split, mean ± std over "
+              f"{model.decoder}, random scales {cfg.ablation.random_scales}, class-uniform share "
+              f"{run.loader.class_uniform}, seeds {cfg.ablation.seeds}. mIoU on the val split, mean ± std over "
               "the seeds. 'mIoU vs single': the mean paired difference with its 95% interval and two-sided p "
               f"from a bootstrap over seed pairs and val images ({rounds} rounds; * marks p < {SIGNIFICANCE}). "
               "Minibatch time and peak RSS measured in the training worker; activations = bytes autograd "

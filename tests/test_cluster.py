@@ -188,6 +188,7 @@ def test_run_key_names_what_a_training_computes_not_where_it_writes():
     cfg = load_config(ROOT / "params.yaml")
     key = {method: run_key(ablation_config(cfg, method, 0), "data") for method in cfg.ablation.methods}
     assert key["single"] == key["avgpool"] == key["maxpool"]  # each writes to its own folder
+    assert key["hierarchical"] == key["hierarchical_05_10"]  # a row that differs at inference only
     assert len({key["single"], key["explicit"], key["hierarchical"]}) == 3
     single = ablation_config(cfg, "single", 0)
     assert run_key(ablation_config(cfg, "single", 1), "data") != key["single"]  # another seed

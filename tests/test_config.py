@@ -75,6 +75,22 @@ def test_every_ablation_entry_of_the_repository_params_is_valid():
         # the table's own model size, when set; the model section's otherwise
         assert run.model.trunk == (cfg.ablation.trunk or cfg.model.trunk)
         assert run.model.output_stride == (cfg.ablation.output_stride or cfg.model.output_stride)
+        assert run.loader.class_uniform == cfg.ablation.class_uniform != cfg.loader.class_uniform
+    for row, entry in cfg.ablation.methods.items():  # rows named otherwise say which method they are
+        assert ablation_config(cfg, row).model.method == (entry.method or row)
+        assert ablation_config(cfg, row).train.output == f"{cfg.ablation.output_dir}/{row}/seed-0/model"
+
+
+def test_an_ablation_row_not_named_after_a_method_must_name_it():
+    from components.config import validate_config
+
+    row = {"train_scales": [0.5, 1.0], "eval_scales": [0.5, 1.0]}
+    with pytest.raises(ConfigError, match=r"ablation: .*methods.hier_pair: a row not named after a method needs"):
+        validate_config({"ablation": {"methods": {"hier_pair": row}}}, source="params.yaml")
+    with pytest.raises(ConfigError, match=r"ablation.methods.Hier.*pattern"):
+        validate_config({"ablation": {"methods": {"Hier": {**row, "method": "hierarchical"}}}}, source="params.yaml")
+    cfg = validate_config({"ablation": {"methods": {"hier_pair": {**row, "method": "hierarchical"}}}}, source="x")
+    assert cfg.ablation.method_of("hier_pair") == "hierarchical"
 
 
 @pytest.mark.parametrize(

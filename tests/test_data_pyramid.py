@@ -111,9 +111,32 @@ def test_eval_dataset_and_class_uniform_sampling(pyramid):
     assert ds.scales == [0.25, 0.75, 1.0] and ds.stored == [0.25, 1.0]
     assert ds[0]["images"][1.0].shape == (3, 64, 96) and ds[0]["images"][0.75].shape == (3, 48, 72)
     entries = [{"classes": [0]}] * 9 + [{"classes": [0, 5]}]
-    order = class_uniform_order(entries, 19, 1.0, np.random.default_rng(0))
-    assert (order == 9).mean() > 0.3  # the only image with class 5 is drawn about half the time
-    assert (class_uniform_order(entries, 19, 0.0, np.random.default_rng(0)) == np.arange(10)).all()
+    epochs = [class_uniform_order(entries, 19, 1.0, np.random.default_rng(seed)) for seed in range(50)]
+    order, targets = np.concatenate([o for o, _ in epochs]), np.concatenate([t for _, t in epochs])
+    assert 0.45 < (order == 9).mean() < 0.65  # the only image with class 5: 0.5 + 0.5 / 10 of the draws
+    assert (order[targets == 5] == 9).all() and set(targets.tolist()) == {0, 5}
+    order, targets = class_uniform_order(entries, 19, 0.0, np.random.default_rng(0))
+    assert (order == np.arange(10)).all() and (targets == -1).all()
+
+
+@pytest.mark.parametrize("random_scale_range", [None, (0.5, 2.0)])
+def test_class_uniform_crops_contain_the_class_they_were_drawn_for(pyramid, random_scale_range):
+    """The reference code's class-uniform sampling: the crop of a sample drawn for class c is placed
+    on a pixel of c, so a rare thin class is inside the crop, not only somewhere in the image."""
+    reader = PyramidReader(str(pyramid / "pyramid"))
+    cfg = LoaderConfig(random_scales=[1.0], random_scale_range=random_scale_range, class_uniform=1.0,
+                       photometric_probability=0.0, flip=False)
+    ds = PyramidTrainDataset(reader, "train", [0.5, 1.0], (16, 16), cfg, seed=0)
+    misses, drawn = 0, 0
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        for index in range(len(ds)):
+            target = int(ds.targets[index])
+            assert target >= 0  # share 1.0: every sample is drawn for a class
+            drawn += 1
+            misses += not (ds[index]["label"] == target).any()
+    # Only a class that the randomly scaled image no longer shows can miss (a pole at 0.5).
+    assert drawn == 40 and misses <= 2, f"{misses} of {drawn} crops miss their class"
 
 
 def test_loader_processes_and_pinned_memory_are_sized_from_the_machine():

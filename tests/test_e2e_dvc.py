@@ -16,7 +16,14 @@ def test_dvc_repro_whole_pipeline(tmp_path):
 
     dvc(tmp_path, "repro")
     table = json.loads((tmp_path / "results/ablation/table.json").read_text())
-    assert [row["method"] for row in table] == ["single", "avgpool", "maxpool", "explicit", "hierarchical"]
+    assert [row["method"] for row in table] == ["single", "avgpool", "maxpool", "explicit", "hierarchical",
+                                                "hierarchical_05_10"]
+    pair = table[-1]  # a row of its own, evaluated at the training pair: hierarchical's trainings, shared
+    assert pair["fusion"] == "hierarchical" and pair["eval_scales"] == [0.5, 1.0]
+    for seed in (0, 1):
+        runs = {json.loads((tmp_path / f"results/ablation/{row}/seed-{seed}/run.json").read_text())["run_id"]
+                for row in ("hierarchical", "hierarchical_05_10")}
+        assert len(runs) == 1
     for row in table:  # every method per seed: mean and std over seeds, and a paired test against single
         assert row["seeds"] == [0, 1] and len(row["miou"]["values"]) == 2 and row["miou"]["std"] >= 0
         assert ("vs_single" in row) == (row["method"] != "single")

@@ -51,33 +51,65 @@ def _pad(array: np.ndarray, height: int, width: int, value: int) -> np.ndarray:
     return np.pad(array, widths, constant_values=value)
 
 
-def class_uniform_order(entries: list[dict], num_classes: int, share: float, rng: np.random.Generator) -> np.ndarray:
-    """Sample indices for one epoch: a `share` of them drawn by picking a class uniformly, then an
-    image that contains it (rare classes are seen as often as common ones); the rest uniformly."""
+def class_uniform_order(entries: list[dict], num_classes: int, share: float,
+                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Sample indices for one epoch and the class each sample is drawn for. A `share` of the slots
+    picks a class uniformly among those present, then an image that contains it, and its crop is
+    later placed on a pixel of that class (as the reference code's class-uniform sampling: a rare
+    class is seen as often as a common one, and inside the crop); the other slots walk a
+    permutation of the split with no class (-1)."""
     n = len(entries)
+    order, targets = np.arange(n), np.full(n, -1)
     if share <= 0:
-        return np.arange(n)
-    holders = [[i for i, e in enumerate(entries) if c in e["classes"]] for c in range(num_classes)]
-    present = [h for h in holders if h]
-    weights = np.full(n, (1 - share) / n)
-    for h in present:
-        weights[h] += share / (len(present) * len(h))
-    return rng.choice(n, size=n, replace=True, p=weights / weights.sum())
+        return order, targets
+    holders = {c: [i for i, e in enumerate(entries) if c in e["classes"]] for c in range(num_classes)}
+    present = [c for c, images in holders.items() if images]
+    order = rng.permutation(n)
+    for slot in np.flatnonzero(rng.random(n) < share):
+        target = present[int(rng.integers(len(present)))]
+        order[slot] = holders[target][int(rng.integers(len(holders[target])))]
+        targets[slot] = target
+    return order, targets
+
+
+def _grid_origin(extent: int, crop: int, step: int, rng: np.random.Generator, point: int | None) -> int:
+    """A crop origin on multiples of `step`, at random; with `point`, one whose crop contains it
+    (an origin at k*step contains p when p - crop < k*step <= p)."""
+    last = max(0, extent - crop) // step
+    low, high = 0, last
+    if point is not None:
+        low = min(last, max(0, -(-(point - crop + 1) // step)))
+        high = max(low, min(last, point // step))
+    return int(rng.integers(low, high + 1)) * step
 
 
 def crop_windows(base_shape: tuple[int, ...], crop_size: tuple[int, int], train_scales: list[float],
-                 rng: np.random.Generator) -> dict[float, tuple[int, int, int, int]]:
+                 rng: np.random.Generator, around: tuple[int, int] | None = None
+                 ) -> dict[float, tuple[int, int, int, int]]:
     """A random crop of `crop_size` in the base level (the one playing 1.0) and the same region at
     every training scale: {scale: (top, left, height, width)} in that level's pixels. The origin lies
     on the grid of crop_grid_step(train_scales), so every level's window is exact, never rounded
-    (a crop size that is a multiple of the step is required by the config)."""
+    (a crop size that is a multiple of the step is required by the config). `around` (y, x): a
+    base-level pixel the crop must contain (class-uniform sampling)."""
     step = crop_grid_step(train_scales)
     crop_h, crop_w = crop_size
-    top = int(rng.integers(0, max(0, base_shape[0] - crop_h) // step + 1)) * step
-    left = int(rng.integers(0, max(0, base_shape[1] - crop_w) // step + 1)) * step
+    top = _grid_origin(base_shape[0], crop_h, step, rng, None if around is None else around[0])
+    left = _grid_origin(base_shape[1], crop_w, step, rng, None if around is None else around[1])
     # Whole numbers by construction; round() only removes float error (0.7 * 30 = 20.999...).
     return {s: (round(top * s), round(left * s), max(1, round(crop_h * s)), max(1, round(crop_w * s)))
             for s in train_scales}
+
+
+def pixel_of_class(label: np.ndarray, target: int, rng: np.random.Generator) -> tuple[int, int] | None:
+    """A random (y, x) where `label` shows class `target`; None for no target (-1) or when this level
+    no longer shows the class (the crop is then placed at random)."""
+    if target < 0:
+        return None
+    ys, xs = np.nonzero(label == target)
+    if not len(ys):
+        return None
+    pick = int(rng.integers(len(ys)))
+    return int(ys[pick]), int(xs[pick])
 
 
 class PyramidTrainDataset(Dataset):
@@ -93,24 +125,26 @@ class PyramidTrainDataset(Dataset):
         self.crop_size = tuple(crop_size)
         self.cfg, self.seed, self.epoch = cfg, seed, 0
         self.photometric = photometric_pipeline(cfg, [f"level{i}" for i in range(len(self.train_scales))])
-        self.order = np.arange(len(self.entries))
+        # Until set_epoch: every image once, in order, none drawn for a class.
+        self.order, self.targets = np.arange(len(self.entries)), np.full(len(self.entries), -1)
 
     def set_epoch(self, epoch: int) -> None:
         """Re-draw the epoch's sample order (class-uniform sampling) deterministically from the seed."""
         self.epoch = epoch
         rng = np.random.default_rng([self.seed, epoch])
-        self.order = class_uniform_order(self.entries, self.reader.num_classes, self.cfg.class_uniform, rng)
+        self.order, self.targets = class_uniform_order(self.entries, self.reader.num_classes,
+                                                       self.cfg.class_uniform, rng)
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        sample = int(self.order[index])
+        sample, target = int(self.order[index]), int(self.targets[index])
         if self.cfg.random_scale_range is not None:
-            crops, label = self._crops_at_any_scale(sample, rng)
+            crops, label = self._crops_at_any_scale(sample, target, rng)
         else:
-            crops, label = self._crops_from_levels(sample, rng)
+            crops, label = self._crops_from_levels(sample, target, rng)
         if self.cfg.flip and rng.random() < 0.5:
             crops = {s: image[:, ::-1] for s, image in crops.items()}
             label = label[:, ::-1]
@@ -125,11 +159,13 @@ class PyramidTrainDataset(Dataset):
             "label": torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)),
         }
 
-    def _crops_from_levels(self, sample: int, rng: np.random.Generator) -> tuple[dict, np.ndarray]:
+    def _crops_from_levels(self, sample: int, target: int, rng: np.random.Generator) -> tuple[dict, np.ndarray]:
         """Random scale r from loader.random_scales: every crop cut from a stored level (r * s)."""
         r = float(rng.choice(self.cfg.random_scales))
         levels = self.reader.read(self.split, sample, [round(r * s, 6) for s in self.train_scales])
-        windows = crop_windows(levels[round(r, 6)][1].shape, self.crop_size, self.train_scales, rng)
+        base_label = levels[round(r, 6)][1]
+        windows = crop_windows(base_label.shape, self.crop_size, self.train_scales, rng,
+                               around=pixel_of_class(base_label, target, rng))
         crops, label = {}, None
         for s in self.train_scales:
             image, lab = levels[round(r * s, 6)]
@@ -139,7 +175,7 @@ class PyramidTrainDataset(Dataset):
                 label = _pad(lab[y : y + h, x : x + w], h, w, 255)
         return crops, label
 
-    def _crops_at_any_scale(self, sample: int, rng: np.random.Generator) -> tuple[dict, np.ndarray]:
+    def _crops_at_any_scale(self, sample: int, target: int, rng: np.random.Generator) -> tuple[dict, np.ndarray]:
         """Random scale r drawn from loader.random_scale_range (the paper's 0.5 to 2.0): the image at
         r is made from the nearest stored level at or above r (area resize down, no detail made up),
         the crop is cut there, and the other training scales are resizes of that crop with the
@@ -152,7 +188,8 @@ class PyramidTrainDataset(Dataset):
         full = self.entries[sample]["levels"][scale_key(1.0)]
         size = scaled_size((full["height"], full["width"]), r)
         image, lab = resize_image(image, size), resize_label(lab, size)
-        y, x, h, w = crop_windows(lab.shape, self.crop_size, [1.0], rng)[1.0]
+        around = pixel_of_class(lab, target, rng)
+        y, x, h, w = crop_windows(lab.shape, self.crop_size, [1.0], rng, around=around)[1.0]
         crop = _pad(image[y : y + h, x : x + w], h, w, 0)
         return image_levels(crop, self.train_scales), _pad(lab[y : y + h, x : x + w], h, w, 255)
 
