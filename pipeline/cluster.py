@@ -313,32 +313,84 @@ def run_key(cfg: PipelineConfig, dataset_fingerprint: str) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def free_placement_groups_of_ended_jobs() -> int:
-    """Remove the placement groups that jobs which have ended still hold; returns how many.
+NIL_ACTOR_ID = "ff" * 16  # a placement group made by a driver, not by an actor
 
-    A driver killed while its training starts can leave one behind: the job's TrainController asks
-    for the worker group's placement group, Ray marks the job finished and kills the controller, and
-    the request arrives a moment later; Ray registers it after both events it frees placement groups
-    on, and never frees it (seen in `ray list placement-groups`: CREATED, creator job SUCCEEDED,
-    nothing in it). The rerun's workers then wait for those CPUs for ever. A placement group of an
-    ended job with no actor in it serves nobody; detached ones are left alone."""
+
+def free_leaked_placement_groups() -> int:
+    """Remove the placement groups Ray should have freed and did not; returns how many.
+
+    Ray frees a placement group when its creator job ends or its creator actor dies, but only the
+    groups it knows of at that moment. A Ray Train controller that asks for its worker group's
+    placement group while it is being killed leaves one behind: the request arrives a moment after
+    the event Ray frees on, and the group stays CREATED for ever, holding its CPUs while every later
+    training waits for them. Two ways to get there: a driver killed while its training starts (the
+    job ends), and a Tune trial that is stopped (early stopping, or its last report) while its
+    controller, seeing its worker gone, starts a new worker group (the controller dies; the job
+    lives on). A group whose creator job has ended or whose creator actor is dead, with no live actor
+    in it, serves nobody; detached groups are left alone.
+
+    Ray's public table of placement groups says neither who made a group nor whether it is
+    detached; the GCS record (the protobuf behind that table) does."""
     import ray
+    from ray._private.state import state as global_state
     from ray._raylet import PlacementGroupID
+    from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup
     from ray.util.state import list_actors
 
-    ended = {job["JobID"] for job in ray.state.jobs() if job["IsDead"]}
-    in_use = {actor.placement_group_id for actor in list_actors(filters=[("state", "!=", "DEAD")], limit=10000,
-                                                                 raise_on_missing_output=False)}
+    record = gcs_pb2.PlacementGroupTableData
+    alive_states = {record.PENDING, record.PREPARED, record.CREATED, record.RESCHEDULING}
+    ended_jobs = {job["JobID"] for job in ray.state.jobs() if job["IsDead"]}
+    actors = list_actors(limit=10000, raise_on_missing_output=False)
+    dead_actors = {actor.actor_id for actor in actors if actor.state == "DEAD"}
+    in_use = {actor.placement_group_id for actor in actors if actor.state != "DEAD"}
     freed = 0
-    for group_id, group in ray.util.placement_group_table().items():
-        creator_job = group_id[-8:]  # a placement group's id ends with its creator job's id
-        if (group["state"] in ("CREATED", "PENDING", "RESCHEDULING") and creator_job in ended
-                and group_id not in in_use and not group.get("is_detached", False)):
-            try:
-                ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group_id))))
-            except Exception as err:  # noqa: BLE001  (Ray may be removing it already: go on with the rest)
-                print(f"could not remove placement group {group_id}: {err}")
-                continue
-            freed += 1
+    for raw in global_state._connect_and_get_accessor().get_placement_group_table():
+        group = record.FromString(raw)
+        group_id, creator = group.placement_group_id.hex(), group.creator_actor_id.hex()
+        orphaned = group.creator_job_id.hex() in ended_jobs or (creator != NIL_ACTOR_ID and creator in dead_actors)
+        if group.state not in alive_states or group.is_detached or group_id in in_use or not orphaned:
+            continue
+        try:
+            ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(group.placement_group_id)))
+        except Exception as err:  # noqa: BLE001  (Ray may be removing it already: go on with the rest)
+            print(f"could not remove placement group {group_id}: {err}")
+            continue
+        freed += 1
     return freed
+
+
+class LeakedPlacementGroupReaper:
+    """Frees leaked placement groups (free_leaked_placement_groups) every `interval_s` seconds in a
+    background thread while a search runs: Tune stops trials while their training runs, and a leak
+    left by one trial would otherwise hold the CPUs the next trials wait for. Use as a context
+    manager; best effort (a failed look is printed once, the search goes on)."""
+
+    def __init__(self, interval_s: float = 5.0):
+        import threading
+
+        self.interval_s, self.freed = interval_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="placement-group-reaper", daemon=True)
+
+    def __enter__(self) -> "LeakedPlacementGroupReaper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        complained = False
+        while not self._stop.wait(self.interval_s):
+            try:
+                freed = free_leaked_placement_groups()
+            except Exception as err:  # noqa: BLE001  (the State API may be briefly unreachable)
+                if not complained:
+                    print(f"could not look for leaked placement groups: {err}")
+                complained = True
+                continue
+            if freed:
+                self.freed += freed
+                print(f"freed {freed} placement group(s) that stopped trials' trainings left reserved")

@@ -64,12 +64,13 @@ def prepare_launch(cfg: PipelineConfig, env: Environment | None = None) -> Launc
 
 def _free_leaked_placement_groups() -> None:
     """A joined cluster may still hold resources for a run that was killed (see
-    `cluster.free_placement_groups_of_ended_jobs`); a fresh local instance has no earlier jobs.
+    `cluster.free_leaked_placement_groups`); a fresh local instance has no earlier jobs.
     Best effort: the stage goes on either way, and says what it did."""
     try:
-        freed = cluster.free_placement_groups_of_ended_jobs()
+        freed = cluster.free_leaked_placement_groups()
     except Exception as err:  # noqa: BLE001  (Ray's State API may be unreachable)
-        print(f"could not look for placement groups left by ended jobs: {err}")
+        print(f"could not look for leaked placement groups: {err}")
     else:
         if freed:
-            print(f"freed {freed} placement group(s) that ended jobs still held (a killed run's leftovers)")
+            print(f"freed {freed} placement group(s) that ended jobs or dead actors still held "
+                  "(a killed run's leftovers)")

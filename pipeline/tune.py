@@ -135,7 +135,10 @@ def search(cfg: PipelineConfig) -> list[dict]:
                                       failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures)),
         )
     with tracking.run_status(parent_run_id):
-        results = tuner.fit()
+        # Trials are stopped while their training runs; what a stopped trial's training leaks must
+        # not hold the CPUs the next trials wait for (cluster.free_leaked_placement_groups).
+        with cluster.LeakedPlacementGroupReaper():
+            results = tuner.fit()
         _record_trial_statuses(experiment_id, parent_run_id, results, cfg.tune.epochs)
         rows = [_trial_row(cfg, result) for result in results]
         from mlflow import MlflowClient

@@ -153,34 +153,37 @@ class RayHead:
             parts.append(f"$ ray {' '.join(args)}\n{(done.stdout + done.stderr)[-4000:]}")
         return "\n".join(parts)
 
-    def leak_placement_group(self, cpus: float) -> str:
-        """Leave this cluster in the state a driver killed while its training starts can leave:
-        a CREATED placement group of `cpus` CPUs whose creator job and creator actor are both gone,
-        registered after Ray's events for them (so Ray never frees it). Returns its id.
+    def leak_placement_group(self, cpus: float, job: str | None = None, actor: str | None = None,
+                             detached: bool = False) -> str:
+        """Leave this cluster in the state a training killed while it starts leaves: a CREATED
+        placement group of `cpus` CPUs registered after Ray's events for its creator (so Ray never
+        frees it). Returns its id. By default its creator job and actor are both gone (a killed
+        driver); with `job` and `actor` (hex ids), the job may live on and only the actor be dead
+        (a stopped Tune trial's controller).
 
-        The race that makes it (the controller's request arriving after the job's end) cannot be
-        timed from outside, so this sends the same request Ray's core worker sends, for a job that
-        ran one actor and ended."""
+        The race that makes it (the request arriving after its creator's end) cannot be timed from
+        outside, so this sends the same request Ray's core worker sends."""
         import grpc
         from ray.core.generated import common_pb2, gcs_service_pb2, gcs_service_pb2_grpc
 
-        ended_job = (
-            "import ray\n"
-            "@ray.remote(num_cpus=0)\n"
-            "class Controller:\n"
-            "    def ping(self): return 1\n"
-            "controller = Controller.remote(); ray.get(controller.ping.remote())\n"
-            "print(ray.get_runtime_context().get_job_id(), controller._actor_id.hex())\n")
-        done = subprocess.run([sys.executable, "-c", ended_job], capture_output=True, text=True, timeout=120,
-                              env=python_env(**self.client_env()), check=True)
-        job, actor = done.stdout.split()[-2:]
+        if job is None:
+            ended_job = (
+                "import ray\n"
+                "@ray.remote(num_cpus=0)\n"
+                "class Controller:\n"
+                "    def ping(self): return 1\n"
+                "controller = Controller.remote(); ray.get(controller.ping.remote())\n"
+                "print(ray.get_runtime_context().get_job_id(), controller._actor_id.hex())\n")
+            done = subprocess.run([sys.executable, "-c", ended_job], capture_output=True, text=True, timeout=120,
+                                  env=python_env(**self.client_env()), check=True)
+            job, actor = done.stdout.split()[-2:]
         group = os.urandom(14) + bytes.fromhex(job)  # a placement group id ends with its job's id
         bundle = common_pb2.Bundle(bundle_id=common_pb2.Bundle.BundleIdentifier(placement_group_id=group,
                                                                                   bundle_index=0),
                                    unit_resources={"CPU": float(cpus)})
         spec = common_pb2.PlacementGroupSpec(placement_group_id=group, strategy=common_pb2.PACK, bundles=[bundle],
                                              creator_job_id=bytes.fromhex(job), creator_actor_id=bytes.fromhex(actor),
-                                             creator_job_dead=False, creator_actor_dead=False, is_detached=False)
+                                             creator_job_dead=False, creator_actor_dead=False, is_detached=detached)
         with grpc.insecure_channel(self.address) as channel:
             gcs_service_pb2_grpc.PlacementGroupInfoGcsServiceStub(channel).CreatePlacementGroup(
                 gcs_service_pb2.CreatePlacementGroupRequest(placement_group_spec=spec), timeout=30,

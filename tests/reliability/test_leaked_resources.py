@@ -1,8 +1,9 @@
 """A killed run must not leave the cluster unable to run the next one.
 
-A driver killed while its training starts can leave a placement group that Ray never frees (see
-`pipeline.cluster.free_placement_groups_of_ended_jobs`); it holds its CPUs for ever, and every later
-stage on that cluster waits for them. Every stage that joins a cluster frees such groups first."""
+A training killed while it starts can leave a placement group that Ray never frees (see
+`pipeline.cluster.free_leaked_placement_groups`); it holds its CPUs for ever, and every later
+training on that cluster waits for them. Every stage that joins a cluster frees such groups first,
+and a search frees them while it runs (its stopped trials leave them)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,67 @@ def test_a_stage_frees_the_cpus_a_killed_run_left_reserved(tmp_path, own_cluster
     done = run_on_cluster(stage_command("evaluate", params), stage_env(params, **own_cluster.client_env()),
                           timeout=300, cluster=own_cluster)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "freed 1 placement group(s) that ended jobs still held" in done.stdout
+    assert "freed 1 placement group(s) that ended jobs or dead actors still held" in done.stdout
     assert own_cluster.placement_group_states()[leaked] == "REMOVED"
     assert (tmp_path / "eval" / "metrics.json").is_file()
+
+
+# A driver of the live job: makes and kills a "controller" actor, holds a group of its own, then
+# (once the test has leaked groups for that job and actor) runs the search's reaper until the leaked
+# group is gone. A process of its own, as a search driver is.
+LIVE_JOB_DRIVER = """
+import json, sys, time
+import ray
+from ray.util.placement_group import placement_group
+from pipeline.cluster import LeakedPlacementGroupReaper
+
+ray.init(logging_level="ERROR")
+
+@ray.remote(num_cpus=0)
+class Controller:
+    def ping(self):
+        return 1
+
+controller = Controller.remote()
+ray.get(controller.ping.remote())
+ray.kill(controller)
+live = placement_group([{"CPU": 0.5}])  # the driver's own, in use by nobody yet: not a leak
+ray.get(live.ready(), timeout=60)
+print(json.dumps({"job": ray.get_runtime_context().get_job_id(), "actor": controller._actor_id.hex(),
+                  "live": live.id.hex()}), flush=True)
+leaked = sys.stdin.readline().strip()
+with LeakedPlacementGroupReaper(interval_s=0.5) as reaper:
+    deadline = time.monotonic() + 60
+    while ray.util.placement_group_table()[leaked]["state"] != "REMOVED" and time.monotonic() < deadline:
+        time.sleep(0.5)
+print(json.dumps({"freed": reaper.freed}), flush=True)
+"""
+
+
+def test_a_search_frees_what_a_stopped_trials_training_leaked(own_cluster):
+    """The leak inside a live job: Tune stops a trial while its Train controller, seeing its worker
+    gone, asks for a new worker group; the controller dies, its late request leaves a CREATED group,
+    and the next trials wait for its CPUs (seen in a `make repro`: 0.0/2.0 CPU used, 2.0 reserved,
+    the next trial's group PENDING). The search's reaper frees it while the search runs; groups of
+    live creators and detached groups are kept."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.services import python_env
+
+    driver = subprocess.Popen([sys.executable, "-c", LIVE_JOB_DRIVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=python_env(**own_cluster.client_env()))
+    try:
+        ids = json.loads(driver.stdout.readline())
+        leaked = own_cluster.leak_placement_group(cpus=1, job=ids["job"], actor=ids["actor"])
+        detached = own_cluster.leak_placement_group(cpus=0.5, job=ids["job"], actor=ids["actor"], detached=True)
+        assert own_cluster.placement_group_states()[leaked] == "CREATED"
+        out, err = driver.communicate(leaked + "\n", timeout=180)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1]) == {"freed": 1}
+    states = own_cluster.placement_group_states()
+    assert states[leaked] == "REMOVED"
+    assert states[detached] == "CREATED" and states[ids["live"]] in ("CREATED", "REMOVED")  # REMOVED: its job ended
