@@ -119,3 +119,15 @@ def test_a_removed_dep_is_found():
 def test_imports_inside_functions_count():
     # pipeline.serving_model imports components.models inside load_context
     assert ROOT / "components/models/__init__.py" in files_imported_by("pipeline.serving_model")
+
+
+def test_the_table_depends_on_every_row_of_the_ablation():
+    """Each row of ablation.methods is its own `ablation-run@<row>` stage; the table stage must
+    depend on every row's folder, or `dvc repro ablation` builds the table before a new row ran."""
+    from components.config import load_config
+
+    cfg = load_config(ROOT / "params.yaml")
+    _, deps = STAGES["ablation"]
+    rows = {f"{cfg.ablation.output_dir}/{row}" for row in cfg.ablation.methods}
+    assert rows - set(deps) == set(), f"dvc.yaml stage 'ablation' lacks deps {sorted(rows - set(deps))}"
+    assert {f"ablation-run@{row}" for row in cfg.ablation.methods} <= set(STAGES)
