@@ -9,6 +9,9 @@ from pathlib import Path
 import torch
 
 FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "fma")
+# Variables that cap the instruction sets of PyTorch's kernels and its math libraries: with all three
+# at AVX2 a newer CPU computes as an AVX2-only one would (same clock, so a lower bound on its time).
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def describe() -> dict:
@@ -28,10 +31,14 @@ def describe() -> dict:
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
+        "kernels": torch.backends.cpu.get_cpu_capability(),
+        "isa_caps": {name: os.environ[name] for name in ISA_CAPS if os.environ.get(name)},
     }
 
 
 def one_line(machine: dict) -> str:
     gpu = machine["gpu"] or "no GPU"
-    return (f"{machine['cpu']} ({machine['cpu_count']} cores, flags: {', '.join(machine['cpu_flags']) or 'none'}), "
-            f"{gpu}, torch {machine['torch']}")
+    caps = machine.get("isa_caps") or {}
+    capped = f", capped ({', '.join(f'{k}={v}' for k, v in caps.items())})" if caps else ""
+    return (f"{machine['cpu']} ({machine['cpu_count']} cores, flags: {', '.join(machine['cpu_flags']) or 'none'}"
+            f"{capped}), {gpu}, torch {machine['torch']}")

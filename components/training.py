@@ -7,8 +7,9 @@ in a single process, under DDP, and in tests.
 from __future__ import annotations
 
 import contextlib
-import math
 import hashlib
+import math
+import os
 import time
 
 import torch
@@ -19,9 +20,34 @@ from components.losses import segmentation_loss
 from components.metrics import ConfusionMatrix
 
 
+# oneDNN instruction sets below AVX512_CORE_BF16: with ONEDNN_MAX_CPU_ISA (or its old name
+# DNNL_MAX_CPU_ISA) capped at one of these, bf16 convolutions run on a reference path about 35x
+# slower than fp32 (measured: 6.7 s against 0.47 s per default training step on AMD EPYC), whatever
+# the CPU itself has.
+ONEDNN_ISAS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2",
+                                      "AVX512_CORE", "AVX512_CORE_VNNI"})
+
+
+def bf16_blocker() -> str | None:
+    """Why bf16 autocast would not run natively on this CPU, or None where it would: the CPU lacks
+    AVX512-BF16 and AMX, or the process caps the instruction sets PyTorch's kernels may use
+    (ATEN_CPU_CAPABILITY below AVX512, ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16). Caps are how an
+    operator pins a fleet to its oldest machines, and how this project measures an AVX2-only CPU."""
+    if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return "the CPU has neither AVX512-BF16 nor AMX"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX512":
+        return f"PyTorch's kernels are limited to {capability} (ATEN_CPU_CAPABILITY)"
+    for variable in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        isa = os.environ.get(variable, "").strip().upper()
+        if isa in ONEDNN_ISAS_WITHOUT_BF16:
+            return f"oneDNN is limited to {isa} ({variable})"
+    return None
+
+
 def cpu_supports_bf16() -> bool:
-    """True where the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), so autocast pays off."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    """True where bf16 autocast runs natively on this CPU (see bf16_blocker), so it pays off."""
+    return bf16_blocker() is None
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

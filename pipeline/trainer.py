@@ -29,8 +29,8 @@ from components.data.dataset import PyramidEvalDataset, PyramidTrainDataset, loa
 from components.data.pyramid import PyramidReader
 from components.models import build_model
 from components.models.saved import WEIGHTS_FILE, write_model_files
-from components.training import (autocast_dtype, build_optimizer, epoch_plan, evaluate, parameter_digest,
-                                 train_one_epoch)
+from components.training import (autocast_dtype, bf16_blocker, build_optimizer, epoch_plan, evaluate,
+                                 parameter_digest, train_one_epoch)
 from pipeline.environment import Environment
 from pipeline.tracking import log_epoch
 
@@ -86,6 +86,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed)
     amp_dtype = autocast_dtype(cfg.train.precision, device)
+    if rank == 0 and cfg.train.precision == "auto":
+        why_not = f" ({bf16_blocker()})" if amp_dtype is None else ""
+        print(f"precision auto on {device.type}: {str(amp_dtype or 'fp32').removeprefix('torch.')}{why_not}")
     scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
 
     model = build_model(cfg.model)
