@@ -65,9 +65,11 @@ def tracking_problem(uri: str) -> str | None:
     return None if answer.status_code == 200 else f"the server answered HTTP {answer.status_code}"
 
 
+# What S3 answers when it refuses the credentials (the user's to fix: keys or profile).
+CREDENTIAL_REFUSALS = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")
 # What pyarrow, botocore and the OS say when object storage cannot be reached or refuses.
 STORAGE_FAILURE_MARKERS = ("AWS Error", "curlCode", "Could not connect", "Connection refused", "NoSuchBucket",
-                           "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+                           *CREDENTIAL_REFUSALS)
 
 
 def storage_failure(err: BaseException, root: str) -> ClusterError | None:
@@ -95,8 +97,7 @@ def storage_problem(env: Environment, root: str) -> str | None:
         storage.delete(probe)
     except Exception as err:  # noqa: BLE001 - botocore and OSError alike become one line
         text = str(err).split("\n")[0]
-        if is_s3(root) and ("credentials" in text.lower() or "SignatureDoesNotMatch" in text
-                            or "AccessDenied" in text or "InvalidAccessKeyId" in text):
+        if is_s3(root) and ("credentials" in text.lower() or any(code in text for code in CREDENTIAL_REFUSALS)):
             text += " (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
         elif is_s3(root) and ("connect" in text.lower() or "endpoint" in text.lower()):
             text += f" (check AWS_ENDPOINT_URL = {env.s3_endpoint})"
