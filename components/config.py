@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from components.scales import crop_grid_step
 
-METHODS = ("single", "avgpool", "maxpool", "explicit", "hierarchical")
 MethodName = Literal["single", "avgpool", "maxpool", "explicit", "hierarchical"]
+METHODS: tuple[str, ...] = get_args(MethodName)
 
 
 class ConfigError(ValueError):
