@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -17,7 +18,7 @@ def time_training_steps(cfg: ModelConfig, size: tuple[int, int], batch: int, ste
                         device: str = "cpu", wrap=None) -> list[float]:
     """Seconds of each of `steps` training steps (forward, loss, backward, SGD) after `warmup`
     untimed ones, on random images: what one minibatch of this model costs, without data loading.
-    `wrap` (e.g. torch.compile) is applied to the built model."""
+    `wrap` (e.g. compile_static) is applied to the built model."""
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(cfg).train().to(device=device, memory_format=fmt)
@@ -42,6 +43,17 @@ def time_training_steps(cfg: ModelConfig, size: tuple[int, int], batch: int, ste
         if step >= warmup:
             timings.append(time.perf_counter() - start)
     return timings
+
+
+def compile_static(model: torch.nn.Module, backend: str | Callable = "inductor") -> torch.nn.Module:
+    """torch.compile for one benchmark row, compiled as a fresh process would compile it.
+
+    Dynamo keys its cache by the forward's code, which every model of a class shares: in a process
+    that already compiled one, a second model or size of that class is recompiled with symbolic
+    sizes (slower kernels, a longer compile), and that would be measured as the model's own. So the
+    caches are cleared first and every size is static (benchmark shapes never change)."""
+    torch._dynamo.reset()
+    return torch.compile(model, dynamic=False, backend=backend)
 
 
 def median(values: list[float]) -> float:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.steps import conv_matmul_flops_per_second, matmul_flops_per_second, median, time_training_steps
+from benchmarks.steps import compile_static, conv_matmul_flops_per_second, matmul_flops_per_second, median, time_training_steps
 from components.config import ModelConfig, PipelineConfig, load_config
 from components.flops import train_step_flops
 from components.memory import saved_activation_bytes
@@ -116,7 +116,7 @@ def compile_gain(model, size, batch: int, steps: int, precision: str, measured: 
     it pays when the saving per step times the steps of a run exceeds the compile time."""
     dtype = torch.bfloat16 if precision == "bf16" else None
     try:
-        timings = time_training_steps(model, size, batch, steps + 2, warmup=0, dtype=dtype, wrap=torch.compile)
+        timings = time_training_steps(model, size, batch, steps + 2, warmup=0, dtype=dtype, wrap=compile_static)
     except Exception as err:  # a missing C++ compiler, an unsupported op: reported, not fatal
         print(f"  torch.compile: not measured ({type(err).__name__}: {str(err)[:200]})")
         return {"error": f"{type(err).__name__}: {str(err)[:500]}"}

@@ -23,3 +23,45 @@ def test_gpu_benchmark_needs_only_torch_pydantic_and_components():
     done = subprocess.run([sys.executable, "-c", BLOCK_ALL_BUT_TORCH_AND_PYDANTIC.format(blocked=blocked)],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def _compiled_graphs_are_static(compile_fn) -> list[bool]:
+    """Compile a hierarchical model at two sizes one after another in this process, as the GPU
+    benchmark does over its rows; per captured graph, whether every input size is a plain int."""
+    import torch
+
+    from components.config import ModelConfig
+    from components.models import build_model
+
+    static = []
+
+    def record(graph, example_inputs):
+        static.append(not any(isinstance(x, torch.SymInt)
+                              or (isinstance(x, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in x.shape))
+                              for x in example_inputs))
+        return graph.forward
+
+    cfg = ModelConfig(method="hierarchical", train_scales=[0.5, 1.0], trunk="tiny", output_stride=8,
+                      decoder_channels=8, attention_channels=8, num_classes=3)
+    for side in (64, 96):
+        compile_fn(build_model(cfg).train(), backend=record)(torch.randn(1, 3, side, side))
+    torch._dynamo.reset()
+    return static
+
+
+def test_each_benchmark_row_compiles_with_static_sizes():
+    # A plain torch.compile in the same process recompiles the second size with symbolic sizes.
+    from benchmarks.steps import compile_static
+
+    assert _compiled_graphs_are_static(compile_static) == [True, True]
+
+
+def test_gpu_benchmark_runs_every_eager_row_before_any_compiled_one():
+    # A run cut short by a time limit (each compile takes 1-2 minutes there) keeps the eager rows.
+    from benchmarks.gpu import MODELS, METHODS, planned_runs
+
+    runs = planned_runs(compile_too=True)
+    compiled_flags = [compiled for *_, compiled in runs]
+    assert compiled_flags == sorted(compiled_flags)
+    assert len(runs) == sum(len(batches) + 1 for _, _, batches in MODELS.values()) * len(METHODS)
+    assert runs[0][0] == "paper" and all(not compiled for *_, compiled in planned_runs(compile_too=False))
