@@ -15,6 +15,7 @@ curve over samples seen as an uninterrupted one.
 from __future__ import annotations
 
 import resource
+import sys
 import tempfile
 from pathlib import Path
 
@@ -88,7 +89,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     amp_dtype = autocast_dtype(cfg.train.precision, device)
     if rank == 0 and cfg.train.precision == "auto":
         why_not = f" ({bf16_blocker()})" if amp_dtype is None else ""
-        print(f"precision auto on {device.type}: {str(amp_dtype or 'fp32').removeprefix('torch.')}{why_not}")
+        # Written to the process's own stderr, not print(): Ray Train patches print() on workers to
+        # log the line and, once a library has wrapped sys.stdout/stderr, to echo it as well (twice).
+        sys.__stderr__.write(f"precision auto on {device.type}: "
+                             f"{str(amp_dtype or 'fp32').removeprefix('torch.')}{why_not}\n")
     scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
 
     model = build_model(cfg.model)

@@ -142,6 +142,8 @@ def test_code_change_trains_again_and_unchanged_rerun_reuses(tmp_path, data, ray
     params = write_params(tmp_path, data, train={"epochs": 1})
     first = run_stage("train", params, **ray_head.client_env())
     assert first.returncode == 0, first.stderr[-3000:]
+    # The first worker says once what precision auto chose (Ray Train echoes a worker's stdout twice).
+    assert (first.stdout + first.stderr).count("precision auto on cpu: ") == 1, [line for line in (first.stdout + first.stderr).splitlines() if "precision" in line]
     (tmp_path / "model").rename(tmp_path / "model-first")
 
     again = run_stage("train", params, **ray_head.client_env())
