@@ -50,6 +50,28 @@ def test_cross_entropy_ignores_255_and_survives_empty_batches():
     assert empty.item() == 0 and empty.requires_grad
 
 
+def test_cross_entropy_reads_channels_last_logits_in_place():
+    """Channels-last logits (how training runs) give the same loss and gradient as NCHW ones, and
+    neither the loss nor its gradient copies them to another layout (PyTorch's cross-entropy over
+    dimension 1 does, for NCHW logits too)."""
+    torch.manual_seed(0)
+    target = torch.randint(0, 5, (2, 32, 32))
+    target[:, :4] = 255
+    values = torch.randn(2, 5, 16, 16)
+    results = {}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        logits = values.detach().contiguous(memory_format=layout).requires_grad_()
+        with torch.profiler.profile() as prof:
+            loss = cross_entropy(logits, target)
+            loss.backward()
+        results[layout] = (loss.detach(), logits.grad)
+        copies = [e.key for e in prof.key_averages() if e.key in ("aten::contiguous", "aten::clone")]
+        assert not copies or layout is torch.contiguous_format, copies
+    (loss_nchw, grad_nchw), (loss_nhwc, grad_nhwc) = results.values()
+    torch.testing.assert_close(loss_nhwc, loss_nchw)
+    torch.testing.assert_close(grad_nhwc, grad_nchw)
+
+
 def test_auxiliary_terms_by_method():
     target = torch.zeros(1, 4, 4, dtype=torch.long)
     fused = torch.zeros(1, 2, 4, 4)
