@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.steps import compile_static, conv_matmul_flops_per_second, matmul_flops_per_second, median, time_training_steps
+from benchmarks.steps import (compile_static, conv_matmul_flops_per_second, matmul_flops_per_second, median,
+                              time_training_steps)
 from components.config import ModelConfig, PipelineConfig, load_config
 from components.flops import train_step_flops
 from components.memory import saved_activation_bytes
