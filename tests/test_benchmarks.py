@@ -65,3 +65,20 @@ def test_gpu_benchmark_runs_every_eager_row_before_any_compiled_one():
     assert compiled_flags == sorted(compiled_flags)
     assert len(runs) == sum(len(batches) + 1 for _, _, batches in MODELS.values()) * len(METHODS)
     assert runs[0][0] == "paper" and all(not compiled for *_, compiled in planned_runs(compile_too=False))
+
+
+def test_profile_covers_the_training_step_and_runs_without_yaml():
+    """The profiler sees forward, loss and backward of a training step; `--model paper` (the GPU
+    profile) imports nothing a GPU machine lacks."""
+    from benchmarks.profile_step import profile_training_steps
+    from components.config import ModelConfig
+
+    cfg = ModelConfig(method="hierarchical", train_scales=[0.5, 1.0], trunk="tiny", output_stride=8,
+                      decoder_channels=8, attention_channels=8, num_classes=3)
+    ops = {event.key for event in profile_training_steps(cfg, (32, 32), 1, 1, None).key_averages()}
+    assert {"aten::convolution", "aten::convolution_backward", "aten::nll_loss_forward"} <= ops
+    blocked = ["yaml", "safetensors", "albumentations", "cv2", "PIL", "ray", "mlflow", "dvc", "boto3", "pandas"]
+    code = BLOCK_ALL_BUT_TORCH_AND_PYDANTIC.format(blocked=blocked).replace(
+        "import benchmarks.gpu", "import benchmarks.profile_step")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
