@@ -18,29 +18,15 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.gpu import METHODS, MODELS
+from benchmarks.steps import training_step
 from components.config import ModelConfig
-from components.losses import segmentation_loss
-from components.models import build_model
 
 
 def profile_training_steps(cfg: ModelConfig, size: tuple[int, int], batch: int, steps: int,
                            dtype: torch.dtype | None, device: str = "cpu") -> profile:
-    """torch.profiler over `steps` training steps (forward, loss, backward, SGD) on random images,
-    after two untimed ones (cuDNN picks its kernels in the first)."""
-    torch.manual_seed(0)
-    model = build_model(cfg).train().to(device=device, memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    image = torch.randn(batch, 3, *size, device=device).contiguous(memory_format=torch.channels_last)
-    target = torch.randint(0, cfg.num_classes, (batch, *size), device=device)
-
-    def step():
-        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
-            output = model(image)
-        loss = segmentation_loss(output, target, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
+    """torch.profiler over `steps` training steps (benchmarks.steps.training_step) after two
+    untimed ones (cuDNN picks its kernels in the first)."""
+    step = training_step(cfg, size, batch, dtype, device=device)
     for _ in range(2):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])

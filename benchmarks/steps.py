@@ -13,12 +13,11 @@ from components.losses import segmentation_loss
 from components.models import build_model
 
 
-def time_training_steps(cfg: ModelConfig, size: tuple[int, int], batch: int, steps: int, warmup: int = 2,
-                        dtype: torch.dtype | None = None, channels_last: bool = True,
-                        device: str = "cpu", wrap=None) -> list[float]:
-    """Seconds of each of `steps` training steps (forward, loss, backward, SGD) after `warmup`
-    untimed ones, on random images: what one minibatch of this model costs, without data loading.
-    `wrap` (e.g. compile_static) is applied to the built model."""
+def training_step(cfg: ModelConfig, size: tuple[int, int], batch: int, dtype: torch.dtype | None = None,
+                  channels_last: bool = True, device: str = "cpu", wrap=None) -> Callable[[], None]:
+    """One training step (forward, loss, backward, SGD) of a freshly built model on a fixed batch
+    of random images, as a function to call: what one minibatch of this model costs, without data
+    loading. `wrap` (e.g. compile_static) is applied to the built model."""
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(cfg).train().to(device=device, memory_format=fmt)
@@ -27,20 +26,32 @@ def time_training_steps(cfg: ModelConfig, size: tuple[int, int], batch: int, ste
         model = wrap(model)
     image = torch.randn(batch, 3, *size, device=device).contiguous(memory_format=fmt)
     target = torch.randint(0, cfg.num_classes, (batch, *size), device=device)
-    timings = []
-    for step in range(warmup + steps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+
+    def step() -> None:
         with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
             output = model(image)
         loss = segmentation_loss(output, target, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
+    return step
+
+
+def time_training_steps(cfg: ModelConfig, size: tuple[int, int], batch: int, steps: int, warmup: int = 2,
+                        dtype: torch.dtype | None = None, channels_last: bool = True,
+                        device: str = "cpu", wrap=None) -> list[float]:
+    """Seconds of each of `steps` training steps (see training_step) after `warmup` untimed ones."""
+    step = training_step(cfg, size, batch, dtype, channels_last, device, wrap)
+    timings = []
+    for index in range(warmup + steps):
         if device == "cuda":
             torch.cuda.synchronize()
-        if step >= warmup:
+        start = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if index >= warmup:
             timings.append(time.perf_counter() - start)
     return timings
 
