@@ -74,26 +74,49 @@ def evaluate_shard(model, dataset: Dataset, indices: list[int], scale_sets: list
     return results
 
 
+# Attention by region: a pixel is inside its region when every pixel within this fraction of the
+# image's shorter side (8 px on the bundled 192x384 images) has its class, else on a boundary. The
+# paper's observation is about both: low scales for the inside of large regions, high scales for
+# fine structures and edges.
+BOUNDARY_BAND = 1 / 24
+REGIONS = ("all", "interior", "boundary")
+
+
+def interior_mask(label: torch.Tensor) -> torch.Tensor:
+    """True where the square of side 2 * band + 1 around a pixel holds only that pixel's label
+    (ignored pixels count as another label; the image's border does not)."""
+    band = max(1, round(min(label.shape) * BOUNDARY_BAND))
+    values = label[None, None].float()
+    highest = torch.nn.functional.max_pool2d(values, 2 * band + 1, stride=1, padding=band)
+    lowest = -torch.nn.functional.max_pool2d(-values, 2 * band + 1, stride=1, padding=band)
+    return ((highest == values) & (lowest == values))[0, 0]
+
+
 class AttentionSums:
-    """Per scale, the sum over the ground-truth pixels of each class of that scale's share of the
-    fused prediction (MultiScaleOutput.scale_weights: shares sum to 1 over the scales at a pixel)."""
+    """Per region (all pixels, region interiors, boundaries) and scale, the sum over the
+    ground-truth pixels of each class of that scale's share of the fused prediction
+    (MultiScaleOutput.scale_weights: shares sum to 1 over the scales at a pixel)."""
 
     def __init__(self, scales: list[float], num_classes: int):
         self.num_classes = num_classes
-        self.sums: dict[float, np.ndarray] = {}
-        self.counts = np.zeros(num_classes)
+        self.sums = {region: {s: np.zeros(num_classes) for s in scales} for region in REGIONS}
+        self.counts = {region: np.zeros(num_classes) for region in REGIONS}
 
     def add(self, attention: dict[float, torch.Tensor], labels: list[torch.Tensor]) -> None:
         for i, label in enumerate(labels):
+            valid = (label < self.num_classes).numpy()
+            interior = interior_mask(label).numpy()
+            masks = {"all": valid, "interior": valid & interior, "boundary": valid & ~interior}
             label = label.numpy()
-            valid = label < self.num_classes
-            self.counts += np.bincount(label[valid], minlength=self.num_classes)[:self.num_classes]
-            for s, maps in attention.items():
-                self.sums.setdefault(s, np.zeros(self.num_classes))
-                resized = torch.nn.functional.interpolate(maps[i:i + 1].float(), size=label.shape, mode="bilinear",
-                                                          align_corners=False)[0, 0].cpu().numpy()
-                self.sums[s] += np.bincount(label[valid], weights=resized[valid],
-                                            minlength=self.num_classes)[:self.num_classes]
+            shares = {s: torch.nn.functional.interpolate(maps[i:i + 1].float(), size=label.shape, mode="bilinear",
+                                                         align_corners=False)[0, 0].cpu().numpy()
+                      for s, maps in attention.items()}
+            for region, mask in masks.items():
+                classes = label[mask]
+                self.counts[region] += np.bincount(classes, minlength=self.num_classes)[:self.num_classes]
+                for s, share in shares.items():
+                    self.sums[region][s] += np.bincount(classes, weights=share[mask],
+                                                        minlength=self.num_classes)[:self.num_classes]
 
 
 def merge_shards(shards: list[list[dict]]) -> list[dict]:
@@ -105,20 +128,24 @@ def merge_shards(shards: list[list[dict]]) -> list[dict]:
                  "seconds": sum(p["seconds"] for p in parts), "images": sum(p["images"] for p in parts),
                  "image_matrices": np.concatenate([p["image_matrices"] for p in parts])}
         if "attention_sums" in parts[0]:
-            total["attention_sums"] = {s: sum(p["attention_sums"][s] for p in parts) for s in parts[0]["attention_sums"]}
-            total["attention_counts"] = sum(p["attention_counts"] for p in parts)
+            total["attention_sums"] = {region: {s: sum(p["attention_sums"][region][s] for p in parts) for s in sums}
+                                       for region, sums in parts[0]["attention_sums"].items()}
+            total["attention_counts"] = {region: sum(p["attention_counts"][region] for p in parts)
+                                         for region in parts[0]["attention_counts"]}
         merged.append(total)
     return merged
 
 
-def attention_means(result: dict) -> dict[float, np.ndarray] | None:
-    """Mean share of each scale in the fused prediction over each class's pixels (NaN where a class
-    is absent), from a merged result: per class the shares of all scales sum to 1."""
+def attention_means(result: dict) -> dict[str, dict[float, np.ndarray]] | None:
+    """Per region (REGIONS), the mean share of each scale in the fused prediction over each class's
+    pixels (NaN where a class has none), from a merged result: per class the shares of all scales
+    sum to 1."""
     if "attention_sums" not in result:
         return None
-    counts = result["attention_counts"]
     with np.errstate(invalid="ignore", divide="ignore"):
-        return {s: np.where(counts > 0, sums / counts, np.nan) for s, sums in result["attention_sums"].items()}
+        return {region: {s: np.where(counts > 0, sums / counts, np.nan)
+                         for s, sums in result["attention_sums"][region].items()}
+                for region, counts in result["attention_counts"].items()}
 
 
 def summarize(result: dict, classes: dict) -> dict:

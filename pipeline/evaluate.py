@@ -2,7 +2,9 @@
 
 Writes <output_dir>/metrics.json (per set: mIoU, per-class IoU, thin/small and large mIoU,
 GFLOPs and latency per image), pareto.csv (mIoU against GFLOPs, Pareto front marked),
-attention_by_class.json, and attention/*.png pictures; logs the same to an MLflow run.
+attention_by_class.json (each scale's mean share of the fused prediction per class),
+attention_by_region.json (the same inside regions and on their boundaries), and attention/*.png
+pictures; logs the same to an MLflow run.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def evaluate_all(cfg: PipelineConfig, model, model_cfg, scale_sets: list[list[fl
                  launch=None, attention: bool = False, per_image: bool = False) -> list[dict]:
     """Every scale set on the val split of cfg.pyramid.output, as Ray work (pipeline.eval_workers),
     with the Pareto front over (GFLOPs, mIoU) marked. With `attention`, the widest set's row also
-    carries `attention_by_class` (scale -> mean attention per class), from the same forward pass."""
+    carries `attention_by_class` (region -> scale -> mean share per class, components.evaluation
+    .attention_means), from the same forward pass."""
     widest = max(range(len(scale_sets)), key=lambda i: len(scale_sets[i]))
     wanted = attention and model_cfg.method in ("hierarchical", "explicit")
     rows, means = evaluate_on_ray(cfg, model, model_cfg, scale_sets, flip, launch, widest if wanted else None,
@@ -57,9 +60,11 @@ def write_outputs(out: Path, rows: list[dict], model, model_cfg, reader: Pyramid
             writer.writerow([scale_set_key(r["scales"]), r["gflops"], r["miou"], r["thin_miou"], r["large_miou"],
                              r["latency_ms"], int(r["pareto"])])
     if attention is not None:
-        table = {f"{s:g}": {n: (None if np.isnan(v) else float(v)) for n, v in zip(classes["names"], means)}
-                 for s, means in attention.items()}
-        (out / "attention_by_class.json").write_text(json.dumps(table, indent=2) + "\n")
+        tables = {region: {f"{s:g}": {n: (None if np.isnan(v) else float(v)) for n, v in zip(classes["names"], means)}
+                           for s, means in by_scale.items()}
+                  for region, by_scale in attention.items()}
+        (out / "attention_by_class.json").write_text(json.dumps(tables.pop("all"), indent=2) + "\n")
+        (out / "attention_by_region.json").write_text(json.dumps(tables, indent=2) + "\n")
     widest = max((r["scales"] for r in rows), key=len)
     (out / "attention").mkdir()
     dataset = PyramidEvalDataset(reader, "val", widest)

@@ -83,3 +83,19 @@ def test_profile_covers_the_training_step_and_runs_without_yaml():
         "import benchmarks.gpu", "import benchmarks.profile_step")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_gpu_benchmark_models_are_the_paper_profile_and_the_default_params():
+    """benchmarks.gpu keeps its own copy of both models (a GPU machine here has no PyYAML to read
+    them); the copy must stay the profile's and params.yaml's, or its MFU is about another model."""
+    import yaml
+
+    from benchmarks.gpu import MODELS
+    from pipeline.profile import apply_profile
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    paper = apply_profile(params, yaml.safe_load((ROOT / "infra" / "profiles" / "paper.yaml").read_text()))
+    for name, source in (("paper", paper), ("default", params)):
+        settings, crop, _ = MODELS[name]
+        assert {key: source["model"][key] for key in settings} == settings, name
+        assert list(crop) == source["train"]["crop_size"], name

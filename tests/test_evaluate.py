@@ -8,7 +8,7 @@ import torch
 from components.config import load_config
 from components.data.dataset import PyramidEvalDataset
 from components.data.pyramid import PyramidReader
-from components.evaluation import evaluate_scale_set, pareto_front
+from components.evaluation import AttentionSums, attention_means, evaluate_scale_set, interior_mask, pareto_front
 from components.models import build_model
 from pipeline.environment import Environment
 from pipeline.evaluate import evaluate_all, write_outputs
@@ -63,6 +63,17 @@ def test_hierarchical_on_unseen_scale_sets(tmp_path, data, local_ray):
     for name, value in attention["1"].items():
         if value is not None:
             assert abs(sum(attention[s][name] for s in attention) - 1) < 1e-4, name
+    # inside regions and on their boundaries: shares sum to 1 as well, and over all pixels a class's
+    # share lies between the two (it is their pixel-weighted mean)
+    regions = json.loads((tmp_path / "out" / "attention_by_region.json").read_text())
+    assert set(regions) == {"interior", "boundary"} and all(set(regions[r]) == set(attention) for r in regions)
+    for name, value in attention["1"].items():
+        parts = [regions[r]["1"][name] for r in regions if regions[r]["1"][name] is not None]
+        if value is not None:
+            assert min(parts) - 1e-6 <= value <= max(parts) + 1e-6, name
+        for region in regions:
+            if regions[region]["1"][name] is not None:
+                assert abs(sum(regions[region][s][name] for s in attention) - 1) < 1e-4, (region, name)
     assert len(list((tmp_path / "out" / "attention").glob("*.png"))) == 2
     assert (tmp_path / "out" / "pareto.csv").read_text().startswith("scales,gflops,miou")
 
@@ -95,3 +106,24 @@ def test_pareto_front():
     rows = [{"gflops": 1, "miou": 0.5}, {"gflops": 2, "miou": 0.4}, {"gflops": 3, "miou": 0.6},
             {"gflops": 3, "miou": 0.6}]
     assert pareto_front(rows) == [True, False, True, True]
+
+
+def test_attention_by_region_separates_region_interiors_from_boundaries():
+    """A 48x48 square of class 1 on class 0 in a 96x96 image (band: 96 / 24 = 4 px): the pixels
+    within 4 px of the square's edge, on either side, are boundary; the image's border is not. An
+    attention map that gives scale 2.0 the boundary and scale 0.5 the rest reads as exactly that."""
+    label = torch.zeros(96, 96, dtype=torch.long)
+    label[24:72, 24:72] = 1
+    label[0, 0] = 255  # ignored: a neighbour of another label, and not counted itself
+    interior = interior_mask(label)
+    assert interior[48, 48] and interior[10, 48] and interior[90, 90] and not interior[1, 1]
+    assert not interior[20, 48] and not interior[27, 48] and interior[19, 48] and interior[29, 48]
+    high = (~interior).float()[None, None]
+    sums = AttentionSums([0.5, 2.0], num_classes=2)
+    sums.add({0.5: 1 - high, 2.0: high}, [label])
+    means = attention_means({"attention_sums": sums.sums, "attention_counts": sums.counts})
+    for cls in (0, 1):
+        assert means["interior"][2.0][cls] == 0 and means["interior"][0.5][cls] == 1
+        assert means["boundary"][2.0][cls] == 1 and means["boundary"][0.5][cls] == 0
+        assert 0 < means["all"][2.0][cls] < 1
+    assert sums.counts["all"].sum() == 96 * 96 - 1

@@ -2,9 +2,11 @@
 
 Scale genuinely matters in it, as on real streets:
 - road and sidewalk share one texture distribution (their colours are drawn independently from the
-  same range per image), so only layout and perspective tell them apart; buildings and vegetation
-  overlap in colour and are told apart by shape (blocks vs blobs); sky sits above the horizon.
-  These large regions reward context, i.e. the low scales;
+  same range per image), so only layout and perspective tell them apart; sky sits above the
+  horizon. These large regions reward context, i.e. the low scales. Buildings and vegetation
+  overlap in colour and differ in shape (blocks vs blobs) and in the buildings' windows, a texture
+  of 3 px squares that half scale erases: a trained model reads them at the high scales (README,
+  "What the attention learned");
 - poles 1 to 6 pixels wide (by distance), small signs and traffic lights, distant cars and people
   need resolution, i.e. the high scales;
 - sensor noise, shading, blur and JPEG artefacts vary per image.
