@@ -31,6 +31,10 @@ def summary(results: dict) -> str:
     e_h = cost["explicit_over_hierarchical"]
     eff = cost["efficiency"]
     worst = max(inf["scale_sets"], key=lambda r: abs(r["measured_over_predicted"] - 1))
+    per_round = [r["ray_over_plain_epoch"] for r in orch["rounds"]]
+    controls = [r["plain_after_over_before_epoch"] for r in orch["rounds"]]
+    ray_range = (f"{min(per_round):.2f}-{max(per_round):.2f}x; plain loop against itself "
+                 f"{min(controls):.2f}-{max(controls):.2f}x")
     lines = [
         f"Machine: {machine.one_line(results['machine'])}.",
         f"Model: {cost['model']['trunk']} OS{cost['model']['output_stride']} {cost['model']['decoder']}, "
@@ -52,7 +56,8 @@ def summary(results: dict) -> str:
         "training FLOP/s over matmul FLOP/s, fp32": f"{eff['fp32']['fraction_of_matmul']:.2f} "
                                                     f"({eff['fp32']['train_gflops_per_s']:.0f} of "
                                                     f"{eff['fp32']['matmul_gflops_per_s']:.0f} GFLOP/s)",
-        "Ray Train 1 worker over plain loop": f"{orch['ray_over_plain_epoch']:.2f}x per epoch, "
+        "Ray Train 1 worker over plain loop": f"{orch['ray_over_plain_epoch']:.2f}x per epoch (median of "
+                                              f"{len(orch['rounds'])} rounds, {ray_range}), "
                                               f"{orch['ray_over_plain_epoch_wall']:.2f}x with its report, "
                                               f"{orch['ray_over_plain_wall']:.2f}x wall with worker start",
         "loader samples/s over training consumption": f"{cost['data_path']['ratio']:.1f}x "

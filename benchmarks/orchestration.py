@@ -3,10 +3,17 @@
     .venv/bin/python -m benchmarks.orchestration [--params params.yaml] [--epochs 3]
 
 The same epochs of the same training (the default model, crop, batch and loader of params.yaml,
-on a synthetic pyramid of the bundled size) three ways: a plain loop in this process; Ray Train
+on a synthetic pyramid of the bundled size) three ways: a plain loop in a fresh process; Ray Train
 with one worker holding all CPUs; Ray Train with two workers of half the CPUs each and half the
 batch each (the same global batch). Times are wall clock of the whole fit (Ray's worker start
 included) and the median epoch after the first (steady state).
+
+A shared 2-core machine's speed drifts by more than the overhead measured (one plain-then-Ray
+comparison gave 0.91x to 1.28x in three runs), so the comparison runs in `rounds` rounds of plain
+loop, Ray Train with one worker, plain loop (Ray started and stopped within the round, so the
+plain loop runs without it): each round's Ray epochs over the mean of the plain runs around them,
+the median over rounds reported, and the second plain run over the first as the control that
+shows the noise of one comparison.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -109,45 +118,96 @@ def ray_fit(params: dict, pyramid: str, workers: int, cpus: int, storage: str) -
     return wall, json.loads(record.read_text())
 
 
-def run(params_file: str, epochs: int, images: int) -> dict:
+def _ray_session(cpus: int):
     import ray
 
+    os.environ.update(cluster.train_controller_variables())  # as the pipeline runs Ray Train
+    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    return ray
+
+
+def steady(epochs: dict, kind: str = "train") -> float:
+    return median(epochs[kind][1:] or epochs[kind])  # the first epoch warms up
+
+
+def plain_in_fresh_process(settings: dict, workdir: Path) -> tuple[float, dict]:
+    """(wall seconds, epochs) of the plain loop in a new Python process, as Ray Train runs its worker
+    in one: both sides start clean, rather than the plain loop inheriting this process's earlier
+    rounds and Ray driver threads."""
+    request, answer = workdir / "plain-request.json", workdir / "plain-answer.json"
+    request.write_text(json.dumps(settings))
+    subprocess.run([sys.executable, "-m", "benchmarks.orchestration", "--plain", str(request), str(answer)],
+                   check=True, cwd=Path(__file__).resolve().parent.parent)
+    done = json.loads(answer.read_text())
+    return done["wall_s"], done["epochs"]
+
+
+def _plain_worker(request: str, answer: str) -> None:
+    settings = json.loads(Path(request).read_text())
+    torch.set_num_threads(settings["cpus"])
+    start = time.perf_counter()
+    epochs = train_epochs(settings)
+    Path(answer).write_text(json.dumps({"wall_s": time.perf_counter() - start, "epochs": epochs}))
+
+
+def plain_against_ray(params: dict, pyramid: str, cpus: int, storage: str) -> dict:
+    """One round: the plain loop, the same epochs through Ray Train with one worker, the plain loop
+    again. Ray is measured against the mean of the two plain runs around it, which cancels a drift
+    of the machine's speed during the round; the second plain run over the first is the noise
+    that a single comparison would carry (the control)."""
+    workdir = Path(storage)
+    workdir.mkdir(parents=True, exist_ok=True)
+    settings = {"params": params, "pyramid": pyramid, "in_ray": False, "cpus": cpus}
+    before_wall, before = plain_in_fresh_process(settings, workdir)
+    ray = _ray_session(cpus)
+    try:
+        one, one_epochs = ray_fit(params, pyramid, 1, cpus, storage)
+    finally:
+        ray.shutdown()
+    after_wall, after = plain_in_fresh_process(settings, workdir)
+    plain = {"wall_s": (before_wall + after_wall) / 2, "epoch_s": (steady(before) + steady(after)) / 2,
+             "epoch_wall_s": (steady(before, "wall") + steady(after, "wall")) / 2}
+    return {"plain": plain, "plain_before_epoch_s": steady(before), "plain_after_epoch_s": steady(after),
+            "ray_one_worker": {"wall_s": one, "epoch_s": steady(one_epochs),
+                               "epoch_wall_s": steady(one_epochs, "wall")},
+            "plain_after_over_before_epoch": steady(after) / steady(before),
+            "ray_over_plain_wall": one / plain["wall_s"],
+            "ray_over_plain_epoch": steady(one_epochs) / plain["epoch_s"],
+            # The whole epoch, Ray's report included: a report waits until the controller takes the last one.
+            "ray_over_plain_epoch_wall": steady(one_epochs, "wall") / plain["epoch_wall_s"]}
+
+
+def combine_rounds(paired: list[dict]) -> dict:
+    """The rounds as measured, and each ratio as the median over them: a round slowed down by the
+    machine moves a median far less than a mean."""
+    ratios = ("ray_over_plain_wall", "ray_over_plain_epoch", "ray_over_plain_epoch_wall",
+              "plain_after_over_before_epoch")
+    return {"rounds": paired, **{key: median([r[key] for r in paired]) for key in ratios}}
+
+
+def run(params_file: str, epochs: int, images: int, rounds: int = 3) -> dict:
     cfg = load_config(params_file)
     cpus = os.cpu_count() or 2
     params = cfg.model_dump(mode="json")
     params["train"]["epochs"] = epochs
     with tempfile.TemporaryDirectory(prefix="hmsa-bench-") as tmp:
         pyramid = _pyramid(cfg, Path(tmp), images)
-        torch.set_num_threads(cpus)
-        start = time.perf_counter()
-        plain_epochs = train_epochs({"params": params, "pyramid": pyramid, "in_ray": False, "cpus": cpus})
-        plain = time.perf_counter() - start
-        os.environ.update(cluster.train_controller_variables())  # as the pipeline runs Ray Train
-        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+        paired = [plain_against_ray(params, pyramid, cpus, str(Path(tmp) / f"round-{i}")) for i in range(rounds)]
+        half = dict(params, train={**params["train"], "batch_size": max(1, params["train"]["batch_size"] // 2)})
+        ray = _ray_session(cpus)
         try:
-            one, one_epochs = ray_fit(params, pyramid, 1, cpus, tmp)
-            half = dict(params, train={**params["train"], "batch_size": max(1, params["train"]["batch_size"] // 2)})
-            two, two_epochs = ray_fit(half, pyramid, 2, max(1, cpus // 2), tmp)
+            _, two_epochs = ray_fit(half, pyramid, 2, max(1, cpus // 2), tmp)
         finally:
             ray.shutdown()
-    def steady(epochs: dict, kind: str = "train") -> float:
-        return median(epochs[kind][1:] or epochs[kind])  # the first epoch warms up
-
-    result = {
-        "epochs": epochs, "train_images": images, "cpus": cpus,
-        "plain": {"wall_s": plain, "epoch_s": steady(plain_epochs), "epoch_wall_s": steady(plain_epochs, "wall")},
-        "ray_one_worker": {"wall_s": one, "epoch_s": steady(one_epochs), "epoch_wall_s": steady(one_epochs, "wall")},
-        "ray_two_workers": {"wall_s": two, "epoch_s": steady(two_epochs), "epoch_wall_s": steady(two_epochs, "wall")},
-    }
-    result["ray_over_plain_wall"] = one / plain
-    result["ray_over_plain_epoch"] = steady(one_epochs) / steady(plain_epochs)
-    # The whole epoch, Ray's report included: a report waits until the controller takes the last one.
-    result["ray_over_plain_epoch_wall"] = steady(one_epochs, "wall") / steady(plain_epochs, "wall")
-    result["two_over_one_workers_speedup"] = steady(one_epochs) / steady(two_epochs)
-    print(f"  plain loop {plain:.1f} s ({steady(plain_epochs):.2f} s/epoch); Ray Train 1 worker {one:.1f} s "
-          f"({steady(one_epochs):.2f} s/epoch training, {steady(one_epochs, 'wall'):.2f} s with its report) -> "
-          f"{result['ray_over_plain_wall']:.2f}x wall, {result['ray_over_plain_epoch']:.2f}x per epoch, "
-          f"{result['ray_over_plain_epoch_wall']:.2f}x per epoch with the report")
+    result = {"epochs": epochs, "train_images": images, "cpus": cpus, **combine_rounds(paired)}
+    one_epoch = median([r["ray_one_worker"]["epoch_s"] for r in paired])
+    result["ray_two_workers"] = {"epoch_s": steady(two_epochs), "epoch_wall_s": steady(two_epochs, "wall")}
+    result["two_over_one_workers_speedup"] = one_epoch / steady(two_epochs)
+    each = ", ".join(f"{r['ray_over_plain_epoch']:.2f}x" for r in paired)
+    control = ", ".join(f"{r['plain_after_over_before_epoch']:.2f}x" for r in paired)
+    print(f"  Ray Train 1 worker over the plain loop, per epoch: {result['ray_over_plain_epoch']:.2f}x (median of "
+          f"{rounds} rounds: {each}); {result['ray_over_plain_epoch_wall']:.2f}x with its report, "
+          f"{result['ray_over_plain_wall']:.2f}x wall with the worker start; plain loop against itself: {control}")
     print(f"  2 workers x {max(1, cpus // 2)} CPUs: {steady(two_epochs):.2f} s/epoch -> "
           f"{result['two_over_one_workers_speedup']:.2f}x the speed of 1 worker x {cpus} CPUs")
     return result
@@ -158,8 +218,13 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--images", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of plain loop and one Ray worker")
+    parser.add_argument("--plain", nargs=2, metavar=("REQUEST", "ANSWER"), help=argparse.SUPPRESS)  # internal
     args = parser.parse_args()
-    run(args.params, args.epochs, args.images)
+    if args.plain:
+        _plain_worker(*args.plain)
+    else:
+        run(args.params, args.epochs, args.images, args.rounds)
 
 
 if __name__ == "__main__":

@@ -99,3 +99,17 @@ def test_gpu_benchmark_models_are_the_paper_profile_and_the_default_params():
         settings, crop, _ = MODELS[name]
         assert {key: source["model"][key] for key in settings} == settings, name
         assert list(crop) == source["train"]["crop_size"], name
+
+
+def test_ray_overhead_is_the_median_of_paired_rounds():
+    """Plain loop, one Ray worker and the plain loop again in rounds; one round slowed by a busy
+    machine (here 1.40x) must not move the reported overhead, as it would a mean or a single
+    comparison."""
+    from benchmarks.orchestration import combine_rounds
+
+    rounds = [{"ray_over_plain_epoch": ratio, "ray_over_plain_epoch_wall": ratio, "ray_over_plain_wall": 2 * ratio,
+               "plain_after_over_before_epoch": control} for ratio, control in ((1.40, 0.80), (1.02, 1.01), (1.05, 1.0))]
+    combined = combine_rounds(rounds)
+    assert combined["ray_over_plain_epoch"] == combined["ray_over_plain_epoch_wall"] == 1.05
+    assert combined["ray_over_plain_wall"] == 2.10 and combined["rounds"] == rounds
+    assert combined["plain_after_over_before_epoch"] == 1.0
