@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.steps import median
+from benchmarks.steps import in_fresh_process, median
 from components.config import PipelineConfig, load_config
 from pipeline import cluster
 
@@ -130,24 +128,18 @@ def steady(epochs: dict, kind: str = "train") -> float:
     return median(epochs[kind][1:] or epochs[kind])  # the first epoch warms up
 
 
-def plain_in_fresh_process(settings: dict, workdir: Path) -> tuple[float, dict]:
-    """(wall seconds, epochs) of the plain loop in a new Python process, as Ray Train runs its worker
-    in one: both sides start clean, rather than the plain loop inheriting this process's earlier
-    rounds and Ray driver threads."""
-    request, answer = workdir / "plain-request.json", workdir / "plain-answer.json"
-    request.write_text(json.dumps(settings))
-    subprocess.run([sys.executable, "-m", "benchmarks.orchestration", "--plain", str(request), str(answer)],
-                   check=True, cwd=Path(__file__).resolve().parent.parent)
-    done = json.loads(answer.read_text())
-    return done["wall_s"], done["epochs"]
-
-
-def _plain_worker(request: str, answer: str) -> None:
-    settings = json.loads(Path(request).read_text())
+def _plain_in_child(settings: dict, queue) -> None:
     torch.set_num_threads(settings["cpus"])
     start = time.perf_counter()
     epochs = train_epochs(settings)
-    Path(answer).write_text(json.dumps({"wall_s": time.perf_counter() - start, "epochs": epochs}))
+    queue.put((time.perf_counter() - start, epochs))
+
+
+def plain_in_fresh_process(settings: dict) -> tuple[float, dict]:
+    """(wall seconds, epochs) of the plain loop in a new Python process, as Ray Train runs its worker
+    in one: both sides start clean, rather than the plain loop inheriting this process's earlier
+    rounds and Ray driver threads."""
+    return in_fresh_process(_plain_in_child, settings)
 
 
 def plain_against_ray(params: dict, pyramid: str, cpus: int, storage: str) -> dict:
@@ -155,16 +147,15 @@ def plain_against_ray(params: dict, pyramid: str, cpus: int, storage: str) -> di
     again. Ray is measured against the mean of the two plain runs around it, which cancels a drift
     of the machine's speed during the round; the second plain run over the first is the noise
     that a single comparison would carry (the control)."""
-    workdir = Path(storage)
-    workdir.mkdir(parents=True, exist_ok=True)
+    Path(storage).mkdir(parents=True, exist_ok=True)
     settings = {"params": params, "pyramid": pyramid, "in_ray": False, "cpus": cpus}
-    before_wall, before = plain_in_fresh_process(settings, workdir)
+    before_wall, before = plain_in_fresh_process(settings)
     ray = _ray_session(cpus)
     try:
         one, one_epochs = ray_fit(params, pyramid, 1, cpus, storage)
     finally:
         ray.shutdown()
-    after_wall, after = plain_in_fresh_process(settings, workdir)
+    after_wall, after = plain_in_fresh_process(settings)
     plain = {"wall_s": (before_wall + after_wall) / 2, "epoch_s": (steady(before) + steady(after)) / 2,
              "epoch_wall_s": (steady(before, "wall") + steady(after, "wall")) / 2}
     return {"plain": plain, "plain_before_epoch_s": steady(before), "plain_after_epoch_s": steady(after),
@@ -219,12 +210,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=3, help="alternations of plain loop and one Ray worker")
-    parser.add_argument("--plain", nargs=2, metavar=("REQUEST", "ANSWER"), help=argparse.SUPPRESS)  # internal
     args = parser.parse_args()
-    if args.plain:
-        _plain_worker(*args.plain)
-    else:
-        run(args.params, args.epochs, args.images, args.rounds)
+    run(args.params, args.epochs, args.images, args.rounds)
 
 
 if __name__ == "__main__":

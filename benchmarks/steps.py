@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 import time
 from collections.abc import Callable
@@ -65,6 +66,19 @@ def compile_static(model: torch.nn.Module, backend: str | Callable = "inductor")
     caches are cleared first and every size is static (benchmark shapes never change)."""
     torch._dynamo.reset()
     return torch.compile(model, dynamic=False, backend=backend)
+
+
+def in_fresh_process(target: Callable, *args):
+    """target(*args, queue) in a newly spawned interpreter (not daemonic, so it may start loader
+    workers); returns what it put on the queue. Nothing of this process's state (threads, caches,
+    allocations) is in it, which is what a benchmark that measures a process's own cost needs."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=target, args=(*args, queue))
+    child.start()
+    result = queue.get()
+    child.join()
+    return result
 
 
 def median(values: list[float]) -> float:

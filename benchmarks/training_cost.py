@@ -15,15 +15,14 @@
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.steps import (compile_static, conv_matmul_flops_per_second, matmul_flops_per_second, median,
-                              time_training_steps)
+from benchmarks.steps import (compile_static, conv_matmul_flops_per_second, in_fresh_process,
+                              matmul_flops_per_second, median, time_training_steps)
 from components.config import ModelConfig, PipelineConfig, load_config
 from components.flops import train_step_flops
 from components.memory import saved_activation_bytes
@@ -47,14 +46,7 @@ def _measure_in_child(cfg_json: dict, size, batch, steps, threads, queue) -> Non
 
 
 def measure_method(cfg: ModelConfig, size, batch: int, steps: int, threads: int) -> dict:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    child = context.Process(target=_measure_in_child,
-                            args=(cfg.model_dump(mode="json"), size, batch, steps, threads, queue))
-    child.start()
-    result = queue.get()
-    child.join()
-    return result
+    return in_fresh_process(_measure_in_child, cfg.model_dump(mode="json"), size, batch, steps, threads)
 
 
 def cost_table(cfg: PipelineConfig, steps: int, threads: int) -> list[dict]:
