@@ -75,6 +75,9 @@ def summary(results: dict) -> str:
                 else "never pays")
         lines.append(f"| torch.compile of the training step ({compiled['precision']}) | where it pays | "
                      f"{compiled['speedup']:.2f}x per step, {compiled['compile_s']:.0f} s to compile, {pays} |")
+    lines.append(f"| cores the training used over steady epochs (plain loop, under Ray; Ray's own processes) "
+                 f"| (reported) | {orch['plain_training_cores']:.2f}, {orch['ray_training_cores']:.2f}; "
+                 f"{orch['ray_other_cores']:.3f} |")
     lines.append(f"| two Ray Train workers over one (same global batch, same CPUs) | (reported) | "
                  f"{orch['two_over_one_workers_speedup']:.2f}x |")
     lines.append(f"| pyfunc model over direct call, {inf['pyfunc']['scales']} | (reported) | "

@@ -13,7 +13,11 @@ comparison gave 0.91x to 1.28x in three runs), so the comparison runs in `rounds
 loop, Ray Train with one worker, plain loop (Ray started and stopped within the round, so the
 plain loop runs without it): each round's Ray epochs over the mean of the plain runs around them,
 the median over rounds reported, and the second plain run over the first as the control that
-shows the noise of one comparison.
+shows the noise of one comparison. Ray is started as the pipeline starts a local instance
+(pipeline.cluster.connect). Each run also says where the machine's cores went over the steady
+epochs, from /proc: to the training process and its loader workers, and to every other process
+of the job (under Ray: its daemons, dashboard, controller and helper actors), which shows the
+overhead without the machine's drift in it.
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import process_cpu
 from benchmarks.steps import in_fresh_process, median
 from components.config import PipelineConfig, load_config
 from pipeline import cluster
+from pipeline.environment import Environment
 
 
 def _pyramid(cfg: PipelineConfig, root: Path, images: int) -> str:
@@ -46,10 +52,12 @@ def _pyramid(cfg: PipelineConfig, root: Path, images: int) -> str:
     return str(root / "pyramid")
 
 
-def train_epochs(settings: dict) -> dict[str, list[float]]:
+def train_epochs(settings: dict) -> dict:
     """The measured work: build model and loader, then epochs of train_one_epoch. Runs in this
     process (plain) or as a Ray Train worker loop; returns each epoch's seconds of training
-    ("train") and of the whole epoch, Ray's report of it included ("wall")."""
+    ("train") and of the whole epoch, Ray's report of it included ("wall"), and the cores that this
+    process with its loader workers and the rest of the job used over the epochs after the first
+    ("cores", process_cpu.split_cores; the job is everything below the benchmark's process)."""
     from torch.utils.data import DataLoader
 
     from components.config import validate_config
@@ -78,7 +86,10 @@ def train_epochs(settings: dict) -> dict[str, list[float]]:
     world = ray.train.get_context().get_world_size() if in_ray else 1
     total = len(dataset) * cfg.train.epochs
     seconds, walls, samples = [], [], 0
+    window_start = process_cpu.snapshot()
     for epoch in range(cfg.train.epochs):
+        if epoch == 1:
+            window_start = process_cpu.snapshot()  # CPU shares over the epochs after the first
         started = time.perf_counter()
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
@@ -90,7 +101,8 @@ def train_epochs(settings: dict) -> dict[str, list[float]]:
         if in_ray:
             ray.train.report({"epoch": epoch, "epoch_seconds": stats["seconds"]})
         walls.append(time.perf_counter() - started)
-    epochs = {"train": seconds, "wall": walls}
+    cores = process_cpu.split_cores(window_start, process_cpu.snapshot(), settings["job_root"], os.getpid())
+    epochs = {"train": seconds, "wall": walls, "cores": cores}
     if in_ray and ray.train.get_context().get_world_rank() == 0:
         # Ray Train V2 keeps metrics only with checkpoints; this benchmark runs on one machine.
         Path(settings["record"]).write_text(json.dumps(epochs))
@@ -106,7 +118,8 @@ def ray_fit(params: dict, pyramid: str, workers: int, cpus: int, storage: str) -
 
     record = Path(storage) / f"epochs-{workers}.json"
     trainer = TorchTrainer(loop, train_loop_config={"params": params, "pyramid": pyramid, "in_ray": True,
-                                                    "record": str(record), "cpus": cpus},
+                                                    "record": str(record), "cpus": cpus,
+                                                    "job_root": os.getpid()},
                            scaling_config=ray.train.ScalingConfig(num_workers=workers,
                                                                   resources_per_worker={"CPU": cpus}),
                            run_config=ray.train.RunConfig(storage_path=storage, name=f"bench-{workers}"))
@@ -116,11 +129,12 @@ def ray_fit(params: dict, pyramid: str, workers: int, cpus: int, storage: str) -
     return wall, json.loads(record.read_text())
 
 
-def _ray_session(cpus: int):
+def _ray_session():
+    """A local Ray started exactly as the pipeline starts one, with the processes it has there
+    (the dashboard among them), so that the overhead measured is the pipeline's."""
     import ray
 
-    os.environ.update(cluster.train_controller_variables())  # as the pipeline runs Ray Train
-    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    cluster.connect(Environment.from_environ({}))  # local, whatever RAY_ADDRESS says
     return ray
 
 
@@ -148,9 +162,9 @@ def plain_against_ray(params: dict, pyramid: str, cpus: int, storage: str) -> di
     of the machine's speed during the round; the second plain run over the first is the noise
     that a single comparison would carry (the control)."""
     Path(storage).mkdir(parents=True, exist_ok=True)
-    settings = {"params": params, "pyramid": pyramid, "in_ray": False, "cpus": cpus}
+    settings = {"params": params, "pyramid": pyramid, "in_ray": False, "cpus": cpus, "job_root": os.getpid()}
     before_wall, before = plain_in_fresh_process(settings)
-    ray = _ray_session(cpus)
+    ray = _ray_session()
     try:
         one, one_epochs = ray_fit(params, pyramid, 1, cpus, storage)
     finally:
@@ -165,14 +179,20 @@ def plain_against_ray(params: dict, pyramid: str, cpus: int, storage: str) -> di
             "ray_over_plain_wall": one / plain["wall_s"],
             "ray_over_plain_epoch": steady(one_epochs) / plain["epoch_s"],
             # The whole epoch, Ray's report included: a report waits until the controller takes the last one.
-            "ray_over_plain_epoch_wall": steady(one_epochs, "wall") / plain["epoch_wall_s"]}
+            "ray_over_plain_epoch_wall": steady(one_epochs, "wall") / plain["epoch_wall_s"],
+            # Where the cores went over the steady epochs: less for the training under Ray, and
+            # what Ray's own processes took, is the overhead without the machine's drift in it.
+            "plain_training_cores": (before["cores"]["training_cores"] + after["cores"]["training_cores"]) / 2,
+            "ray_training_cores": one_epochs["cores"]["training_cores"],
+            "ray_other_cores": one_epochs["cores"]["other_cores"],
+            "ray_others": one_epochs["cores"]["others"]}
 
 
 def combine_rounds(paired: list[dict]) -> dict:
     """The rounds as measured, and each ratio as the median over them: a round slowed down by the
     machine moves a median far less than a mean."""
     ratios = ("ray_over_plain_wall", "ray_over_plain_epoch", "ray_over_plain_epoch_wall",
-              "plain_after_over_before_epoch")
+              "plain_after_over_before_epoch", "plain_training_cores", "ray_training_cores", "ray_other_cores")
     return {"rounds": paired, **{key: median([r[key] for r in paired]) for key in ratios}}
 
 
@@ -185,7 +205,7 @@ def run(params_file: str, epochs: int, images: int, rounds: int = 3) -> dict:
         pyramid = _pyramid(cfg, Path(tmp), images)
         paired = [plain_against_ray(params, pyramid, cpus, str(Path(tmp) / f"round-{i}")) for i in range(rounds)]
         half = dict(params, train={**params["train"], "batch_size": max(1, params["train"]["batch_size"] // 2)})
-        ray = _ray_session(cpus)
+        ray = _ray_session()
         try:
             _, two_epochs = ray_fit(half, pyramid, 2, max(1, cpus // 2), tmp)
         finally:
@@ -199,6 +219,10 @@ def run(params_file: str, epochs: int, images: int, rounds: int = 3) -> dict:
     print(f"  Ray Train 1 worker over the plain loop, per epoch: {result['ray_over_plain_epoch']:.2f}x (median of "
           f"{rounds} rounds: {each}); {result['ray_over_plain_epoch_wall']:.2f}x with its report, "
           f"{result['ray_over_plain_wall']:.2f}x wall with the worker start; plain loop against itself: {control}")
+    busiest = ", ".join(f"{name} {cores:.3f}" for name, cores in list(paired[-1]["ray_others"].items())[:6])
+    print(f"  cores used over the steady epochs (medians): training {result['plain_training_cores']:.2f} in the "
+          f"plain loop, {result['ray_training_cores']:.2f} under Ray; Ray's own processes "
+          f"{result['ray_other_cores']:.3f} (last round: {busiest}, ...)")
     print(f"  2 workers x {max(1, cpus // 2)} CPUs: {steady(two_epochs):.2f} s/epoch -> "
           f"{result['two_over_one_workers_speedup']:.2f}x the speed of 1 worker x {cpus} CPUs")
     return result

@@ -153,6 +153,7 @@ def connect(env: Environment) -> str:
     dashboard = _free_local_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
     os.environ.update(train_controller_variables())  # the local Ray's processes inherit them
+    os.environ.update(local_only_variables())
     ray.init(_node_ip_address="127.0.0.1", dashboard_port=dashboard)
     return "a local Ray instance"
 
@@ -169,6 +170,19 @@ def train_controller_variables() -> dict[str, str]:
     """Settings of the Train controller, for every process of the job (a user's own value wins)."""
     return {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
                                                                 TRAIN_POLL_INTERVAL_S)}
+
+
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
+def local_only_variables() -> dict[str, str]:
+    """Settings for a local Ray instance only (a user's own value wins).
+
+    Ray Train starts a preemption watcher per run, an actor that polls for nodes being drained (an
+    autoscaler or a spot reclaim). Nothing drains the node of an instance this process started, and
+    on a 2-core machine every process of Ray's that wakes up takes time from the training threads
+    (benchmarks.orchestration shows the cores Ray's processes use)."""
+    return {PREEMPTION_WATCHER: os.environ.get(PREEMPTION_WATCHER, "0")}
 
 
 def _free_local_port() -> int:

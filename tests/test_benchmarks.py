@@ -108,8 +108,54 @@ def test_ray_overhead_is_the_median_of_paired_rounds():
     from benchmarks.orchestration import combine_rounds
 
     rounds = [{"ray_over_plain_epoch": ratio, "ray_over_plain_epoch_wall": ratio, "ray_over_plain_wall": 2 * ratio,
-               "plain_after_over_before_epoch": control} for ratio, control in ((1.40, 0.80), (1.02, 1.01), (1.05, 1.0))]
+               "plain_after_over_before_epoch": control, "plain_training_cores": 1.95,
+               "ray_training_cores": 1.95 / ratio, "ray_other_cores": 0.1 * ratio}
+              for ratio, control in ((1.40, 0.80), (1.02, 1.01), (1.05, 1.0))]
     combined = combine_rounds(rounds)
+    assert combined["ray_training_cores"] == 1.95 / 1.05 and combined["ray_other_cores"] == 0.1 * 1.05
     assert combined["ray_over_plain_epoch"] == combined["ray_over_plain_epoch_wall"] == 1.05
     assert combined["ray_over_plain_wall"] == 2.10 and combined["rounds"] == rounds
     assert combined["plain_after_over_before_epoch"] == 1.0
+
+
+BURN_THEN_WAIT = """
+import subprocess, sys, time
+# A child that keeps one core busy for the window, while this process only waits for it.
+BURN = "import time\\nend = time.time() + 2.5\\nwhile time.time() < end: pass"
+child = subprocess.Popen([sys.executable, "-c", BURN])
+child.wait()
+"""
+
+
+def test_cores_used_are_split_between_the_training_tree_and_the_rest_of_the_job():
+    """A busy grandchild counts for the process it runs under; an idle sibling adds almost
+    nothing; both are below the job's root, and a process outside the job is not counted."""
+    import os
+    import time
+
+    from benchmarks import process_cpu
+
+    busy = subprocess.Popen([sys.executable, "-c", BURN_THEN_WAIT])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
+    try:
+        time.sleep(0.3)  # the busy tree has started its child
+        before = process_cpu.snapshot()
+        time.sleep(1.5)
+        after = process_cpu.snapshot()
+    finally:
+        busy.wait()
+        idle.wait()
+    split = process_cpu.split_cores(before, after, job_root=os.getpid(), training_root=busy.pid)
+    assert 0.8 < split["training_cores"] < 1.1  # the grandchild's core, through its parent
+    assert split["other_cores"] < 0.1  # the idle sibling and this test's own process
+    assert process_cpu.cores_used(before, after, {idle.pid}) < 0.05
+
+
+def test_process_labels_name_what_runs():
+    from benchmarks.process_cpu import label
+
+    assert label(["/venv/bin/python", "-u", "/venv/ray/_private/log_monitor.py", "--x"]) == "log_monitor.py"
+    assert label(["ray::TrainController.run   "]) == "ray::TrainController.run"
+    assert label(["ray-dashboard-StateHead-0 (/venv/bin/python -B -c from x)"]) == "ray-dashboard-StateHead-0"
+    assert label(["/venv/bin/python3", "-m", "benchmarks"]) == "benchmarks"
+    assert label(["/opt/ray/core/src/ray/raylet/raylet", "--raylet_socket_name=x"]) == "raylet"

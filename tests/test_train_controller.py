@@ -1,4 +1,5 @@
-"""Ray Train's controller polls its workers often enough that short epochs are not stretched.
+"""Ray Train's controller polls its workers often enough that short epochs are not stretched, and
+a local run starts none of the helpers that only a cluster needs.
 
 The controller takes a worker's report when it polls (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s
 by Ray's default) and a worker's next report waits until then: the ablation's 0.9 s epochs took
@@ -44,3 +45,51 @@ def test_a_joined_cluster_polls_train_workers_often_unless_the_user_says_otherwi
         assert seen_by_a_worker(tmp_path, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="1.5", **head.client_env()) == "1.5"
     finally:
         head.stop()
+
+
+# Two fits on the local Ray a stage starts: as configured, then with the user's own setting. Each
+# training loop lists the live actors of the job for a few seconds (Ray Train starts its helpers
+# next to the first steps) into a file of the driver's disk (one machine).
+ACTORS_DURING_TRAINING = """
+import json, os, sys, tempfile
+import ray.train
+from ray.train.torch import TorchTrainer
+from pipeline import cluster
+from pipeline.environment import Environment
+cluster.connect(Environment.from_environ())
+
+def loop(config):
+    import time
+    from ray.util.state import list_actors
+    seen = set()
+    for _ in range(12):
+        seen |= {actor.class_name for actor in list_actors(filters=[("state", "=", "ALIVE")])}
+        time.sleep(0.5)
+    with open(config["out"], "w") as out:
+        json.dump(sorted(seen), out)
+
+seen = []
+for setting in (None, "1"):
+    if setting:
+        os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = setting
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "actors.json")
+        TorchTrainer(loop, train_loop_config={"out": out},
+                     scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                     run_config=ray.train.RunConfig(storage_path=tmp, name="actors")).fit()
+        seen.append(json.load(open(out)))
+print(json.dumps(seen))
+"""
+
+
+def test_a_local_ray_runs_no_preemption_watcher_unless_the_user_asks(tmp_path):
+    """Nothing drains the node of a local instance, so Ray Train's preemption watcher (an actor
+    polling for drained nodes, one more process taking time from training on a small machine)
+    is not started; a user who sets RAY_TRAIN_ENABLE_PREEMPTION_WATCHER gets what they set."""
+    done = subprocess.run([sys.executable, "-c", ACTORS_DURING_TRAINING], capture_output=True, text=True, check=False,
+                          timeout=600, env=python_env(RAY_ADDRESS="", HMSA_STORAGE=str(tmp_path / "store")))
+    assert done.returncode == 0, done.stderr[-3000:]
+    as_configured, as_the_user_asks = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "RayTrainWorker" in as_configured and "TrainController" in as_configured
+    assert "PreemptionWatcher" not in as_configured
+    assert "PreemptionWatcher" in as_the_user_asks
