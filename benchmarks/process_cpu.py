@@ -1,4 +1,5 @@
-"""Which processes used the machine's cores during a window, from /proc (Linux).
+"""Which processes used the machine's cores during a window, from /proc (Linux); also the process
+table that the tests use to stop every process of a service they started.
 
 A wall-clock ratio on a shared 2-core machine moves by more than the overhead it measures; CPU
 time does not: it says directly how much of the machine the training got and how much went to
@@ -18,11 +19,12 @@ TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 class Snapshot:
     taken_at: float  # time.perf_counter()
     cpu_s: dict[int, float]  # pid -> user + system seconds so far
-    names: dict[int, str]
+    names: dict[int, str]  # label() of the command line
     parents: dict[int, int]
+    command_lines: dict[int, str]  # the arguments joined by spaces
 
 
-def _read(pid: str) -> tuple[str, int, float] | None:
+def _read(pid: str) -> tuple[str, int, float, str] | None:
     try:
         with open(f"/proc/{pid}/stat") as stat:
             text = stat.read()
@@ -33,7 +35,7 @@ def _read(pid: str) -> tuple[str, int, float] | None:
     # The command name in parentheses may hold spaces; the fields after it are space-separated.
     fields = text.rsplit(")", 1)[1].split()
     name = label(args) or text[text.index("(") + 1:text.rindex(")")]
-    return name, int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS_PER_S
+    return name, int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS_PER_S, " ".join(args)
 
 
 def label(args: list[str]) -> str:
@@ -53,12 +55,12 @@ def label(args: list[str]) -> str:
 
 
 def snapshot() -> Snapshot:
-    cpu, names, parents = {}, {}, {}
+    cpu, names, parents, command_lines = {}, {}, {}, {}
     for entry in os.listdir("/proc"):
         if entry.isdigit() and (read := _read(entry)) is not None:
             pid = int(entry)
-            names[pid], parents[pid], cpu[pid] = read
-    return Snapshot(time.perf_counter(), cpu, names, parents)
+            names[pid], parents[pid], cpu[pid], command_lines[pid] = read
+    return Snapshot(time.perf_counter(), cpu, names, parents, command_lines)
 
 
 def descendants(snap: Snapshot, root: int) -> set[int]:

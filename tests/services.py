@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import process_cpu
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -202,18 +204,12 @@ class RayHead:
         another test's cluster or a user's included.)"""
         import signal
 
-        processes = _process_table()
-        mine = {pid for pid, (_, args) in processes.items()
-                if self.workdir in args or f"--address={self.address} " in args}
-        children: dict[int, list[int]] = {}
-        for pid, (parent, _) in processes.items():
-            children.setdefault(parent, []).append(pid)
-        pending = list(mine)
-        while pending:  # with every descendant: workers, agents, dashboard modules
-            for child in children.get(pending.pop(), []):
-                if child not in mine:
-                    mine.add(child)
-                    pending.append(child)
+        processes = process_cpu.snapshot()
+        mine = set()
+        for pid, args in processes.command_lines.items():
+            # with every descendant: workers, agents, dashboard modules
+            if self.workdir in args or f"--address={self.address} " in f"{args} ":
+                mine |= process_cpu.descendants(processes, pid)
         for sig, grace in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
             for pid in mine:
                 with contextlib.suppress(ProcessLookupError):
@@ -221,22 +217,6 @@ class RayHead:
             deadline = time.time() + grace
             while time.time() < deadline and any(_alive(pid) for pid in mine):
                 time.sleep(0.2)
-
-
-def _process_table() -> dict[int, tuple[int, str]]:
-    """{pid: (parent pid, command line)} of every process, from /proc."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])  # the name in parentheses may hold spaces
-        table[int(entry.name)] = (parent, args)
-    return table
 
 
 def _alive(pid: int) -> bool:

@@ -128,8 +128,8 @@ child.wait()
 
 
 def test_cores_used_are_split_between_the_training_tree_and_the_rest_of_the_job():
-    """A busy grandchild counts for the process it runs under; an idle sibling adds almost
-    nothing; both are below the job's root, and a process outside the job is not counted."""
+    """A busy grandchild counts for the process it runs under (the training tree); an idle
+    sibling, like this test's own process, adds almost nothing to the rest of the job."""
     import os
     import time
 
