@@ -1,20 +1,21 @@
 # Two entry points (README quick start): `make repro` runs the main job (the pipeline through
-# registration), `make test` the tests. Also: `make ablation` (the paper's method table) and
-# `make bench` (benchmarks/). Each installs the pinned environment into .venv/ first when it is
-# missing or out of date.
+# registration), `make test` the tests (what CI runs, after `make lint`). Also: `make test-fast`
+# (the unit tier, for the edit-run loop), `make lint` (ruff on the tree, mypy on components/),
+# `make ablation` (the paper's method table) and `make bench` (benchmarks/). Each installs the
+# pinned environment into .venv/ first when it is missing or out of date.
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock pyproject.toml requirements.in requirements-dev.in
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	# --no-deps: the lock is already resolved; pip only downloads and installs.
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -r requirements.lock 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	touch $(STAMP)
 
-.PHONY: install repro ablation bench test
+.PHONY: install repro ablation bench test test-fast lint
 install: $(STAMP)
 
 repro: $(STAMP)
@@ -26,5 +27,15 @@ ablation: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python -m benchmarks
 
+# Whole test modules in two processes (-n 2 --dist loadfile): a module's services and trained
+# fixtures stay shared by its tests, and the two cores are kept busy while one module waits.
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile
+
+# Tests that start no service, run no stage process and train nothing beyond a few tiny steps.
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not integration and not e2e and not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy

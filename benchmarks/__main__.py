@@ -45,43 +45,56 @@ def summary(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in cost["methods"]:
-        lines.append(f"| {r['method']} | {r['train_scales']} | {r['train_gflops']:.1f} | {r['train_gflops_vs_single']:.2f}x "
-                     f"| {r['median_s']:.3f} | {r['median_s_vs_single']:.2f}x | {r['training_rss_mb']:.0f} "
-                     f"| {r['activation_mb']:.0f} | {r['activation_mb_vs_single']:.2f}x |")
+        lines.append(
+            f"| {r['method']} | {r['train_scales']} | {r['train_gflops']:.1f} | {r['train_gflops_vs_single']:.2f}x "
+            f"| {r['median_s']:.3f} | {r['median_s_vs_single']:.2f}x | {r['training_rss_mb']:.0f} "
+            f"| {r['activation_mb']:.0f} | {r['activation_mb_vs_single']:.2f}x |"
+        )
     measured = {
         "explicit/hierarchical training FLOPs": f"{e_h.get('train_gflops', float('nan')):.2f}x",
         "explicit/hierarchical minibatch time": f"{e_h.get('median_s', float('nan')):.2f}x",
         "explicit/hierarchical activation memory": f"{e_h.get('activation_mb', float('nan')):.2f}x "
-                                                   f"(training RSS {e_h.get('training_rss_mb', float('nan')):.2f}x)",
+        f"(training RSS {e_h.get('training_rss_mb', float('nan')):.2f}x)",
         "training FLOP/s over matmul FLOP/s, fp32": f"{eff['fp32']['fraction_of_matmul']:.2f} "
-                                                    f"({eff['fp32']['train_gflops_per_s']:.0f} of "
-                                                    f"{eff['fp32']['matmul_gflops_per_s']:.0f} GFLOP/s)",
+        f"({eff['fp32']['train_gflops_per_s']:.0f} of "
+        f"{eff['fp32']['matmul_gflops_per_s']:.0f} GFLOP/s)",
         "Ray Train 1 worker over plain loop": f"{orch['ray_over_plain_epoch']:.2f}x per epoch (median of "
-                                              f"{len(orch['rounds'])} rounds, {ray_range}), "
-                                              f"{orch['ray_over_plain_epoch_wall']:.2f}x with its report, "
-                                              f"{orch['ray_over_plain_wall']:.2f}x wall with worker start",
+        f"{len(orch['rounds'])} rounds, {ray_range}), "
+        f"{orch['ray_over_plain_epoch_wall']:.2f}x with its report, "
+        f"{orch['ray_over_plain_wall']:.2f}x wall with worker start",
         "loader samples/s over training consumption": f"{cost['data_path']['ratio']:.1f}x "
-                                                      f"({cost['data_path']['loader_workers']} loader workers)",
-        "batched inference over FLOPs prediction": f"worst {worst['measured_over_predicted']:.2f}x at {worst['scales']}",
+        f"({cost['data_path']['loader_workers']} loader workers)",
+        "batched inference over FLOPs prediction": (
+            f"worst {worst['measured_over_predicted']:.2f}x at {worst['scales']}"
+        ),
     }
     lines += ["", "| measure | target | measured |", "|---|---|---|"]
     lines += [f"| {name} | {TARGETS[name]} | {measured[name]} |" for name in TARGETS]
     if "bf16" in eff:
-        lines.append(f"| training bf16 over fp32 speed | faster where the hardware has bf16 | "
-                     f"{eff['bf16_speedup']:.2f}x ({eff['bf16']['fraction_of_matmul']:.2f} of bf16 matmul) |")
+        lines.append(
+            f"| training bf16 over fp32 speed | faster where the hardware has bf16 | "
+            f"{eff['bf16_speedup']:.2f}x ({eff['bf16']['fraction_of_matmul']:.2f} of bf16 matmul) |"
+        )
     compiled = eff.get("compile", {})
     if "speedup" in compiled:
-        pays = (f"pays after {compiled['break_even_steps']:.0f} steps" if compiled["break_even_steps"]
-                else "never pays")
-        lines.append(f"| torch.compile of the training step ({compiled['precision']}) | where it pays | "
-                     f"{compiled['speedup']:.2f}x per step, {compiled['compile_s']:.0f} s to compile, {pays} |")
-    lines.append(f"| cores the training used over steady epochs (plain loop, under Ray; Ray's own processes) "
-                 f"| (reported) | {orch['plain_training_cores']:.2f}, {orch['ray_training_cores']:.2f}; "
-                 f"{orch['ray_other_cores']:.3f} |")
-    lines.append(f"| two Ray Train workers over one (same global batch, same CPUs) | (reported) | "
-                 f"{orch['two_over_one_workers_speedup']:.2f}x |")
-    lines.append(f"| pyfunc model over direct call, {inf['pyfunc']['scales']} | (reported) | "
-                 f"{inf['pyfunc']['ratio']:.2f}x ({inf['pyfunc']['ms_per_image']:.0f} ms/image) |")
+        pays = f"pays after {compiled['break_even_steps']:.0f} steps" if compiled["break_even_steps"] else "never pays"
+        lines.append(
+            f"| torch.compile of the training step ({compiled['precision']}) | where it pays | "
+            f"{compiled['speedup']:.2f}x per step, {compiled['compile_s']:.0f} s to compile, {pays} |"
+        )
+    lines.append(
+        f"| cores the training used over steady epochs (plain loop, under Ray; Ray's own processes) "
+        f"| (reported) | {orch['plain_training_cores']:.2f}, {orch['ray_training_cores']:.2f}; "
+        f"{orch['ray_other_cores']:.3f} |"
+    )
+    lines.append(
+        f"| two Ray Train workers over one (same global batch, same CPUs) | (reported) | "
+        f"{orch['two_over_one_workers_speedup']:.2f}x |"
+    )
+    lines.append(
+        f"| pyfunc model over direct call, {inf['pyfunc']['scales']} | (reported) | "
+        f"{inf['pyfunc']['ratio']:.2f}x ({inf['pyfunc']['ms_per_image']:.0f} ms/image) |"
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -30,10 +30,10 @@ BF16_PEAK = {"H200": 989e12, "H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 98
 # batch is also timed under torch.compile; the paper's model is timed at a larger batch than its 2
 # per GPU too, because a batch of 2 leaves part of an H200 idle (MFU 0.21 at 2, 0.24 at 8, eager).
 MODELS = {
-    "paper": (dict(trunk="resnet50", output_stride=8, decoder="deeplabv3plus", decoder_channels=256,
-                   attention_channels=256, num_classes=19), (1024, 1024), (2, 8)),
-    "default": (dict(trunk="resnet18", output_stride=16, decoder="deeplabv3plus", decoder_channels=64,
-                     attention_channels=64, num_classes=19), (192, 192), (16,)),
+    "paper": ({"trunk": "resnet50", "output_stride": 8, "decoder": "deeplabv3plus", "decoder_channels": 256,
+                   "attention_channels": 256, "num_classes": 19}, (1024, 1024), (2, 8)),
+    "default": ({"trunk": "resnet18", "output_stride": 16, "decoder": "deeplabv3plus", "decoder_channels": 64,
+                     "attention_channels": 64, "num_classes": 19}, (192, 192), (16,)),
 }
 METHODS = {"single": [1.0], "hierarchical": [0.5, 1.0]}
 

@@ -88,7 +88,7 @@ def run(params: str, repeats: int) -> dict:
     for row in rows:
         row["predicted_ms"] = 1000 * base[0] * row["gflops"] * 1e9 / base[1]
         row["measured_over_predicted"] = row["latency_ms"] / row["predicted_ms"]
-        print(f"  {str(row['scales']):22s} {row['gflops']:6.2f} GFLOPs  {row['latency_ms']:7.1f} ms/image "
+        print(f"  {row['scales']!s:22s} {row['gflops']:6.2f} GFLOPs  {row['latency_ms']:7.1f} ms/image "
               f"(batch {batch})  predicted {row['predicted_ms']:7.1f}  -> {row['measured_over_predicted']:.2f}x")
     served_scales = model_cfg.train_scales
     pyfunc, direct = pyfunc_latency(model_cfg, size, served_scales, repeats)

@@ -21,8 +21,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.steps import (compile_static, conv_matmul_flops_per_second, in_fresh_process,
-                              matmul_flops_per_second, median, time_training_steps)
+from benchmarks.steps import (
+    compile_static,
+    conv_matmul_flops_per_second,
+    in_fresh_process,
+    matmul_flops_per_second,
+    median,
+    time_training_steps,
+)
 from components.config import ModelConfig, PipelineConfig, load_config
 from components.flops import train_step_flops
 from components.memory import saved_activation_bytes
@@ -110,7 +116,7 @@ def compile_gain(model, size, batch: int, steps: int, precision: str, measured: 
     dtype = torch.bfloat16 if precision == "bf16" else None
     try:
         timings = time_training_steps(model, size, batch, steps + 2, warmup=0, dtype=dtype, wrap=compile_static)
-    except Exception as err:  # a missing C++ compiler, an unsupported op: reported, not fatal
+    except Exception as err:  # noqa: BLE001 - a missing C++ compiler, an unsupported op: reported, not fatal
         print(f"  torch.compile: not measured ({type(err).__name__}: {str(err)[:200]})")
         return {"error": f"{type(err).__name__}: {str(err)[:500]}"}
     step = median(timings[2:])
@@ -171,9 +177,15 @@ def run(params: str, steps: int) -> dict:
     best = eff.get("bf16", eff["fp32"]) if cfg.train.precision in ("auto", "bf16") else eff["fp32"]
     print("data path:")
     data = data_path(cfg, best["images_per_s"])
-    return {"model": cfg.model.model_dump(mode="json"), "crop": list(cfg.train.crop_size),
-            "batch": cfg.train.batch_size, "methods": rows, "explicit_over_hierarchical": explicit_over_hierarchical(rows),
-            "efficiency": eff, "data_path": data}
+    return {
+        "model": cfg.model.model_dump(mode="json"),
+        "crop": list(cfg.train.crop_size),
+        "batch": cfg.train.batch_size,
+        "methods": rows,
+        "explicit_over_hierarchical": explicit_over_hierarchical(rows),
+        "efficiency": eff,
+        "data_path": data,
+    }
 
 
 def main() -> None:

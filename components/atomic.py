@@ -126,7 +126,8 @@ def atomic_dir(target: str | Path, key: str | None = None, recognise=None) -> It
         with naming_the_output(target, key):
             yield tmp
             if recognise is None:
-                (tmp / MARKER).write_text("written by the HMSA pipeline; the stage that owns this path may replace it\n")
+                (tmp / MARKER).write_text(
+                    "written by the HMSA pipeline; the stage that owns this path may replace it\n")
             replace_dir(tmp, target)
     finally:
         if tmp.exists():

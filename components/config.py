@@ -272,7 +272,7 @@ class AblationConfig(Section):
     }
 
     @model_validator(mode="after")
-    def _rows_name_their_method(self) -> "AblationConfig":
+    def _rows_name_their_method(self) -> AblationConfig:
         for name, row in self.methods.items():
             if row.method is None and name not in METHODS:
                 raise ValueError(f"methods.{name}: a row not named after a method needs `method:` "
@@ -444,19 +444,35 @@ def ablation_config(cfg: PipelineConfig, row: str, seed: int | None = None) -> P
     entry, ab = cfg.ablation.methods[row], cfg.ablation
     seed = ab.seeds[0] if seed is None else seed
     out = f"{ab.output_dir}/{row}/seed-{seed}"
-    return with_overrides(cfg, {
-        "model": {"method": ab.method_of(row), "train_scales": entry.train_scales,
-                  **({"trunk": ab.trunk} if ab.trunk else {}),
-                  **({"output_stride": ab.output_stride} if ab.output_stride else {})},
-        "train": {"epochs": ab.epochs, "crop_size": list(ab.crop_size), "output": f"{out}/model", "seed": seed,
-                  "metrics": f"{out}/train_metrics.json", "curves": f"{out}/curves.csv", "run_record": f"{out}/run.json"},
-        "loader": {"random_scales": ab.random_scales,
-                   **({"class_uniform": ab.class_uniform} if ab.class_uniform is not None else {})},
-        "evaluate": {"scale_sets": [entry.eval_scales], "output_dir": f"{out}/eval", "model": None},
-        "mlflow": {"experiment": f"{cfg.mlflow.experiment}-ablation"},
-        "tune": {"apply_to_train": False},  # the table compares methods, not tuned settings
-        "register": {"scale_set": entry.eval_scales},
-    }, source=f"ablation.methods.{row}")
+    return with_overrides(
+        cfg,
+        {
+            "model": {
+                "method": ab.method_of(row),
+                "train_scales": entry.train_scales,
+                **({"trunk": ab.trunk} if ab.trunk else {}),
+                **({"output_stride": ab.output_stride} if ab.output_stride else {}),
+            },
+            "train": {
+                "epochs": ab.epochs,
+                "crop_size": list(ab.crop_size),
+                "output": f"{out}/model",
+                "seed": seed,
+                "metrics": f"{out}/train_metrics.json",
+                "curves": f"{out}/curves.csv",
+                "run_record": f"{out}/run.json",
+            },
+            "loader": {
+                "random_scales": ab.random_scales,
+                **({"class_uniform": ab.class_uniform} if ab.class_uniform is not None else {}),
+            },
+            "evaluate": {"scale_sets": [entry.eval_scales], "output_dir": f"{out}/eval", "model": None},
+            "mlflow": {"experiment": f"{cfg.mlflow.experiment}-ablation"},
+            "tune": {"apply_to_train": False},  # the table compares methods, not tuned settings
+            "register": {"scale_set": entry.eval_scales},
+        },
+        source=f"ablation.methods.{row}",
+    )
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -519,7 +535,9 @@ def load_config(path: str | Path = "params.yaml") -> PipelineConfig:
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r})") from None
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.object[err.start : err.start + 1]!r})"
+        ) from None
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:

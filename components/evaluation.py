@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sized
+from typing import cast
 
 import numpy as np
 import torch
@@ -56,7 +58,7 @@ def evaluate_shard(model, dataset: Dataset, indices: list[int], scale_sets: list
             predictions = logits.argmax(1).cpu()  # the copy to the host waits for the device
             seconds += time.perf_counter() - start
             labels = [item["label"] for item in batch]
-            for label, prediction in zip(labels, predictions):
+            for label, prediction in zip(labels, predictions, strict=True):
                 one = ConfusionMatrix(num_classes)
                 one.update(prediction, label)
                 per_image.append(one.matrix.numpy())
@@ -107,12 +109,12 @@ class AttentionSums:
             valid = (label < self.num_classes).numpy()
             interior = interior_mask(label).numpy()
             masks = {"all": valid, "interior": valid & interior, "boundary": valid & ~interior}
-            label = label.numpy()
-            shares = {s: torch.nn.functional.interpolate(maps[i:i + 1].float(), size=label.shape, mode="bilinear",
+            label_array = label.numpy()
+            shares = {s: torch.nn.functional.interpolate(maps[i:i + 1].float(), size=label_array.shape, mode="bilinear",
                                                          align_corners=False)[0, 0].cpu().numpy()
                       for s, maps in attention.items()}
             for region, mask in masks.items():
-                classes = label[mask]
+                classes = label_array[mask]
                 self.counts[region] += np.bincount(classes, minlength=self.num_classes)[:self.num_classes]
                 for s, share in shares.items():
                     self.sums[region][s] += np.bincount(classes, weights=share[mask],
@@ -123,7 +125,7 @@ def merge_shards(shards: list[list[dict]]) -> list[dict]:
     """Sum the per-scale-set results of shards (each a list in the same scale-set order); the
     per-image matrices are concatenated in shard order (the image order for contiguous shards)."""
     merged = []
-    for parts in zip(*shards):
+    for parts in zip(*shards, strict=True):
         total = {"scales": parts[0]["scales"], "matrix": sum(p["matrix"] for p in parts),
                  "seconds": sum(p["seconds"] for p in parts), "images": sum(p["images"] for p in parts),
                  "image_matrices": np.concatenate([p["image_matrices"] for p in parts])}
@@ -162,14 +164,14 @@ def summarize(result: dict, classes: dict) -> dict:
         "large_miou": matrix.miou(groups.get("large", [])) if groups.get("large") else float("nan"),
         "pixel_accuracy": matrix.pixel_accuracy(),
         "latency_ms": 1000 * result["seconds"] / max(result["images"], 1),
-        "iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, iou.tolist())},
+        "iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, iou.tolist(), strict=True)},
     }
 
 
 def evaluate_scale_set(model, dataset: Dataset, scales: list[float], classes: dict, flip: bool = False,
                        batch_size: int = 1) -> dict:
     """mIoU, per-class IoU, group mIoU and mean latency per image of `model` at `scales`, in this process."""
-    (result,) = evaluate_shard(model, dataset, list(range(len(dataset))), [scales], len(classes["names"]),
+    (result,) = evaluate_shard(model, dataset, list(range(len(cast(Sized, dataset)))), [scales], len(classes["names"]),
                                flip=flip, batch_size=batch_size)
     return summarize(result, classes)
 

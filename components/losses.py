@@ -81,8 +81,10 @@ def rmi_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGN
     bce = F.binary_cross_entropy_with_logits(logits, onehot, weight=mask.expand_as(logits), reduction="sum")
     bce = bce / (valid.sum() + 1)
     probs = torch.sigmoid(logits) * mask + 1e-6
-    pool = dict(kernel_size=RMI_POOL, stride=RMI_POOL, padding=RMI_POOL // 2)
-    bound = rmi_lower_bound(F.avg_pool2d(onehot, **pool), F.avg_pool2d(probs, **pool))
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, kernel_size=RMI_POOL, stride=RMI_POOL, padding=RMI_POOL // 2)
+
+    bound = rmi_lower_bound(pool(onehot), pool(probs))
     return RMI_BCE_SHARE * bce + (1 - RMI_BCE_SHARE) * bound.sum()
 
 
@@ -90,9 +92,11 @@ def segmentation_loss(output: MultiScaleOutput, target: torch.Tensor, cfg: Model
                       loss: str = "ce") -> torch.Tensor:
     """The training loss: `loss` ("ce" or "rmi", train.loss) on the fused logits, plus the method's
     per-scale cross-entropy terms (the reference code too supervises each scale with plain CE)."""
-    loss = rmi_loss(output.fused, target) if loss == "rmi" else cross_entropy(output.fused, target)
-    per_scale_weight = {"hierarchical": cfg.aux_scale_weight, "explicit": cfg.explicit_scale_weight}.get(cfg.method, 0.0)
+    total = rmi_loss(output.fused, target) if loss == "rmi" else cross_entropy(output.fused, target)
+    per_scale_weight = {"hierarchical": cfg.aux_scale_weight, "explicit": cfg.explicit_scale_weight}.get(
+        cfg.method, 0.0
+    )
     if per_scale_weight > 0:
         for logits in output.logits.values():
-            loss = loss + per_scale_weight * cross_entropy(logits, target)
-    return loss
+            total = total + per_scale_weight * cross_entropy(logits, target)
+    return total

@@ -26,13 +26,13 @@ class ConfusionMatrix:
         index = target * self.num_classes + pred
         self.matrix += torch.bincount(index, minlength=self.num_classes**2).reshape(self.num_classes, self.num_classes)
 
-    def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
+    def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
         if other.num_classes != self.num_classes:
             raise ValueError(f"cannot merge {other.num_classes}-class and {self.num_classes}-class matrices")
         self.matrix += other.matrix
         return self
 
-    def all_reduce(self) -> "ConfusionMatrix":
+    def all_reduce(self) -> ConfusionMatrix:
         """Sum the matrices of all workers in the torch.distributed group (DDP, Ray Train).
 
         Without an initialised group this is a no-op, so the same code serves one process.

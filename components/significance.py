@@ -42,7 +42,7 @@ def paired_bootstrap(method: np.ndarray, baseline: np.ndarray, rounds: int = 200
         a = method[drawn_seeds][:, drawn_images].sum(1)
         b = baseline[drawn_seeds][:, drawn_images].sum(1)
         differences[r] = np.nanmean(miou_of(a, classes) - miou_of(b, classes))
-    low, high = np.nanquantile(differences, [0.025, 0.975])
-    below, above = np.mean(differences <= 0), np.mean(differences >= 0)
+    low, high = (float(q) for q in np.nanquantile(differences, [0.025, 0.975]))
+    below, above = float(np.mean(differences <= 0)), float(np.mean(differences >= 0))
     return {"difference": observed, "ci95": [float(low), float(high)],
             "p_value": float(min(1.0, 2 * min(below, above))), "rounds": rounds}

@@ -19,7 +19,6 @@ from components.config import ModelConfig, TrainConfig
 from components.losses import segmentation_loss
 from components.metrics import ConfusionMatrix
 
-
 # oneDNN instruction sets below AVX512_CORE_BF16: with ONEDNN_MAX_CPU_ISA (or its old name
 # DNNL_MAX_CPU_ISA) capped at one of these, bf16 convolutions run on a reference path about 35x
 # slower than fp32 (measured: 6.7 s against 0.47 s per default training step on AMD EPYC), whatever
@@ -72,8 +71,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
     """SGD with momentum; no weight decay on norm layers and biases (standard for segmentation)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim <= 1 else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

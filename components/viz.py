@@ -21,7 +21,7 @@ def denormalize(image: torch.Tensor) -> np.ndarray:
 
 
 def _tile(array: np.ndarray, title: str, size: tuple[int, int]) -> Image.Image:
-    image = Image.fromarray(array).resize((size[1], size[0]), Image.NEAREST)
+    image = Image.fromarray(array).resize((size[1], size[0]), Image.Resampling.NEAREST)
     canvas = Image.new("RGB", (size[1], size[0] + 14), "white")
     canvas.paste(image, (0, 14))
     ImageDraw.Draw(canvas).text((2, 1), title, fill="black")

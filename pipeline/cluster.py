@@ -19,8 +19,8 @@ from pathlib import Path
 
 from components.config import PipelineConfig, RayConfig
 from components.data.pyramid import content_hash
-from components.storage import is_s3, join
 from components.redact import redact
+from components.storage import is_s3, join
 from pipeline.environment import Environment
 from pipeline.errors import ClusterError
 
@@ -388,7 +388,7 @@ class LeakedPlacementGroupReaper:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="placement-group-reaper", daemon=True)
 
-    def __enter__(self) -> "LeakedPlacementGroupReaper":
+    def __enter__(self) -> LeakedPlacementGroupReaper:
         self._thread.start()
         return self
 

@@ -29,7 +29,7 @@ def search_eval_scales(cfg: PipelineConfig) -> dict:
     model, model_cfg = load_model(cfg.evaluate.model or cfg.train.output, cfg)
     names = list(cfg.tune.eval_scale_sets)
     rows = evaluate_all(cfg, model, model_cfg, [cfg.tune.eval_scale_sets[n] for n in names], flip=False)
-    for name, row in zip(names, rows):
+    for name, row in zip(names, rows, strict=True):
         row["name"] = name
     best = recommend(rows, cfg.tune.max_eval_gflops)
     out = Path(cfg.tune.output_dir)
@@ -50,7 +50,7 @@ def search_eval_scales(cfg: PipelineConfig) -> dict:
     with atomic_file(out / "eval_scales.yaml", "w") as handle:
         yaml.safe_dump(document, handle, sort_keys=False)
     for r in rows:
-        print(f"{r['name']:12s} {str(r['scales']):24s} mIoU {r['miou']:.4f}  {r['gflops']:7.2f} GFLOPs"
+        print(f"{r['name']:12s} {r['scales']!s:24s} mIoU {r['miou']:.4f}  {r['gflops']:7.2f} GFLOPs"
               f"{'  pareto' if r['pareto'] else ''}")
     print(f"recommended: {document['recommended']}")
     return document

@@ -26,8 +26,8 @@ from components.evaluation import pareto_front
 from components.scales import scale_set_key
 from components.viz import attention_figure
 from pipeline import cluster, tracking
-from pipeline.environment import Environment
 from pipeline.common import run_stage
+from pipeline.environment import Environment
 from pipeline.eval_workers import evaluate_on_ray
 from pipeline.model_source import load_model
 
@@ -42,7 +42,7 @@ def evaluate_all(cfg: PipelineConfig, model, model_cfg, scale_sets: list[list[fl
     wanted = attention and model_cfg.method in ("hierarchical", "explicit")
     rows, means = evaluate_on_ray(cfg, model, model_cfg, scale_sets, flip, launch, widest if wanted else None,
                                   per_image=per_image)
-    for row, front in zip(rows, pareto_front(rows)):
+    for row, front in zip(rows, pareto_front(rows), strict=True):
         row["pareto"] = front
     if means is not None:
         rows[widest]["attention_by_class"] = means
@@ -60,9 +60,13 @@ def write_outputs(out: Path, rows: list[dict], model, model_cfg, reader: Pyramid
             writer.writerow([scale_set_key(r["scales"]), r["gflops"], r["miou"], r["thin_miou"], r["large_miou"],
                              r["latency_ms"], int(r["pareto"])])
     if attention is not None:
-        tables = {region: {f"{s:g}": {n: (None if np.isnan(v) else float(v)) for n, v in zip(classes["names"], means)}
-                           for s, means in by_scale.items()}
-                  for region, by_scale in attention.items()}
+        tables = {
+            region: {
+                f"{s:g}": {n: (None if np.isnan(v) else float(v)) for n, v in zip(classes["names"], means, strict=True)}
+                for s, means in by_scale.items()
+            }
+            for region, by_scale in attention.items()
+        }
         (out / "attention_by_class.json").write_text(json.dumps(tables.pop("all"), indent=2) + "\n")
         (out / "attention_by_region.json").write_text(json.dumps(tables, indent=2) + "\n")
     widest = max((r["scales"] for r in rows), key=len)
@@ -79,9 +83,17 @@ def evaluation_key(cfg: PipelineConfig, model, reader: PyramidReader) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode() + tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    digest.update(json.dumps({"evaluate": cfg.evaluate.model_dump(mode="json", exclude={"model", "output_dir"}),
-                              "data": reader.manifest["source_manifest"], "code": cluster.code_fingerprint(),
-                              "precision": cfg.train.precision}, sort_keys=True).encode())
+    digest.update(
+        json.dumps(
+            {
+                "evaluate": cfg.evaluate.model_dump(mode="json", exclude={"model", "output_dir"}),
+                "data": reader.manifest["source_manifest"],
+                "code": cluster.code_fingerprint(),
+                "precision": cfg.train.precision,
+            },
+            sort_keys=True,
+        ).encode()
+    )
     return f"evaluate-{digest.hexdigest()[:12]}"
 
 
@@ -90,16 +102,26 @@ def _log_to_mlflow(cfg: PipelineConfig, source: str, model, model_cfg, rows: lis
     from mlflow.entities import Metric
 
     experiment_id = tracking.setup_experiment(Environment.from_environ(), cfg.mlflow.experiment)
-    run_id = tracking.find_or_create_run(experiment_id, evaluation_key(cfg, model, reader),
-                                         f"evaluate-{model_cfg.method}",
-                                         {"stage": "evaluate", "model_source": source, "method": model_cfg.method})
+    run_id = tracking.find_or_create_run(
+        experiment_id,
+        evaluation_key(cfg, model, reader),
+        f"evaluate-{model_cfg.method}",
+        {"stage": "evaluate", "model_source": source, "method": model_cfg.method},
+    )
     client = MlflowClient()
     with tracking.run_status(run_id):
         metrics, now = [], int(time.time() * 1000)
         for r in rows:
             tag = scale_set_key(r["scales"], "_")
-            metrics += [Metric(f"{name}_{tag}", float(r[key]), now, 0) for name, key in
-                        (("miou", "miou"), ("gflops", "gflops"), ("thin_miou", "thin_miou"), ("large_miou", "large_miou"))]
+            metrics += [
+                Metric(f"{name}_{tag}", float(r[key]), now, 0)
+                for name, key in (
+                    ("miou", "miou"),
+                    ("gflops", "gflops"),
+                    ("thin_miou", "thin_miou"),
+                    ("large_miou", "large_miou"),
+                )
+            ]
         client.log_batch(run_id, metrics=metrics)
         client.log_artifacts(run_id, cfg.evaluate.output_dir, artifact_path="eval")
 
@@ -114,8 +136,10 @@ def main(cfg: PipelineConfig) -> None:
         write_outputs(out, rows, model, model_cfg, reader, cfg.evaluate.pictures)
     _log_to_mlflow(cfg, source, model, model_cfg, rows, reader)
     for r in rows:
-        print(f"{str(r['scales']):28s} mIoU {r['miou']:.4f}  thin {r['thin_miou']:.4f}  large {r['large_miou']:.4f}  "
-              f"{r['gflops']:7.2f} GFLOPs  {r['latency_ms']:7.1f} ms{'  pareto' if r['pareto'] else ''}")
+        print(
+            f"{r['scales']!s:28s} mIoU {r['miou']:.4f}  thin {r['thin_miou']:.4f}  large {r['large_miou']:.4f}  "
+            f"{r['gflops']:7.2f} GFLOPs  {r['latency_ms']:7.1f} ms{'  pareto' if r['pareto'] else ''}"
+        )
     print(f"evaluated by {rows[0]['eval_workers']} Ray worker(s); latency per image on {rows[0]['latency_device']}")
 
 

@@ -84,7 +84,7 @@ def predict(model, images: list[Path], scales: list[float], output: Path, colors
     decoded = [read_image(path) for path in images]  # an unreadable input stops us before any write
     pal = palette([tuple(c) for c in colors])
     written = []
-    for path, image in zip(images, decoded):
+    for path, image in zip(images, decoded, strict=True):
         label = predict_labels(model, image, scales)
         label_png = Image.fromarray(label, "P")
         label_png.putpalette(pal.flatten().tolist())

@@ -24,8 +24,8 @@ from components.config import PipelineConfig
 from components.models.saved import WEIGHTS_FILE
 from components.scales import scale_set_key
 from pipeline import tracking
-from pipeline.environment import Environment
 from pipeline.common import run_stage
+from pipeline.environment import Environment
 
 
 def decide(candidate: dict, champion: dict | None, min_delta: float, max_gflops: float | None) -> tuple[bool, str]:

@@ -60,12 +60,25 @@ def _write_outputs(cfg: PipelineConfig, result, use_gpu: bool) -> dict:
     best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda item: item[1]["val_miou"])
     with result.checkpoint.as_directory() as latest:
         history = torch.load(Path(latest) / STATE_FILE, map_location="cpu", weights_only=True)["history"]
-    with best_checkpoint.as_directory() as best, atomic_dir(cfg.train.output, key="train.output", recognise=is_saved_model) as out:
+    with (
+        best_checkpoint.as_directory() as best,
+        atomic_dir(cfg.train.output, key="train.output", recognise=is_saved_model) as out,
+    ):
         shutil.copy2(Path(best) / WEIGHTS_FILE, out / WEIGHTS_FILE)
         _copy_config_as(Path(best) / CONFIG_FILE, out / CONFIG_FILE, cfg.model.method)
     with atomic_file(cfg.train.curves, "w") as handle:
-        fields = ["epoch", "loss", "val_miou", "lr", "lr_at_samples", "samples_seen", "workers", "images_per_s",
-                  "epoch_seconds", "step_seconds"]
+        fields = [
+            "epoch",
+            "loss",
+            "val_miou",
+            "lr",
+            "lr_at_samples",
+            "samples_seen",
+            "workers",
+            "images_per_s",
+            "epoch_seconds",
+            "step_seconds",
+        ]
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
@@ -95,8 +108,10 @@ def _write_outputs(cfg: PipelineConfig, result, use_gpu: bool) -> dict:
 def main(cfg: PipelineConfig) -> None:
     if cfg.tune.apply_to_train:
         cfg = apply_best(cfg)
-        print(f"training the tuned settings: method {cfg.model.method}, scales {cfg.model.train_scales}, "
-              f"lr {cfg.train.lr:g}, crop {list(cfg.train.crop_size)}")
+        print(
+            f"training the tuned settings: method {cfg.model.method}, scales {cfg.model.train_scales}, "
+            f"lr {cfg.train.lr:g}, crop {list(cfg.train.crop_size)}"
+        )
 
     manifest = PyramidReader(cfg.pyramid.output).manifest
     launch = prepare_launch(cfg)
@@ -107,10 +122,15 @@ def main(cfg: PipelineConfig) -> None:
     storage_path, storage_filesystem = launch.run_storage()
     if finished is not None:
         # Same code, config and data as a completed run: its result is this stage's output.
-        alike = (f" ({cfg.model.method} trains as {trained_as}: its fusion differs at inference only)"
-                 if trained_as != cfg.model.method else "")
-        print(f"reusing the finished run {name} (MLflow run {run_id}): same code, config and data, "
-              f"nothing to train{alike}")
+        alike = (
+            f" ({cfg.model.method} trains as {trained_as}: its fusion differs at inference only)"
+            if trained_as != cfg.model.method
+            else ""
+        )
+        print(
+            f"reusing the finished run {name} (MLflow run {run_id}): same code, config and data, "
+            f"nothing to train{alike}"
+        )
         from ray.train import Result
 
         result = Result.from_path(f"{storage_path.rstrip('/')}/{name}", storage_filesystem=storage_filesystem)
@@ -118,18 +138,22 @@ def main(cfg: PipelineConfig) -> None:
         _write_record(cfg, run_id, name, finished.data.tags[tracking.MODEL_URI_TAG], launch.env.tracking_uri)
         return
     workers = "-".join(map(str, sorted(set(cfg.ray.worker_range))))
-    print(f"training {name} on {launch.where} ({workers} {'GPU' if launch.use_gpu else 'CPU'} workers), "
-          f"MLflow run {run_id} at {redact(launch.env.tracking_uri)}")
+    print(
+        f"training {name} on {launch.where} ({workers} {'GPU' if launch.use_gpu else 'CPU'} workers), "
+        f"MLflow run {run_id} at {redact(launch.env.tracking_uri)}"
+    )
     trainer = build_trainer(cfg, launch, name, mlflow_run_id=run_id)
     with tracking.run_status(run_id):
         try:
             result = trainer.fit()
-        except Exception as err:  # Ray's own error types; a storage outage is the user's to fix
-            raise cluster.storage_failure(err, launch.env.checkpoint_root()) or err
+        except Exception as err:
+            failure = cluster.storage_failure(err, launch.env.checkpoint_root())
+            if failure is None:
+                raise
+            raise failure from err
         metrics = _write_outputs(cfg, result, launch.use_gpu)
         _log_completed_run(cfg, run_id, name, metrics, launch)
-    print(f"best val mIoU {metrics['best_val_miou']:.4f} at epoch {metrics['best_epoch']}; "
-          f"model in {cfg.train.output}")
+    print(f"best val mIoU {metrics['best_val_miou']:.4f} at epoch {metrics['best_epoch']}; model in {cfg.train.output}")
 
 
 def _log_completed_run(cfg: PipelineConfig, run_id: str, name: str, metrics: dict, launch) -> None:
@@ -141,8 +165,10 @@ def _log_completed_run(cfg: PipelineConfig, run_id: str, name: str, metrics: dic
 
     client = mlflow.MlflowClient()
     stamp = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(metrics[k]), stamp, 0)
-                                      for k in ("best_val_miou", "images_per_s")])
+    client.log_batch(
+        run_id,
+        metrics=[mlflow.entities.Metric(k, float(metrics[k]), stamp, 0) for k in ("best_val_miou", "images_per_s")],
+    )
     client.log_artifact(run_id, cfg.train.curves)
     with mlflow.start_run(run_id=run_id):  # log_model needs the run active
         model_uri = tracking.log_saved_model(cfg.train.output, validation_scales(cfg))

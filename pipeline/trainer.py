@@ -30,8 +30,15 @@ from components.data.dataset import PyramidEvalDataset, PyramidTrainDataset, loa
 from components.data.pyramid import PyramidReader
 from components.models import build_model
 from components.models.saved import WEIGHTS_FILE, write_model_files
-from components.training import (autocast_dtype, bf16_blocker, build_optimizer, epoch_plan, evaluate,
-                                 parameter_digest, train_one_epoch)
+from components.training import (
+    autocast_dtype,
+    bf16_blocker,
+    build_optimizer,
+    epoch_plan,
+    evaluate,
+    parameter_digest,
+    train_one_epoch,
+)
 from pipeline.environment import Environment
 from pipeline.tracking import log_epoch
 

@@ -10,6 +10,20 @@ os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", tempfile.mkdtemp(prefix="h
 
 from components.config import ModelConfig
 
+# The longest modules first: `make test` runs whole modules in two pytest-xdist processes, and a long
+# module started last would run alone at the end. (Heaviest first by their durations on 2 cores.)
+LONGEST_FIRST = ["test_cluster.py", "test_e2e_dvc.py", "test_train_ray.py", "test_service_faults.py",
+                 "test_kills.py", "test_ablation_parallel.py", "test_tune.py", "test_secrets.py", "test_faults.py",
+                 "test_register_predict.py", "test_train_controller.py", "test_leaked_resources.py"]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module keeps its own order
+
 
 @pytest.fixture(autouse=True)
 def _deterministic():
@@ -18,7 +32,13 @@ def _deterministic():
 
 def tiny_model_config(**overrides) -> ModelConfig:
     """A model small enough for 64x64 CPU tests: tiny trunk, 32-channel decoder and heads."""
-    values = dict(trunk="tiny", decoder="deeplabv3plus", decoder_channels=32, attention_channels=32, num_classes=5)
+    values = {
+        "trunk": "tiny",
+        "decoder": "deeplabv3plus",
+        "decoder_channels": 32,
+        "attention_channels": 32,
+        "num_classes": 5,
+    }
     values.update(overrides)
     if "train_scales" not in overrides:
         method = values.get("method", "hierarchical")
@@ -44,3 +64,21 @@ def ray_head(request):
     head = RayHead(num_cpus=getattr(request.module, "RAY_HEAD_CPUS", 2))
     yield head
     head.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real `mlflow server` process for one test module."""
+    from tests.services import MlflowServer
+
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def no_leaked_tracking_uri(monkeypatch):
+    """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; undo it after each test, or later
+    tests' stage subprocesses would track to a module's (stopped) server."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset-by-test")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")

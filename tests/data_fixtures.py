@@ -38,7 +38,9 @@ def write_voc(root: Path, size=(20, 30)) -> Path:
         (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
         for i, sid in enumerate(ids):
             _image(*size, i).save(root / "JPEGImages" / f"{sid}.jpg")
-            label = Image.fromarray(np.where(np.arange(size[1])[None, :] < 10, 0, 15).repeat(size[0], 0).astype(np.uint8), "P")
+            label = Image.fromarray(
+                np.where(np.arange(size[1])[None, :] < 10, 0, 15).repeat(size[0], 0).astype(np.uint8), "P"
+            )
             label.putpalette([0, 0, 0, 128, 0, 0] * 128)
             arr = np.array(label)
             arr[0, :] = 255  # object boundary

@@ -42,7 +42,7 @@ def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None =
         try:
             if check():
                 return
-        except Exception:
+        except Exception:  # noqa: BLE001 - not up yet: a refused connection, a 503, a missing file
             pass
         time.sleep(0.3)
     raise TimeoutError(f"{what} did not come up in {timeout}s:\n{log.read_text()[-3000:] if log else ''}")
@@ -150,13 +150,15 @@ class RayHead:
         waiting on this cluster prints, so a hang in CI can be read from its log."""
         env = python_env(RAY_ADDRESS=self.address, **self.auth)
         parts = []
-        for args in (["status"], ["list", "placement-groups", "--detail"], ["list", "actors", "--filter", "state!=DEAD"]):
+        for args in (["status"], ["list", "placement-groups", "--detail"],
+                     ["list", "actors", "--filter", "state!=DEAD"]):
             done = subprocess.run([self._ray_bin, *args], capture_output=True, text=True, env=env, timeout=60)
             parts.append(f"$ ray {' '.join(args)}\n{(done.stdout + done.stderr)[-4000:]}")
         return "\n".join(parts)
 
-    def leak_placement_group(self, cpus: float, job: str | None = None, actor: str | None = None,
-                             detached: bool = False) -> str:
+    def leak_placement_group(
+        self, cpus: float, job: str | None = None, actor: str | None = None, detached: bool = False
+    ) -> str:
         """Leave this cluster in the state a training killed while it starts leaves: a CREATED
         placement group of `cpus` CPUs registered after Ray's events for its creator (so Ray never
         frees it). Returns its id. By default its creator job and actor are both gone (a killed
@@ -175,41 +177,73 @@ class RayHead:
                 "class Controller:\n"
                 "    def ping(self): return 1\n"
                 "controller = Controller.remote(); ray.get(controller.ping.remote())\n"
-                "print(ray.get_runtime_context().get_job_id(), controller._actor_id.hex())\n")
-            done = subprocess.run([sys.executable, "-c", ended_job], capture_output=True, text=True, timeout=120,
-                                  env=python_env(**self.client_env()), check=True)
+                "print(ray.get_runtime_context().get_job_id(), controller._actor_id.hex())\n"
+            )
+            done = subprocess.run(
+                [sys.executable, "-c", ended_job],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=python_env(**self.client_env()),
+                check=True,
+            )
             job, actor = done.stdout.split()[-2:]
         group = os.urandom(14) + bytes.fromhex(job)  # a placement group id ends with its job's id
-        bundle = common_pb2.Bundle(bundle_id=common_pb2.Bundle.BundleIdentifier(placement_group_id=group,
-                                                                                  bundle_index=0),
-                                   unit_resources={"CPU": float(cpus)})
-        spec = common_pb2.PlacementGroupSpec(placement_group_id=group, strategy=common_pb2.PACK, bundles=[bundle],
-                                             creator_job_id=bytes.fromhex(job), creator_actor_id=bytes.fromhex(actor),
-                                             creator_job_dead=False, creator_actor_dead=False, is_detached=detached)
+        bundle = common_pb2.Bundle(
+            bundle_id=common_pb2.Bundle.BundleIdentifier(placement_group_id=group, bundle_index=0),
+            unit_resources={"CPU": float(cpus)},
+        )
+        spec = common_pb2.PlacementGroupSpec(
+            placement_group_id=group,
+            strategy=common_pb2.PACK,
+            bundles=[bundle],
+            creator_job_id=bytes.fromhex(job),
+            creator_actor_id=bytes.fromhex(actor),
+            creator_job_dead=False,
+            creator_actor_dead=False,
+            is_detached=detached,
+        )
         with grpc.insecure_channel(self.address) as channel:
             gcs_service_pb2_grpc.PlacementGroupInfoGcsServiceStub(channel).CreatePlacementGroup(
-                gcs_service_pb2.CreatePlacementGroupRequest(placement_group_spec=spec), timeout=30,
-                metadata=[("authorization", f"Bearer {self.auth['RAY_AUTH_TOKEN']}")])
+                gcs_service_pb2.CreatePlacementGroupRequest(placement_group_spec=spec),
+                timeout=30,
+                metadata=[("authorization", f"Bearer {self.auth['RAY_AUTH_TOKEN']}")],
+            )
         return group.hex()
 
     def placement_group_states(self) -> dict[str, str]:
         done = subprocess.run(
-            [sys.executable, "-c", "import json, ray; ray.init(); "
-             "print(json.dumps({k: g['state'] for k, g in ray.util.placement_group_table().items()}))"],
-            capture_output=True, text=True, timeout=120, env=python_env(**self.client_env()), check=True)
+            [
+                sys.executable,
+                "-c",
+                "import json, ray; ray.init(); "
+                "print(json.dumps({k: g['state'] for k, g in ray.util.placement_group_table().items()}))",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=python_env(**self.client_env()),
+            check=True,
+        )
         return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def processes(self, processes: process_cpu.Snapshot | None = None) -> dict[int, str]:
+        """This cluster's processes (pid -> command line; Ray titles a worker after its task or
+        actor), and no other Ray's: tests may run beside other clusters on the machine."""
+        processes = processes or process_cpu.snapshot()
+        mine = set()
+        for pid, args in processes.command_lines.items():
+            # with every descendant: workers, agents, dashboard modules
+            if self.workdir in args or f"--address={self.address} " in f"{args} ":
+                mine |= process_cpu.descendants(processes, pid)
+        return {pid: processes.command_lines.get(pid, "") for pid in mine}
 
     def stop(self) -> None:
         """Stop this cluster's processes only. (`ray stop` would stop every Ray on the machine,
         another test's cluster or a user's included.)"""
         import signal
 
-        processes = process_cpu.snapshot()
-        mine = set()
-        for pid, args in processes.command_lines.items():
-            # with every descendant: workers, agents, dashboard modules
-            if self.workdir in args or f"--address={self.address} " in f"{args} ":
-                mine |= process_cpu.descendants(processes, pid)
+        mine = set(self.processes())
         for sig, grace in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
             for pid in mine:
                 with contextlib.suppress(ProcessLookupError):
@@ -236,17 +270,31 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log = workdir / "mlflow.log"
         mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-        args = [mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(self.port),
-                "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-                "--artifacts-destination", str(workdir / "artifacts"), "--workers", "1"]
+        args = [
+            mlflow_bin,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--backend-store-uri",
+            f"sqlite:///{workdir / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(workdir / "artifacts"),
+            "--workers",
+            "1",
+        ]
         env = python_env()
         if admin_password is not None:
             # The repository's own auth config, with this folder's user database.
             config = (Path(__file__).resolve().parents[1] / "infra" / "mlflow" / "basic_auth.ini").read_text()
             config = config.replace("sqlite:////mlflow/basic_auth.db", f"sqlite:///{workdir / 'basic_auth.db'}")
             (workdir / "basic_auth.ini").write_text(config)
-            env.update(MLFLOW_AUTH_CONFIG_PATH=str(workdir / "basic_auth.ini"), MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
-                       MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex())
+            env.update(
+                MLFLOW_AUTH_CONFIG_PATH=str(workdir / "basic_auth.ini"),
+                MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
+                MLFLOW_FLASK_SERVER_SECRET_KEY=os.urandom(16).hex(),
+            )
             args += ["--app-name", "basic-auth"]
         self._args, self._env, self._workdir = args, env, workdir
         self.start()
@@ -255,10 +303,16 @@ class MlflowServer:
         """Start (or start again, on the same port and store) and wait until it answers."""
         import urllib.request
 
-        self.proc = subprocess.Popen(self._args, stdout=self.log.open("a"), stderr=subprocess.STDOUT,
-                                     cwd=self._workdir, env=self._env)
-        wait_until(lambda: urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200, 90,
-                   "mlflow server", self.proc, self.log)
+        self.proc = subprocess.Popen(
+            self._args, stdout=self.log.open("a"), stderr=subprocess.STDOUT, cwd=self._workdir, env=self._env
+        )
+        wait_until(
+            lambda: urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200,
+            90,
+            "mlflow server",
+            self.proc,
+            self.log,
+        )
 
     def stop(self) -> None:
         stop(self.proc)

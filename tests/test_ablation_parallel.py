@@ -36,7 +36,7 @@ def test_seeds_train_side_by_side_when_the_cluster_has_room(tmp_path, ray_head, 
     done = run_on_cluster(command, stage_env(params, **ray_head.client_env()), 600, ray_head)
     assert done.returncode == 0, done.stderr[-3000:]
     assert ("2 trainings at a time" in done.stdout) == side_by_side, done.stdout[-2000:]
-    (first_start, first_end), (second_start, second_end) = training_intervals(tmp_path)
+    (_first_start, first_end), (second_start, _second_end) = training_intervals(tmp_path)
     assert (second_start < first_end) == side_by_side  # overlapping runs, or one after the other
     result = json.loads((tmp_path / "ablation" / "hierarchical" / "result.json").read_text())
     assert [r["seed"] for r in result["seeds"]] == [0, 1] and all(r["miou"] >= 0 for r in result["seeds"])

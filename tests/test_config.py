@@ -1,5 +1,7 @@
 """Config errors name the key path and the value; cross-key rules are checked before anything runs."""
 
+from pathlib import Path
+
 import pytest
 
 from components.config import ConfigError, load_config, validate_config
@@ -25,8 +27,10 @@ def test_repository_params_file_is_valid():
         ({"model": {"method": "bilinear"}}, "model.method"),
         ({"train": {"lr": -0.1}}, "train.lr"),
         # names the workers would only fail on, after retries: refused at load, with the allowed values
-        ({"model": {"trunk": "resnet101"}}, "model.trunk: unknown name 'resnet101'; expected one of resnet18, "
-                                            "resnet50, tiny"),
+        (
+            {"model": {"trunk": "resnet101"}},
+            "model.trunk: unknown name 'resnet101'; expected one of resnet18, resnet50, tiny",
+        ),
         ({"model": {"decoder": "segformer"}}, "model.decoder: unknown name 'segformer'; expected one of deeplabv3plus"),
         # crops of 0 or fewer pixels used to train "successfully" on empty or 1-pixel crops
         ({"train": {"crop_size": [0, 64]}}, "train.crop_size[0]"),
@@ -36,12 +40,17 @@ def test_repository_params_file_is_valid():
         ({"ablation": {"output_stride": 4}}, "ablation.output_stride"),
         # outputs that overlap: one stage would wipe what another wrote
         ({"pyramid": {"output": "data/raw/synthetic"}}, "prepare.output = data/raw/synthetic and pyramid.output"),
-        ({"train": {"metrics": "data/pyramid/synthetic/metrics.json"}}, "pyramid.output = data/pyramid/synthetic "
-                                                                        "and train.metrics"),
+        (
+            {"train": {"metrics": "data/pyramid/synthetic/metrics.json"}},
+            "pyramid.output = data/pyramid/synthetic and train.metrics",
+        ),
         ({"evaluate": {"output_dir": "models/model/eval"}}, "train.output = models/model and evaluate.output_dir"),
         ({"evaluate": {"scale_sets": [[1.0], [0.5, 2.0]]}}, "evaluate.scale_sets[1] = [0.5, 2.0]"),
         (
-            {"model": {"method": "explicit", "train_scales": [0.5, 1.0, 2.0]}, "evaluate": {"scale_sets": [[0.5, 1.0]]}},
+            {
+                "model": {"method": "explicit", "train_scales": [0.5, 1.0, 2.0]},
+                "evaluate": {"scale_sets": [[0.5, 1.0]]},
+            },
             "evaluate.scale_sets[0]",
         ),
     ],
@@ -126,7 +135,7 @@ def test_no_stage_lists_a_cluster_setting_as_a_param():
     """Pointing the checkout at a cluster, bucket or tracking server must invalidate no stage."""
     import yaml
 
-    stages = yaml.safe_load(open("dvc.yaml"))["stages"]
+    stages = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
     cfg = load_config("params.yaml")
     for name, stage in stages.items():
         stage = stage.get("do", stage)
@@ -158,14 +167,22 @@ def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"train": {"crop_size": [190, 190]}, "tune": {"train_scale_sets": {"s075_10": [0.75, 1.0]}}},
-     "train.crop_size = [190, 190]: with tune.train_scale_sets.s075_10 [0.75, 1.0] a crop must be a multiple of 4"),
-    ({"ablation": {"crop_size": [129, 129]}}, "ablation.crop_size = [129, 129]: with ablation.methods."),
-    ({"model": {"train_scales": [0.7, 1.0]}, "train": {"crop_size": [64, 64]}},
-     "train.crop_size = [64, 64]: with model.train_scales [0.7, 1.0] a crop must be a multiple of 10"),
-    ({"model": {"train_scales": [0.123456789, 1.0]}}, "is not a ratio of small whole numbers"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (
+            {"train": {"crop_size": [190, 190]}, "tune": {"train_scale_sets": {"s075_10": [0.75, 1.0]}}},
+            "train.crop_size = [190, 190]: with tune.train_scale_sets.s075_10 [0.75, 1.0] "
+            "a crop must be a multiple of 4",
+        ),
+        ({"ablation": {"crop_size": [129, 129]}}, "ablation.crop_size = [129, 129]: with ablation.methods."),
+        (
+            {"model": {"train_scales": [0.7, 1.0]}, "train": {"crop_size": [64, 64]}},
+            "train.crop_size = [64, 64]: with model.train_scales [0.7, 1.0] a crop must be a multiple of 10",
+        ),
+        ({"model": {"train_scales": [0.123456789, 1.0]}}, "is not a ratio of small whole numbers"),
+    ],
+)
 def test_crops_must_be_whole_pixels_at_every_training_scale(raw, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
         validate_config(raw)

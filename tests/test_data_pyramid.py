@@ -8,8 +8,14 @@ import torch
 
 from components.config import LoaderConfig, load_config
 from components.data.classes import cityscapes_lookup
-from components.data.dataset import (MEAN, STD, PyramidEvalDataset, PyramidTrainDataset, class_uniform_order,
-                                     crop_windows)
+from components.data.dataset import (
+    MEAN,
+    STD,
+    PyramidEvalDataset,
+    PyramidTrainDataset,
+    class_uniform_order,
+    crop_windows,
+)
 from components.data.prepare import prepare_dataset
 from components.data.pyramid import PyramidReader, build_pyramid, resize_image, resize_label
 from components.data.readers import read_cityscapes
@@ -99,9 +105,9 @@ def test_a_training_sample_is_a_function_of_seed_epoch_and_index(pyramid):
         return [ds[i]["images"][1.0] for i in range(len(ds))]
 
     first = samples(seed=3, epoch=1)
-    assert all(a.equal(b) for a, b in zip(first, samples(seed=3, epoch=1)))
-    assert not any(a.equal(b) for a, b in zip(first, samples(seed=4, epoch=1)))
-    assert not any(a.equal(b) for a, b in zip(first, samples(seed=3, epoch=2)))
+    assert all(a.equal(b) for a, b in zip(first, samples(seed=3, epoch=1), strict=True))
+    assert not any(a.equal(b) for a, b in zip(first, samples(seed=4, epoch=1), strict=True))
+    assert not any(a.equal(b) for a, b in zip(first, samples(seed=3, epoch=2), strict=True))
 
 
 def test_eval_dataset_and_class_uniform_sampling(pyramid):
@@ -178,7 +184,7 @@ def test_crop_windows_are_exact_at_every_level_of_the_default_pyramid(name):
         base = (round(size[0] * r), round(size[1] * r))
         for _ in range(200):
             windows = crop_windows(base, crop, scales, rng)
-            y, x, h, w = windows[1.0] if 1.0 in windows else (None,) * 4
+            y, x, h, w = windows.get(1.0, (None,) * 4)
             for s, window in windows.items():
                 assert round(r * s, 6) in [round(v, 6) for v in cfg.pyramid.scales]
                 exact = [Fraction(v) / Fraction(s).limit_denominator(64) for v in window]
@@ -231,5 +237,5 @@ def test_crop_windows_are_exact_where_floats_are_not():
     rng = np.random.default_rng(0)
     for _ in range(500):
         windows = crop_windows((400, 400), (40, 70), [0.7, 1.0], rng)
-        top, left, height, width = windows[1.0]
+        top, left, _height, _width = windows[1.0]
         assert windows[0.7] == (top * 7 // 10, left * 7 // 10, 28, 49) and top % 10 == 0 == left % 10

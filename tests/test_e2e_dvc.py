@@ -1,27 +1,57 @@
-"""End to end: `dvc repro` of the whole pipeline on a tiny configuration, in a copy of the repo."""
+"""End to end: `dvc repro` of the whole pipeline on a tiny configuration, in a copy of the repo, and
+then DVC as its users drive it there: `dvc exp run -S`, `dvc exp show`, `dvc plots show`, a params
+edit that reruns only the stage it belongs to, and the `-S` examples of the README."""
+
+from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
 
 import pytest
 import yaml
 
-from tests.dvc_helpers import dvc, tiny_repo
+from components.config import load_config
+from tests.dvc_helpers import ROOT, dvc, tiny_repo
 
 pytestmark = pytest.mark.e2e
 
 
-def test_dvc_repro_whole_pipeline(tmp_path):
-    tiny_repo(tmp_path)
-    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+def commit(repo, message: str) -> None:
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message], cwd=repo, check=True)
 
-    dvc(tmp_path, "repro")
-    table = json.loads((tmp_path / "results/ablation/table.json").read_text())
+
+def experiments(show: list[dict]) -> dict[str, dict]:
+    """Experiment name -> its data (params, metrics) from `dvc exp show --json`."""
+    found = {}
+    for commit_entry in show:
+        for experiment in commit_entry.get("experiments") or []:
+            for rev in experiment["revs"]:
+                found[rev["name"]] = rev["data"]
+    return found
+
+
+def metric(data: dict, file: str, *keys: str):
+    value = data["metrics"][file]["data"]
+    for key in keys:
+        value = value[key]
+    return value
+
+
+def stages_run(done: subprocess.CompletedProcess) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", done.stdout)
+
+
+def check_whole_pipeline_outputs(repo) -> None:
+    table = json.loads((repo / "results/ablation/table.json").read_text())
     assert [row["method"] for row in table] == ["single", "avgpool", "maxpool", "explicit", "hierarchical",
                                                 "hierarchical_05_10"]
     pair = table[-1]  # a row of its own, evaluated at the training pair: hierarchical's trainings, shared
     assert pair["fusion"] == "hierarchical" and pair["eval_scales"] == [0.5, 1.0]
     for seed in (0, 1):
-        runs = {json.loads((tmp_path / f"results/ablation/{row}/seed-{seed}/run.json").read_text())["run_id"]
+        runs = {json.loads((repo / f"results/ablation/{row}/seed-{seed}/run.json").read_text())["run_id"]
                 for row in ("hierarchical", "hierarchical_05_10")}
         assert len(runs) == 1
     for row in table:  # every method per seed: mean and std over seeds, and a paired test against single
@@ -30,20 +60,73 @@ def test_dvc_repro_whole_pipeline(tmp_path):
         if row["method"] != "single":
             low, high = row["vs_single"]["ci95"]
             assert low <= high and 0 <= row["vs_single"]["p_value"] <= 1
-    assert "± " in (tmp_path / "results/ablation/table.md").read_text()
+    markdown = (repo / "results/ablation/table.md").read_text()
+    assert "± " in markdown
     # the budget line names the table's own model size (ablation.trunk, ablation.output_stride)
-    assert "tiny at output stride 8 with deeplabv3plus" in (tmp_path / "results/ablation/table.md").read_text()
-    registration = json.loads((tmp_path / "results/register/registration.json").read_text())
+    assert "tiny at output stride 8 with deeplabv3plus" in markdown
+    registration = json.loads((repo / "results/register/registration.json").read_text())
     assert registration["promoted"] and registration["aliases"]["champion"] == registration["version"]
-    assert yaml.safe_load((tmp_path / "results/tune/best.yaml").read_text())["settings"]
-    recommended = yaml.safe_load((tmp_path / "results/tune/eval_scales.yaml").read_text())["recommended"]
+    assert yaml.safe_load((repo / "results/tune/best.yaml").read_text())["settings"]
+    recommended = yaml.safe_load((repo / "results/tune/eval_scales.yaml").read_text())["recommended"]
     assert registration["served_scales"] == recommended["scales"]  # what is served is what the search picked
-    assert json.loads((tmp_path / "results/eval/metrics.json").read_text())["0.5,1,2"]["miou"] >= 0
+    assert json.loads((repo / "results/eval/metrics.json").read_text())["0.5,1,2"]["miou"] >= 0
 
-    again = dvc(tmp_path, "repro")  # nothing changed: nothing runs
-    assert "Running stage" not in again.stdout
 
+@pytest.mark.timeout(1500)
+def test_dvc_repro_whole_pipeline_then_experiments_plots_and_a_params_edit(tmp_path):
+    repo = tiny_repo(tmp_path)
+    commit(repo, "tiny")
+
+    dvc(repo, "repro")
+    check_whole_pipeline_outputs(repo)
+    again = dvc(repo, "repro")  # nothing changed: nothing runs
+    assert stages_run(again) == []
+    commit(repo, "repro")
+
+    # Experiments from the reproduced commit: an evaluate setting reruns evaluate alone, and each
+    # experiment keeps its own params and metrics.
+    runs = {}
+    for name, scale_sets in (("pair", "[[1.0],[0.5,1.0]]"), ("triple", "[[1.0],[0.5,1.0,2.0]]")):
+        runs[name] = dvc(repo, "exp", "run", "-n", name, "-S", f"evaluate.scale_sets={scale_sets}", "evaluate")
+        assert stages_run(runs[name]) == ["evaluate"], runs[name].stdout[-2000:]
+    shown = experiments(json.loads(dvc(repo, "exp", "show", "--json").stdout))
+    assert {"pair", "triple"} <= set(shown), sorted(shown)
+    for name, widest in (("pair", "0.5,1"), ("triple", "0.5,1,2")):
+        data = shown[name]
+        assert data["params"]["params.yaml"]["data"]["evaluate"]["scale_sets"][-1] == [float(s) for s in
+                                                                                       widest.split(",")]
+        assert set(metric(data, "results/eval/metrics.json")) == {"1", widest}
+        assert 0 <= metric(data, "results/eval/metrics.json", widest, "miou") <= 1
+        assert 0 <= metric(data, "results/train/metrics.json", "best_val_miou") <= 1
+    table = dvc(repo, "exp", "show", "--no-pager", "--md").stdout
+    assert "pair" in table and "best_val_miou" in table
+    plots = dvc(repo, "plots", "show", "--json").stdout
+    for title in ("Training curves", "Evaluated scale sets"):
+        assert title in plots, plots[:2000]
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
     params["pyramid"]["scales"] = params["pyramid"]["scales"] + [2.5]
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    rerun = dvc(tmp_path, "repro", "pyramid")  # only the pyramid stage reruns
-    assert "Running stage 'pyramid'" in rerun.stdout and "Running stage 'prepare'" not in rerun.stdout
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    rerun = dvc(repo, "repro", "pyramid")  # only the pyramid stage reruns
+    assert stages_run(rerun) == ["pyramid"]
+
+
+def readme_set_arguments() -> list[list[str]]:
+    """The `-S` arguments of every `dvc exp run` command in the README, one list per command."""
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    commands = re.findall(r"^dvc exp run .*$", text, flags=re.MULTILINE)
+    return [re.findall(r"-S\s+('[^']*'|\S+)", command) for command in commands]
+
+
+@pytest.mark.parametrize("arguments", readme_set_arguments(), ids=lambda a: " ".join(a)[:60])
+def test_readme_set_examples_are_accepted(tmp_path, arguments):
+    from dvc.utils.hydra import apply_overrides
+
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    apply_overrides(params, [a.strip("'") for a in arguments])  # what `dvc exp run -S` does to params.yaml
+    load_config(params)  # and the result is a valid configuration
+
+
+def test_readme_has_set_examples():
+    assert len(readme_set_arguments()) >= 2

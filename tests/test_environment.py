@@ -84,7 +84,7 @@ def test_step_cap_is_at_the_full_worker_count():
 def test_learning_rate_is_a_function_of_samples_seen():
     # Two workers for 8 steps, or one worker for 16 steps, pass the same sample counts at the same lr.
     two = [poly_lr(0.1, step * 4, 64, 0.9) for step in range(0, 16, 1)][::1]
-    one = [poly_lr(0.1, step * 2, 64, 0.9) for step in range(0, 32)]
+    one = [poly_lr(0.1, step * 2, 64, 0.9) for step in range(32)]
     assert two[:16] == one[::2][:16]
     assert poly_lr(0.1, 64, 64, 0.9) == 0.0 and poly_lr(0.1, 0, 64, 0.9) == 0.1
 

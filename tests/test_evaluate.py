@@ -41,6 +41,7 @@ def setup(tmp_path, data, **ray_settings):
     return cfg, launch
 
 
+@pytest.mark.integration  # a local Ray cluster
 def test_hierarchical_on_unseen_scale_sets(tmp_path, data, local_ray):
     cfg, launch = setup(tmp_path, data)
     model_cfg = tiny_model_config(num_classes=19, train_scales=[0.5, 1.0])
@@ -78,6 +79,7 @@ def test_hierarchical_on_unseen_scale_sets(tmp_path, data, local_ray):
     assert (tmp_path / "out" / "pareto.csv").read_text().startswith("scales,gflops,miou")
 
 
+@pytest.mark.integration  # a local Ray cluster
 def test_shards_and_batches_give_the_metrics_of_one_pass(tmp_path, data, local_ray):
     """Three workers with batches of two against one image at a time in this process: the same
     confusion matrices, so the same IoU to the last bit."""
@@ -88,13 +90,14 @@ def test_shards_and_batches_give_the_metrics_of_one_pass(tmp_path, data, local_r
     rows = evaluate_all(cfg, model, model_cfg, sets, flip=False, launch=launch)
     assert rows[0]["eval_workers"] == 3
     reader = PyramidReader(cfg.pyramid.output)
-    for scales, row in zip(sets, rows):
+    for scales, row in zip(sets, rows, strict=True):
         with torch.no_grad():
             alone = evaluate_scale_set(model, PyramidEvalDataset(reader, "val", scales), scales,
                                        reader.manifest["classes"])
         assert row["iou"] == alone["iou"] and row["miou"] == alone["miou"]
 
 
+@pytest.mark.integration  # a local Ray cluster
 def test_a_scale_set_the_method_cannot_use_fails_before_work(tmp_path, data, local_ray):
     cfg, launch = setup(tmp_path, data)
     model_cfg = tiny_model_config(method="explicit", num_classes=19, train_scales=[0.5, 1.0])

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 from packaging.requirements import Requirement
 
@@ -188,7 +187,8 @@ def test_ray_up_config_passes_rays_schema_and_runs_existing_things():
 
     config = yaml.safe_load((INFRA / "ray/cluster.yaml").read_text())
     validate_config(prepare_config(config))
-    assert config["docker"]["head_image"] == "hmsa-pipeline:cpu" and config["docker"]["worker_image"] == "hmsa-pipeline:gpu"
+    assert config["docker"]["head_image"] == "hmsa-pipeline:cpu"
+    assert config["docker"]["worker_image"] == "hmsa-pipeline:gpu"
     assert "--gpus all" in config["docker"]["worker_run_options"]
     assert config["file_mounts"]["~/hmsa"] == "."
     head = " ".join(config["head_start_ray_commands"])
@@ -207,8 +207,11 @@ def test_commands_in_infra_name_existing_modules_and_stages():
         for module in re.findall(r"python -m (pipeline\.\w+)", text):
             assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), module
         for line in re.findall(r"^\s*dvc (?:repro|exp run)\b([^#\n]*)", text, flags=re.MULTILINE):
-            words = [w for w in shlex.split(line.replace("\\", " ")) if not w.startswith("-") and "=" not in w
-                     and "$" not in w]
+            words = [
+                w
+                for w in shlex.split(line.replace("\\", " "))
+                if not w.startswith("-") and "=" not in w and "$" not in w
+            ]
             names = [w for w in words if re.fullmatch(r"[a-z][\w-]*", w)]
             for stage in names[-1:]:  # the target, after options and their values
                 assert stage in stages, f"a command names the stage {stage!r}, which dvc.yaml lacks: {line}"

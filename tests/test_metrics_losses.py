@@ -140,6 +140,6 @@ def test_rmi_replaces_cross_entropy_on_the_fused_logits_only():
                                                                     1.0: torch.randn(2, 5, 16, 16)})
     from components.losses import rmi_loss
 
-    per_scale = sum(0.05 * cross_entropy(l, target) for l in out.logits.values())
+    per_scale = sum(0.05 * cross_entropy(logits, target) for logits in out.logits.values())
     assert torch.allclose(segmentation_loss(out, target, cfg, "rmi"), rmi_loss(out.fused, target) + per_scale)
     assert torch.allclose(segmentation_loss(out, target, cfg, "ce"), cross_entropy(out.fused, target) + per_scale)

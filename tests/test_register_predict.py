@@ -21,25 +21,10 @@ from components.models import build_model, save_model
 from pipeline import tracking
 from pipeline.register import decide
 from tests.conftest import tiny_model_config
-from tests.services import MlflowServer, free_port, python_env
+from tests.services import free_port, python_env
 from tests.train_helpers import write_params
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_tracking_uri(monkeypatch):
-    """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; undo it after each test, or later
-    tests' stage subprocesses would track to this module's (stopped) server."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset-by-test")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leaked_tracking_uri")]
 
 
 def trained_candidate(workdir, server, seed: int, miou: float, gflops: float = 5.0, **register_settings):
@@ -137,7 +122,8 @@ def test_gate_idempotence_and_predict(tmp_path, server):
 def test_decide_respects_the_cost_budget():
     candidate = {"version": "2", "miou": 0.9, "gflops": 50.0}
     champion = {"version": "1", "miou": 0.5, "gflops": 10.0}
-    assert decide(candidate, champion, 0.0, max_gflops=20.0) == (False, "50.00 GFLOPs exceeds register.max_gflops = 20.0")
+    refusal = "50.00 GFLOPs exceeds register.max_gflops = 20.0"
+    assert decide(candidate, champion, 0.0, max_gflops=20.0) == (False, refusal)
     assert decide(candidate, champion, 0.0, None)[0] is True
     assert decide(candidate, None, 0.0, None) == (True, "no champion yet")
 
@@ -146,8 +132,12 @@ def test_register_refuses_a_missing_recommendation(tmp_path, server):
     params = trained_candidate(tmp_path / "a", server, seed=4, miou=0.3)
     versions = len(mlflow.MlflowClient(server.uri).search_model_versions("name = 'hmsa'"))
     (tmp_path / "a" / "tune" / "eval_scales.yaml").write_text(json.dumps({"recommended": None}))
-    done = subprocess.run([sys.executable, "-m", "pipeline.register", "--params", str(params)],
-                          capture_output=True, text=True, env=python_env(MLFLOW_TRACKING_URI=server.uri))
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.register", "--params", str(params)],
+        capture_output=True,
+        text=True,
+        env=python_env(MLFLOW_TRACKING_URI=server.uri),
+    )
     assert done.returncode == 1 and "eval_scales.yaml: no recommended scale set" in done.stderr, done.stderr
     assert len(mlflow.MlflowClient(server.uri).search_model_versions("name = 'hmsa'")) == versions
 
@@ -174,18 +164,51 @@ def test_champion_served_over_http_matches_predict(tmp_path, server):
     image = np.random.default_rng(7).integers(0, 255, (48, 64, 3), dtype=np.uint8)
     Image.fromarray(image).save(tmp_path / "street.png")
     env = python_env(MLFLOW_TRACKING_URI=server.uri)
-    predicted = subprocess.run([sys.executable, "-m", "pipeline.predict", str(tmp_path / "street.png"),
-                                "--model", "models:/hmsa@champion", "--params", str(params),
-                                "--output", str(tmp_path / "out"), "--scales", "0.5", "1", "2"],
-                               capture_output=True, text=True, env=env)
+    predicted = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.predict",
+            str(tmp_path / "street.png"),
+            "--model",
+            "models:/hmsa@champion",
+            "--params",
+            str(params),
+            "--output",
+            str(tmp_path / "out"),
+            "--scales",
+            "0.5",
+            "1",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     expected = np.array(Image.open(tmp_path / "out" / "street_label.png"))
 
     port = free_port()
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the server execs uvicorn from PATH
-    serve = subprocess.Popen(["mlflow", "models", "serve", "-m", "models:/hmsa@champion", "--env-manager", "local",
-                              "--host", "127.0.0.1", "--port", str(port)],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    serve = subprocess.Popen(
+        [
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/hmsa@champion",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240
@@ -197,16 +220,23 @@ def test_champion_served_over_http_matches_predict(tmp_path, server):
                 assert serve.poll() is None, serve.stdout.read()[-3000:]
                 assert time.monotonic() < deadline, "mlflow models serve did not come up"
                 time.sleep(1)
-        request = {"dataframe_split": {"columns": ["image"], "data": [[_png_base64(image)]]},
-                   "params": {"scales": [0.5, 1.0, 2.0]}}
+        request = {
+            "dataframe_split": {"columns": ["image"], "data": [[_png_base64(image)]]},
+            "params": {"scales": [0.5, 1.0, 2.0]},
+        }
         status, body = _post(f"{url}/invocations", request)
         assert status == 200, body
         assert np.array_equal(np.array(body["predictions"][0], dtype=np.uint8), expected)
 
         status, body = _post(f"{url}/invocations", {**request, "params": {"scales": [0.5, 2.0]}})
         assert status == 400 and "needs 1.0" in body["message"], body
-        status, body = _post(f"{url}/invocations", {**request, "dataframe_split": {
-            "columns": ["image"], "data": [[base64.b64encode(b"not an image").decode()]]}})
+        status, body = _post(
+            f"{url}/invocations",
+            {
+                **request,
+                "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b"not an image").decode()]]},
+            },
+        )
         assert status == 400 and "row 0: unreadable image" in body["message"], body
         status, body = _post(f"{url}/invocations", {"dataframe_split": request["dataframe_split"]})
         assert status == 200 and len(body["predictions"]) == 1  # the registered default scales

@@ -19,12 +19,17 @@ def test_pyramid_published_to_s3_once_reads_back_identically(tmp_path, s3_server
     s3_server.client().create_bucket(Bucket="pyramids")
     params = tmp_path / "params.yaml"
     params.write_text(
-        f"prepare:\n  output: {tmp_path / 'raw'}\n  synthetic: {{train_images: 3, val_images: 2, height: 48, width: 64}}\n"
+        f"prepare:\n  output: {tmp_path / 'raw'}\n"
+        "  synthetic: {train_images: 3, val_images: 2, height: 48, width: 64}\n"
         f"pyramid:\n  output: {tmp_path / 'local'}\n  shard_size: 2\n"
     )
     for stage in ("prepare", "pyramid"):
-        subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--params", str(params)], check=True,
-                       env=python_env(), capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", f"pipeline.{stage}", "--params", str(params)],
+            check=True,
+            env=python_env(),
+            capture_output=True,
+        )
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     target = f"s3://pyramids/published/{content_hash(tmp_path / 'local')}"

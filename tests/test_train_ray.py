@@ -12,8 +12,15 @@ import pytest
 
 from components.models import load_saved_model
 from tests.services import MlflowServer, wait_until
-from tests.train_helpers import (curve_epochs, read_metrics, run_stage, stage_command, stage_env, tiny_pyramid,
-                                 write_params)
+from tests.train_helpers import (
+    curve_epochs,
+    read_metrics,
+    run_stage,
+    stage_command,
+    stage_env,
+    tiny_pyramid,
+    write_params,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +53,7 @@ def test_two_workers_ddp_replicas_agree(tmp_path, data, ray_head):
     assert metrics["num_workers"] == 2 and metrics["epochs"] == 2
     # The SHA-256 of every parameter matched across both ranks after every epoch.
     assert metrics["replicas_in_sync"] is True
-    model, cfg = load_saved_model(tmp_path / "model")
+    _model, cfg = load_saved_model(tmp_path / "model")
     assert cfg.method == "hierarchical"
 
 
@@ -60,17 +67,14 @@ def _start_training(tmp_path, data, ray_head, epochs, env=None, **sections):
     return params, proc
 
 
-def training_worker_pids() -> list[int]:
-    """PIDs of live Ray Train workers: Ray titles each actor process after its class."""
-    import psutil
-
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+def training_worker_pids(cluster) -> list[int]:
+    """PIDs of live Ray Train workers of `cluster`: Ray titles each actor process after its class."""
+    return [pid for pid, args in cluster.processes().items() if "RayTrainWorker" in args]
 
 
 def test_worker_killed_mid_training_recovers_from_checkpoint(tmp_path, data, ray_head):
-    params, proc = _start_training(tmp_path, data, ray_head, epochs=6, ray={"max_failures": 2})
-    pids = training_worker_pids()
+    _params, proc = _start_training(tmp_path, data, ray_head, epochs=6, ray={"max_failures": 2})
+    pids = training_worker_pids(ray_head)
     assert pids, "no live training worker to kill"
     os.kill(pids[0], signal.SIGKILL)
     output, _ = proc.communicate(timeout=600)
@@ -143,14 +147,17 @@ def test_code_change_trains_again_and_unchanged_rerun_reuses(tmp_path, data, ray
     first = run_stage("train", params, **ray_head.client_env())
     assert first.returncode == 0, first.stderr[-3000:]
     # The first worker says once what precision auto chose (Ray Train echoes a worker's stdout twice).
-    assert (first.stdout + first.stderr).count("precision auto on cpu: ") == 1, [line for line in (first.stdout + first.stderr).splitlines() if "precision" in line]
+    assert (first.stdout + first.stderr).count("precision auto on cpu: ") == 1, [
+        line for line in (first.stdout + first.stderr).splitlines() if "precision" in line
+    ]
     (tmp_path / "model").rename(tmp_path / "model-first")
 
     again = run_stage("train", params, **ray_head.client_env())
     assert again.returncode == 0, again.stderr[-3000:]
     assert "reusing the finished run" in again.stdout and "nothing to train" in again.stdout
-    assert (tmp_path / "model" / "weights.safetensors").read_bytes() == \
-        (tmp_path / "model-first" / "weights.safetensors").read_bytes()
+    assert (tmp_path / "model" / "weights.safetensors").read_bytes() == (
+        tmp_path / "model-first" / "weights.safetensors"
+    ).read_bytes()
 
     from pipeline import cluster
 
@@ -160,16 +167,23 @@ def test_code_change_trains_again_and_unchanged_rerun_reuses(tmp_path, data, ray
         shutil.copytree(cluster.REPO_ROOT / item, code / item)
     with open(code / "components" / "training.py", "a") as handle:
         handle.write("\n# an edit that changes the code fingerprint\n")
-    edited = subprocess.run(stage_command("train", params), capture_output=True, text=True, cwd=code,
-                            env=stage_env(params, **ray_head.client_env(), PYTHONPATH=str(code)), timeout=600)
+    edited = subprocess.run(
+        stage_command("train", params),
+        capture_output=True,
+        text=True,
+        cwd=code,
+        env=stage_env(params, **ray_head.client_env(), PYTHONPATH=str(code)),
+        timeout=600,
+    )
     assert edited.returncode == 0, edited.stderr[-3000:]
     assert "reusing" not in edited.stdout and "training train-" in edited.stdout
     metrics = read_metrics(tmp_path)
     assert metrics["epochs"] == 1 and metrics["resumed_at_epochs"] == []
     # The edit changes no computation, and train.seed fixes every random draw (sample order, crops,
     # flips, colour jitter): the new run trains the same model, bit for bit.
-    assert (tmp_path / "model" / "weights.safetensors").read_bytes() == \
-        (tmp_path / "model-first" / "weights.safetensors").read_bytes()
+    assert (tmp_path / "model" / "weights.safetensors").read_bytes() == (
+        tmp_path / "model-first" / "weights.safetensors"
+    ).read_bytes()
     runs = list((tmp_path / "store" / "ray").glob("train-*"))
     assert len({p.name for p in runs}) == 2  # two runs, one per code version
 
@@ -177,7 +191,7 @@ def test_code_change_trains_again_and_unchanged_rerun_reuses(tmp_path, data, ray
 def test_run_is_running_while_training_and_killed_on_sigterm(tmp_path, data, ray_head):
     """The MLflow run is RUNNING while training (not ended before it starts) and KILLED when the
     stage is stopped with SIGTERM, as a scheduler or `kill` would."""
-    params, proc = _start_training(tmp_path, data, ray_head, epochs=50)
+    _params, proc = _start_training(tmp_path, data, ray_head, epochs=50)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("hmsa")
     (run,) = client.search_runs([experiment.experiment_id])

@@ -37,7 +37,7 @@ def photometric_pipeline(cfg: LoaderConfig, level_keys: list[str]) -> A.Compose:
     """Colour jitter applied with identical parameters to every pyramid level of a sample."""
     return A.Compose(
         [A.ColorJitter(cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, p=cfg.photometric_probability)],
-        additional_targets={key: "image" for key in level_keys},
+        additional_targets=dict.fromkeys(level_keys, "image"),
         strict=True,
         is_check_shapes=False,
     )
@@ -122,7 +122,7 @@ class PyramidTrainDataset(Dataset):
         if not self.entries:
             raise ValueError(f"split {split!r} of the pyramid at {reader.root} is empty")
         self.train_scales = sorted(train_scales)
-        self.crop_size = tuple(crop_size)
+        self.crop_size = (int(crop_size[0]), int(crop_size[1]))
         self.cfg, self.seed, self.epoch = cfg, seed, 0
         self.photometric = photometric_pipeline(cfg, [f"level{i}" for i in range(len(self.train_scales))])
         # Until set_epoch: every image once, in order, none drawn for a class.
@@ -153,9 +153,10 @@ class PyramidTrainDataset(Dataset):
         # The jitter draws from the sample's own seed too: albumentations would otherwise seed itself
         # from the OS once per process, and the same train.seed would train on other colours each run.
         self.photometric.set_random_seed(int(rng.integers(2**32)))
-        jittered = self.photometric(image=images[1.0], **{k: images[s] for k, s in zip(keys, self.train_scales)})
+        others = {k: images[s] for k, s in zip(keys, self.train_scales, strict=True)}
+        jittered = self.photometric(image=images[1.0], **others)
         return {
-            "images": {s: to_tensor(jittered[k]) for k, s in zip(keys, self.train_scales)},
+            "images": {s: to_tensor(jittered[k]) for k, s in zip(keys, self.train_scales, strict=True)},
             "label": torch.from_numpy(np.ascontiguousarray(label).astype(np.int64)),
         }
 
@@ -164,8 +165,9 @@ class PyramidTrainDataset(Dataset):
         r = float(rng.choice(self.cfg.random_scales))
         levels = self.reader.read(self.split, sample, [round(r * s, 6) for s in self.train_scales])
         base_label = levels[round(r, 6)][1]
-        windows = crop_windows(base_label.shape, self.crop_size, self.train_scales, rng,
-                               around=pixel_of_class(base_label, target, rng))
+        windows = crop_windows(
+            base_label.shape, self.crop_size, self.train_scales, rng, around=pixel_of_class(base_label, target, rng)
+        )
         crops, label = {}, None
         for s in self.train_scales:
             image, lab = levels[round(r * s, 6)]
@@ -173,6 +175,7 @@ class PyramidTrainDataset(Dataset):
             crops[s] = _pad(image[y : y + h, x : x + w], h, w, 0)
             if s == 1.0:
                 label = _pad(lab[y : y + h, x : x + w], h, w, 255)
+        assert label is not None  # 1.0 is always a training scale
         return crops, label
 
     def _crops_at_any_scale(self, sample: int, target: int, rng: np.random.Generator) -> tuple[dict, np.ndarray]:
@@ -180,6 +183,7 @@ class PyramidTrainDataset(Dataset):
         r is made from the nearest stored level at or above r (area resize down, no detail made up),
         the crop is cut there, and the other training scales are resizes of that crop with the
         pyramid's own resize (image_levels), so every level shows exactly the same region."""
+        assert self.cfg.random_scale_range is not None  # this path is taken only when it is set
         low, high = self.cfg.random_scale_range
         r = float(rng.uniform(low, high))
         above = [s for s in self.reader.scales if s >= r - 1e-9]

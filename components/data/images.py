@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-
 MAX_PIXELS = 40_000_000  # as prepare.max_pixels: a small file may declare a huge image
 
 
@@ -54,7 +53,7 @@ def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.nda
             return to_rgb(image, name)
     except (ImageTooLarge, UnsupportedImage):
         raise
-    except Exception as err:  # PIL raises many types for unreadable data
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for unreadable data
         raise ValueError(f"{name}: unreadable image ({type(err).__name__}: {err})") from None
 
 

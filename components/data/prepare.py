@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image
 
 from components.atomic import atomic_dir
-from components.data.images import MAX_PIXELS, UnsupportedImage, to_rgb
 from components.data.classes import IGNORE_INDEX
+from components.data.images import MAX_PIXELS, UnsupportedImage, to_rgb
 from components.data.readers import DatasetReader, RawSample
 
 FORMAT_VERSION = 1
@@ -51,7 +51,7 @@ def _open_image(path: Path, what: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
         return image
     except BadSampleError:
         raise
-    except Exception as err:  # PIL raises many types for corrupt files
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt files
         raise BadSampleError(f"{path}: unreadable {what} ({type(err).__name__}: {err})") from None
 
 
@@ -161,7 +161,7 @@ def prepare_dataset(reader: DatasetReader, output: str | Path, on_bad_sample: st
             "source": source_info or {},
             "ignore_index": IGNORE_INDEX,
             "classes": reader.classes.to_dict(),
-            "class_frequencies": {n: float(c) / total for n, c in zip(reader.classes.names, pixel_counts)},
+            "class_frequencies": {n: float(c) / total for n, c in zip(reader.classes.names, pixel_counts, strict=True)},
             "splits": splits,
             "checksums": checksums,
             "skipped": len(skipped),

@@ -59,7 +59,7 @@ def build_pyramid(prepared_dir: str | Path, scales: list[float], shard_size: int
     staging_parent = Path(output).parent if local else None
     if local:
         check_owned(Path(output), "pyramid.output")  # never replace a folder we did not write
-        staging_parent.mkdir(parents=True, exist_ok=True)
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(Path(output))  # what a killed run left: named after the output
     staging = Path(tempfile.mkdtemp(prefix=f".{Path(output).name}.tmp-", dir=staging_parent))
     try:
@@ -72,11 +72,13 @@ def build_pyramid(prepared_dir: str | Path, scales: list[float], shard_size: int
                         if handle:
                             handle.close()
                         shard, offset = shard + 1, 0
-                        handle = open(staging / f"{split}-{shard:05d}.bin", "wb")
+                        # one shard file open across samples: closed when the next opens, or below
+                        handle = open(staging / f"{split}-{shard:05d}.bin", "wb")  # noqa: SIM115
                     image = np.asarray(Image.open(prepared_dir / "images" / split / f"{sample_id}.png").convert("RGB"))
                     label = np.asarray(Image.open(prepared_dir / "labels" / split / f"{sample_id}.png"))
                     present = np.unique(label[label < num_classes]).tolist()
                     levels = {}
+                    assert handle is not None  # opened at the first sample of every shard
                     for s in scales:
                         size = scaled_size(label.shape, s)
                         img_s, lab_s = resize_image(image, size), resize_label(label, size)
@@ -150,7 +152,8 @@ class PyramidReader:
 
     def entries(self, split: str) -> list[dict]:
         if split not in self.manifest["splits"]:
-            raise KeyError(f"split {split!r} is not in the pyramid at {self.root}; it has {list(self.manifest['splits'])}")
+            known = list(self.manifest["splits"])
+            raise KeyError(f"split {split!r} is not in the pyramid at {self.root}; it has {known}")
         return self.manifest["splits"][split]
 
     def read(self, split: str, index: int, scales: list[float]) -> dict[float, tuple[np.ndarray, np.ndarray]]:
@@ -164,7 +167,7 @@ class PyramidReader:
         end = max(lv["offset"] + lv["height"] * lv["width"] * 4 for lv in levels)
         blob = self.storage.read_range(join(self.root, entry["shard"]), start, end - start)
         out = {}
-        for s, lv in zip(scales, levels):
+        for s, lv in zip(scales, levels, strict=True):
             h, w, at = lv["height"], lv["width"], lv["offset"] - start
             image = np.frombuffer(blob, np.uint8, h * w * 3, at).reshape(h, w, 3)
             label = np.frombuffer(blob, np.uint8, h * w, at + h * w * 3).reshape(h, w)

@@ -131,7 +131,9 @@ def read_folder(root: str | Path) -> DatasetReader:
     class_file = root / "classes.txt"
     if not class_file.is_file():
         raise FileNotFoundError(f"folder: {class_file} is missing (one class name per line)")
-    names, colours, thin = [], [], []
+    names: list[str] = []
+    colours: list[tuple[int, int, int]] = []
+    thin: list[str] = []
     for line_no, line in enumerate(class_file.read_text().splitlines(), 1):
         parts = line.split()
         if not parts:
@@ -139,7 +141,10 @@ def read_folder(root: str | Path) -> DatasetReader:
         if len(parts) not in (1, 4, 5):
             raise ValueError(f"{class_file}:{line_no}: expected 'name [r g b] [thin]', got {line!r}")
         names.append(parts[0])
-        colours.append(tuple(int(v) for v in parts[1:4]) if len(parts) >= 4 else _voc_colour(len(names) - 1))
+        if len(parts) >= 4:
+            colours.append((int(parts[1]), int(parts[2]), int(parts[3])))
+        else:
+            colours.append(_voc_colour(len(names) - 1))
         if parts[-1] == "thin":
             thin.append(parts[0])
     if not names:

@@ -27,6 +27,13 @@ def resize_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
 
 
+class Decoder(nn.Module):
+    """What every decoder announces: the channels of the feature map it returns and its stride."""
+
+    out_channels: int
+    stride: int
+
+
 class ASPP(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, rates: tuple[int, ...]):
         super().__init__()
@@ -41,7 +48,7 @@ class ASPP(nn.Module):
         return self.project(torch.cat(outs, dim=1))
 
 
-class DeepLabV3Plus(nn.Module):
+class DeepLabV3Plus(Decoder):
     """ASPP on the deepest features, fused with the stride-4 features (Chen et al. 2018)."""
 
     def __init__(self, channels: list[int], strides: list[int], out_channels: int):
@@ -61,7 +68,7 @@ class DeepLabV3Plus(nn.Module):
         return self.fuse(torch.cat([high, low], dim=1))
 
 
-class PSPNet(nn.Module):
+class PSPNet(Decoder):
     """Pyramid pooling over bins 1, 2, 3, 6 of the deepest features (Zhao et al. 2017)."""
 
     def __init__(self, channels: list[int], strides: list[int], out_channels: int, bins=(1, 2, 3, 6)):
@@ -80,7 +87,7 @@ class PSPNet(nn.Module):
         return self.bottleneck(torch.cat([x, *pooled], dim=1))
 
 
-class FCN(nn.Module):
+class FCN(Decoder):
     """A plain convolutional head on the deepest features (Long et al. 2015, dilated trunk)."""
 
     def __init__(self, channels: list[int], strides: list[int], out_channels: int):
@@ -92,7 +99,7 @@ class FCN(nn.Module):
         return self.head(feats[-1])
 
 
-class UNet(nn.Module):
+class UNet(Decoder):
     """Encoder-decoder: upsample step by step, concatenating each shallower trunk stage (Ronneberger 2015)."""
 
     def __init__(self, channels: list[int], strides: list[int], out_channels: int):
@@ -106,7 +113,7 @@ class UNet(nn.Module):
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         x = self.center(feats[-1])
-        for block, skip in zip(self.up_blocks, reversed(feats[:-1])):
+        for block, skip in zip(self.up_blocks, reversed(feats[:-1]), strict=True):
             x = block(torch.cat([resize_to(x, skip), skip], dim=1))
         return x
 

@@ -110,4 +110,7 @@ def explicit_fuse(logits: dict[float, Tensor], scores: Tensor) -> Tensor:
     if scores.shape[1] != len(scales):
         raise ValueError(f"scores have {scores.shape[1]} channels for {len(scales)} scales {scales}")
     weights = explicit_weights(resize(scores, size))
-    return sum(weights[:, i : i + 1] * resize(logits[s], size) for i, s in enumerate(scales))
+    fused = weights[:, :1] * resize(logits[scales[0]], size)
+    for i, s in enumerate(scales[1:], start=1):
+        fused = fused + weights[:, i : i + 1] * resize(logits[s], size)
+    return fused

@@ -13,7 +13,6 @@ The output type is the same in training and inference; losses live outside (comp
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 
 import torch
@@ -66,7 +65,7 @@ class MultiScaleSegmenter(nn.Module):
         self.segmenter = segmenter
         self.method = method
         self.train_scales = sorted(train_scales)
-        self.explicit_attention = None
+        self.explicit_attention: ExplicitScaleAttention | None = None
         if method == "explicit":
             self.explicit_attention = ExplicitScaleAttention(
                 segmenter.decoder.out_channels, len(self.train_scales), attention_channels
@@ -89,7 +88,7 @@ class MultiScaleSegmenter(nn.Module):
             base = images[1.0]
         else:
             base, images = images, {}
-        size = base.shape[-2:]
+        size = (base.shape[-2], base.shape[-1])
         return {s: images[s] if s in images else fusion.resize(base, scaled_size(size, s)) for s in scales}
 
     def forward(
@@ -98,7 +97,9 @@ class MultiScaleSegmenter(nn.Module):
         scales = self.check_scales(self.train_scales if scales is None else scales)
         # Hierarchical fusion never reads the top scale's attention: its head is not run there.
         top = max(scales) if self.method == "hierarchical" else None
-        per_scale = {s: self.segmenter(img, with_attention=s != top) for s, img in self._images_at(images, scales).items()}
+        per_scale = {
+            s: self.segmenter(img, with_attention=s != top) for s, img in self._images_at(images, scales).items()
+        }
         logits = {s: out.logits for s, out in per_scale.items()}
         if self.method == "single":
             return MultiScaleOutput(fused=logits[1.0], logits=logits)
@@ -108,10 +109,13 @@ class MultiScaleSegmenter(nn.Module):
             return MultiScaleOutput(fused=fusion.max_fuse(logits), logits=logits)
         if self.method == "hierarchical":
             attention = {s: out.attention for s, out in per_scale.items() if s != top}
-            return MultiScaleOutput(fused=fusion.hierarchical_fuse(logits, attention), logits=logits, attention=attention)
+            return MultiScaleOutput(
+                fused=fusion.hierarchical_fuse(logits, attention), logits=logits, attention=attention
+            )
         # explicit: features of every scale on the 1.0 feature grid, concatenated in ascending order.
         grid = per_scale[1.0].features.shape[-2:]
         stacked = torch.cat([fusion.resize(per_scale[s].features, grid) for s in scales], dim=1)
+        assert self.explicit_attention is not None  # built in __init__ for the explicit method
         scores = self.explicit_attention(stacked)
         weights = fusion.explicit_weights(fusion.resize(scores, logits[1.0].shape[-2:]))
         attention = {s: weights[:, i : i + 1] for i, s in enumerate(scales)}

@@ -33,7 +33,9 @@ def write_model_files(model: MultiScaleSegmenter, cfg: ModelConfig, directory: s
     (directory / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
 
 
-def save_model(model: MultiScaleSegmenter, cfg: ModelConfig, directory: str | Path, metadata: dict | None = None) -> Path:
+def save_model(
+    model: MultiScaleSegmenter, cfg: ModelConfig, directory: str | Path, metadata: dict | None = None
+) -> Path:
     """Write the model atomically: the directory appears complete or not at all."""
     with atomic_dir(directory, recognise=is_saved_model) as tmp:
         write_model_files(model, cfg, tmp, metadata)
@@ -79,7 +81,8 @@ def load_saved_model(directory: str | Path) -> tuple[MultiScaleSegmenter, ModelC
         model.load_state_dict(load_file(weights), strict=True)
     except (RuntimeError, SafetensorError) as err:  # truncated or foreign file, or another architecture
         first = str(err).strip().splitlines()[0][:300]
-        raise ValueError(f"{weights}: the weights cannot be loaded into the model its {CONFIG_FILE} describes "
-                         f"({first})") from None
-    model.metadata = metadata
+        raise ValueError(
+            f"{weights}: the weights cannot be loaded into the model its {CONFIG_FILE} describes ({first})"
+        ) from None
+    model.metadata = metadata  # type: ignore[assignment]  # an attribute of ours on the module
     return model.eval(), cfg

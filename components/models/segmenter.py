@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.models.decoders import Decoder
+
 
 class SegmentationHead(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.1):
@@ -51,7 +53,7 @@ class SegmenterOutput:
 
 
 class Segmenter(nn.Module):
-    def __init__(self, trunk: nn.Module, decoder: nn.Module, num_classes: int, attention_channels: int | None):
+    def __init__(self, trunk: nn.Module, decoder: Decoder, num_classes: int, attention_channels: int | None):
         super().__init__()
         self.trunk = trunk
         self.decoder = decoder

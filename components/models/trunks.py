@@ -58,7 +58,7 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """ResNet trunk returning the outputs of layer1..layer4 (strides 4, 8, then 16/32 or dilated)."""
 
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], output_stride: int):
+    def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int], output_stride: int):
         super().__init__()
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
@@ -110,7 +110,7 @@ class TinyTrunk(nn.Module):
         chans = [width, width * 2, width * 4, width * 4]
         strides = [4, 8, 16, 32]
         layers, in_ch = [], 3
-        for i, (ch, s) in enumerate(zip(chans, strides)):
+        for i, (ch, s) in enumerate(zip(chans, strides, strict=True)):
             step = 4 if i == 0 else (2 if s <= output_stride else 1)
             dil = 1 if s <= output_stride else s // output_stride
             layers.append(

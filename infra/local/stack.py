@@ -17,6 +17,7 @@ What it starts (state, logs and pids in --state, default .local-stack/):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -71,25 +72,26 @@ def group_alive(pgid: int) -> bool:
         return False
 
 
-def kill_group(pidfile: Path, sig=signal.SIGTERM, grace: float = 10) -> None:
-    """End a service and everything it started: `sig`, then SIGKILL after `grace` seconds."""
-    if not pidfile.exists():
-        return
-    try:
-        pgid = int(pidfile.read_text())
-    except ValueError:
-        pidfile.unlink()
-        return
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
+def kill_groups(pidfiles: list[Path], sig=signal.SIGTERM, grace: float = 10) -> None:
+    """End services and everything they started: `sig` to all at once, then SIGKILL to those still
+    there after `grace` seconds (one wait for all, not one per service)."""
+    groups = [int(text) for text in (p.read_text().strip() for p in pidfiles if p.exists()) if text.isdigit()]
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, sig)
     deadline = time.time() + grace
-    while group_alive(pgid) and time.time() < deadline:
+    while any(group_alive(g) for g in groups) and time.time() < deadline:
         time.sleep(0.2)
-    if group_alive(pgid):
-        os.killpg(pgid, signal.SIGKILL)
-    pidfile.unlink()
+    for pgid in groups:
+        if group_alive(pgid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+    for pidfile in pidfiles:
+        pidfile.unlink(missing_ok=True)
+
+
+def kill_group(pidfile: Path, sig=signal.SIGTERM, grace: float = 10) -> None:
+    kill_groups([pidfile], sig, grace)
 
 
 class Stack:
@@ -148,10 +150,8 @@ class Stack:
 
         def bucket_ready() -> bool:
             client = self.s3_client()
-            try:
+            with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
                 client.create_bucket(Bucket=BUCKET)
-            except client.exceptions.BucketAlreadyOwnedByYou:
-                pass
             return True
 
         wait_for(bucket_ready, "the SeaweedFS S3 gateway", 90, log)
@@ -249,15 +249,11 @@ class Stack:
                 "HMSA_STORAGE": f"s3://{BUCKET}/pipeline", **self._aws_env(s)}
 
     def stop(self) -> None:
-        for pidfile in sorted(self.state.glob("ray-node-*.pid")):
-            kill_group(pidfile, signal.SIGKILL)
-        for name in ("ray-head", "mlflow", "weed"):
-            kill_group(self.state / f"{name}.pid")
+        kill_groups(sorted(self.state.glob("ray-node-*.pid")), signal.SIGKILL)
+        kill_groups([self.state / f"{name}.pid" for name in ("ray-head", "mlflow", "weed")])
         for hold in Path("/run").glob("hmsa-stack-*"):
-            try:
+            with contextlib.suppress(OSError):
                 hold.rmdir()
-            except OSError:
-                pass
         if self.settings_file.exists():
             shutil.rmtree(Path(f"/tmp/ray-head-{self.settings['ports']['ray']}"), ignore_errors=True)
             self.settings_file.unlink()

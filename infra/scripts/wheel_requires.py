@@ -14,12 +14,13 @@ import json
 import re
 import sys
 import urllib.request
+from pathlib import Path
 
 INDEX = "https://pypi.org/simple"
 
 
 def locked_versions(lock_file: str) -> dict[str, str]:
-    pins = re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", open(lock_file).read(), flags=re.MULTILINE)
+    pins = re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", Path(lock_file).read_text(), flags=re.MULTILINE)
     return {normalize(name): version for name, version in pins}
 
 

@@ -6,6 +6,7 @@ id or key), nothing is written outside the output, and no earlier output or user
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -32,10 +33,9 @@ def write_voc(root: Path, lists: dict[str, list[str]], files: dict[str, tuple[by
         (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
     for name, (image, label) in files.items():
         for folder, suffix, data in (("JPEGImages", ".jpg", image), ("SegmentationClass", ".png", label)):
-            try:
+            # a name the file system refuses: the list still names it
+            with contextlib.suppress(OSError, ValueError):
                 (root / folder / f"{name}{suffix}").write_bytes(data)
-            except (OSError, ValueError):
-                pass  # a name the file system refuses: the list still names it
 
 
 def check_prepare(folder: Path, root: Path, fmt: str) -> None:
@@ -124,10 +124,8 @@ def test_predict_writes_every_label_map_or_nothing(tiny_model, inputs, overwrite
         (folder / "in").mkdir()
         (folder / "out").mkdir()
         for name, data in inputs:
-            try:
+            with contextlib.suppress(OSError, ValueError):  # a name this file system refuses
                 (folder / "in" / f"{name}.png").write_bytes(data)
-            except (OSError, ValueError):
-                pass  # a name this file system refuses
         first = next(iter((folder / "in").iterdir()), None)
         if first is not None:  # the user's own file where a first output would go
             (folder / "out" / f"{first.stem}_label.png").write_bytes(b"the user's own file")

@@ -2,47 +2,62 @@
 method): whatever moment the kill lands, the earlier outputs stay whole, nothing in the registry or
 the tracking store is duplicated or left half-made, and a rerun finishes the work.
 
-The kill moments are fractions of the stage's own measured duration on this machine, so they fall
-inside the stage's work (not its imports) however fast or slow the machine is."""
+Each kill lands at a point of the stage's progress that the test sees from outside (its Ray task
+running, its temporary output written, a model version created, an alias moved), never at a time:
+a busy or slow machine moves when the points come, not whether the kill falls inside the work."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 
-from tests.services import python_env
-from tests.test_register_predict import _no_leaked_tracking_uri, server  # noqa: F401  (fixtures)
+from tests.services import python_env, wait_until
 from tests.train_helpers import run_stage, stage_command, stage_env, tiny_pyramid, write_params
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leaked_tracking_uri")]
 
-KILL_FRACTIONS = (0.6, 0.75, 0.85, 0.93)
-
-
-def timed(command: list[str], env: dict) -> float:
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return time.perf_counter() - start
-
-
-def kill_after(command: list[str], env: dict, seconds: float) -> bool:
-    """Start `command`, SIGKILL it after `seconds`; True when it was still running (the kill landed)."""
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_when(command: list[str], env: dict, reached: Callable[[], bool], what: str, timeout: float = 600) -> bool:
+    """Start `command` and SIGKILL it as soon as `reached()` holds; True when the kill landed (the
+    stage was still running). `reached` must stay true once true (a point of progress, "at or past
+    X"), so a short step between two polls is not missed: the kill then lands just after it."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
     try:
-        proc.wait(timeout=seconds)
-        return False
-    except subprocess.TimeoutExpired:
+        while proc.poll() is None and not reached():
+            assert time.monotonic() < deadline, f"{command[2]} did not reach '{what}' in {timeout} s"
+            time.sleep(0.01)
+        if proc.poll() is not None:
+            assert proc.returncode == 0, proc.stderr.read()[-3000:]
+            return False
         proc.kill()
-        proc.wait(timeout=60)
         return True
+    finally:
+        proc.wait(timeout=60)
+        proc.stderr.close()
+
+
+def ray_task_running(cluster, function: str) -> bool:
+    """A Ray worker process of `cluster` runs `function` as a task now (Ray names the process after it)."""
+    return any(args.startswith(f"ray::{function}") for args in cluster.processes().values())
+
+
+def replaced(path: Path, before: os.stat_result) -> bool:
+    """`path` is no longer the file or folder it was (renamed over by a newer one)."""
+    try:
+        now = path.stat()
+    except FileNotFoundError:
+        return False
+    return (now.st_ino, now.st_mtime_ns) != (before.st_ino, before.st_mtime_ns)
 
 
 def served_models(client, run_id: str) -> list:
@@ -52,21 +67,50 @@ def served_models(client, run_id: str) -> list:
                                        filter_string=f"source_run_id = '{run_id}' AND name = 'served'")
 
 
+def register_points(client, params: Path) -> dict[str, Callable[[], bool]]:
+    """Points of one registration's progress, each true from that point on: the served model is
+    being logged, its model version exists, the champion alias has moved to it."""
+    from mlflow.exceptions import MlflowException
+
+    from components.models.saved import WEIGHTS_FILE
+
+    run_id = json.loads((params.parent / "run.json").read_text())["run_id"]
+    experiment = client.get_run(run_id).info.experiment_id
+    sha = hashlib.sha256((params.parent / "model" / WEIGHTS_FILE).read_bytes()).hexdigest()
+
+    def versions() -> list:
+        return client.search_model_versions(f"name = 'hmsa' AND tags.weights_sha256 = '{sha}'")
+
+    def champion_moved() -> bool:
+        try:
+            champion = client.get_model_version_by_alias("hmsa", "champion").version
+        except MlflowException:
+            return False
+        return any(v.version == champion for v in versions())
+
+    return {
+        "served model logging": lambda: bool(client.search_logged_models(
+            [experiment], filter_string=f"source_run_id = '{run_id}' AND name = 'served'")),
+        "version created": lambda: bool(versions()),
+        "champion moved": champion_moved,
+    }
+
+
 @pytest.mark.timeout(900)
 def test_sigkill_of_register_leaves_no_duplicate_and_no_half_made_version(tmp_path, server):
     from tests.test_register_predict import trained_candidate
 
     client = mlflow.MlflowClient(server.uri)
     env = python_env(MLFLOW_TRACKING_URI=server.uri)
-    timed(stage_command("register", trained_candidate(tmp_path / "first", server, seed=1, miou=0.25)), env)
-    # timed on the second registration: the first one also creates the registered model
-    duration = timed(stage_command("register", trained_candidate(tmp_path / "second", server, seed=2, miou=0.30)),
-                     env)
-    print(f"register took {duration:.1f} s")
-    landed = 0
-    for n, fraction in enumerate(KILL_FRACTIONS):
+    for n, name in enumerate(("first", "second")):  # a champion to beat, and the registered model exists
+        params = trained_candidate(tmp_path / name, server, seed=1 + n, miou=0.25 + 0.05 * n)
+        assert subprocess.run(stage_command("register", params), env=env, capture_output=True).returncode == 0
+    landed = {}
+    points = ("served model logging", "version created", "champion moved")
+    for n, point in enumerate(points):
         params = trained_candidate(tmp_path / f"c{n}", server, seed=10 + n, miou=0.35 + 0.05 * n)
-        landed += kill_after(stage_command("register", params), env, fraction * duration)
+        landed[point] = kill_when(stage_command("register", params), env, register_points(client, params)[point],
+                                  point)
         done = subprocess.run(stage_command("register", params), capture_output=True, text=True, env=env,
                               timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -80,9 +124,10 @@ def test_sigkill_of_register_leaves_no_duplicate_and_no_half_made_version(tmp_pa
         # this run, or by the killed one when the kill came after the aliases moved)
         assert client.get_model_version_by_alias("hmsa", "champion").version == decision["version"]
         assert decision["aliases"]["champion"] == decision["version"]
-    assert landed >= 2, f"only {landed} of {len(KILL_FRACTIONS)} kills landed before the stage ended"
+    # The first two points leave the stage seconds of work; the last one only its closing calls.
+    assert landed["served model logging"] and landed["version created"], landed
     every = client.search_model_versions("name = 'hmsa'")
-    assert len(every) == 2 + len(KILL_FRACTIONS)  # no version left behind by a killed run
+    assert len(every) == 2 + len(points)  # no version left behind by a killed run
 
 
 @pytest.mark.timeout(900)
@@ -95,12 +140,25 @@ def test_sigkill_of_eval_scales_keeps_whole_files(tmp_path, ray_head):
     save_model(build_model(cfg).eval(), cfg, tmp_path / "model")
     params = write_params(tmp_path, data, evaluate={"model": str(tmp_path / "model")})
     env = stage_env(params, **ray_head.client_env())
-    timed(stage_command("eval_scales", params), env)  # the first run also ships the code to the cluster
-    duration = timed(stage_command("eval_scales", params), env)
+    assert run_stage("eval_scales", params, **ray_head.client_env()).returncode == 0
     out = tmp_path / "tune"
     before = {name: (out / name).read_bytes() for name in ("eval_scales.csv", "eval_scales.yaml")}
-    landed = sum(kill_after(stage_command("eval_scales", params), env, f * duration) for f in KILL_FRACTIONS)
-    assert landed >= 2
+    written = {name: (out / name).stat() for name in before}
+
+    def past(name: str) -> Callable[[], bool]:
+        return lambda: replaced(out / name, written[name])
+
+    points = {  # each true from its point on
+        "its evaluation task runs": lambda: ray_task_running(ray_head, "_evaluate_task") or past("eval_scales.csv")(),
+        "its table is replaced": past("eval_scales.csv"),
+        "its recommendation is replaced": past("eval_scales.yaml"),
+    }
+    landed = {}
+    for point, reached in points.items():
+        landed[point] = kill_when(stage_command("eval_scales", params), env, reached, point)
+        wait_until(lambda: not ray_task_running(ray_head, "_evaluate_task"), 60, "the killed run's Ray task to end")
+        written = {name: (out / name).stat() for name in before}
+    assert landed["its evaluation task runs"] and sum(landed.values()) >= 2, landed
     for name, content in before.items():  # each file whole: the earlier one or a complete new one
         text = (out / name).read_text()
         assert text.endswith("\n") and (yaml.safe_load(text) if name.endswith("yaml")
@@ -165,15 +223,29 @@ def test_sigkill_of_evaluate_keeps_the_earlier_results_and_one_run(tmp_path, ray
     params = write_params(tmp_path, data, evaluate={"model": str(tmp_path / "model"), "pictures": 1,
                                                     "output_dir": str(out), "scale_sets": [[1.0], [0.5, 1.0]]})
     env = stage_env(params, **ray_head.client_env())
-    timed(stage_command("evaluate", params), env)
-    duration = timed(stage_command("evaluate", params), env)  # the second run: as the kills see it
+    assert run_stage("evaluate", params, **ray_head.client_env()).returncode == 0
     before = snapshot(out)
-    landed = 0
-    for fraction in KILL_FRACTIONS:
-        landed += kill_after(stage_command("evaluate", params), env, fraction * duration)
+    written, stale = out.stat(), set()
+
+    def temporaries() -> set[str]:
+        return {p.name for p in out.parent.iterdir() if p.name.startswith(".eval.tmp-")}
+
+    def writing() -> bool:  # a new temporary output folder exists, or has already replaced the output
+        return bool(temporaries() - stale) or replaced(out, written)
+
+    points = {  # each true from its point on; the last leaves the MLflow logging to be killed
+        "its evaluation task runs": lambda: ray_task_running(ray_head, "_evaluate_task") or writing(),
+        "its output is being written": writing,
+        "its output is replaced": lambda: replaced(out, written),
+    }
+    landed = {}
+    for point, reached in points.items():
+        landed[point] = kill_when(stage_command("evaluate", params), env, reached, point)
+        wait_until(lambda: not ray_task_running(ray_head, "_evaluate_task"), 60, "the killed run's Ray task to end")
         now = snapshot(out)  # the earlier folder, or (a kill after the exchange) a complete new one
         assert now == before or (sorted(now) == sorted(before) and json.loads((out / "metrics.json").read_text()))
-    assert landed >= 2
+        written, stale = out.stat(), temporaries()  # a killed run's temporary is the next run's to remove
+    assert all(landed.values()), landed
     assert run_stage("evaluate", params, **ray_head.client_env()).returncode == 0
     assert sorted(snapshot(out)) == sorted(before)
     assert sorted(p.name for p in out.parent.iterdir()) == ["eval"]  # no temporary of a killed run is left
