@@ -90,9 +90,6 @@ def kill_groups(pidfiles: list[Path], sig=signal.SIGTERM, grace: float = 10) -> 
         pidfile.unlink(missing_ok=True)
 
 
-def kill_group(pidfile: Path, sig=signal.SIGTERM, grace: float = 10) -> None:
-    kill_groups([pidfile], sig, grace)
-
 
 class Stack:
     def __init__(self, state: Path):
@@ -231,7 +228,7 @@ class Stack:
 
     def stop_node(self, node: int) -> None:
         """The node goes away at once, as a preempted machine does (SIGKILL, no clean shutdown)."""
-        kill_group(self.state / f"ray-node-{node}.pid", signal.SIGKILL)
+        kill_groups([self.state / f"ray-node-{node}.pid"], signal.SIGKILL)
 
     def _wait_for_nodes(self, count: int) -> None:
         def enough() -> bool:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,20 +31,22 @@ def kill_when(command: list[str], env: dict, reached: Callable[[], bool], what: 
     """Start `command` and SIGKILL it as soon as `reached()` holds; True when the kill landed (the
     stage was still running). `reached` must stay true once true (a point of progress, "at or past
     X"), so a short step between two polls is not missed: the kill then lands just after it."""
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while proc.poll() is None and not reached():
-            assert time.monotonic() < deadline, f"{command[2]} did not reach '{what}' in {timeout} s"
-            time.sleep(0.01)
-        if proc.poll() is not None:
-            assert proc.returncode == 0, proc.stderr.read()[-3000:]
-            return False
-        proc.kill()
-        return True
-    finally:
-        proc.wait(timeout=60)
-        proc.stderr.close()
+    # stderr to a file, not a pipe: a stage that logs more than a pipe holds would block on it unread
+    with tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while proc.poll() is None and not reached():
+                assert time.monotonic() < deadline, f"{command[2]} did not reach '{what}' in {timeout} s"
+                time.sleep(0.01)
+            if proc.poll() is not None:
+                stderr.seek(0)
+                assert proc.returncode == 0, stderr.read()[-3000:]
+                return False
+            proc.kill()
+            return True
+        finally:
+            proc.wait(timeout=60)
 
 
 def ray_task_running(cluster, function: str) -> bool:
