@@ -20,7 +20,8 @@ TINY = {
     "loader": {"workers": 0},
     "ray": {"cpus_per_worker": 1},
     "evaluate": {"scale_sets": [[1.0], [0.5, 1.0], [0.5, 1.0, 2.0]], "pictures": 1},
-    "tune": {"num_samples": 2, "epochs": 1, "steps_per_epoch": 2,
+    # One trial: the stages after it need a search's outputs, not a search (tests/test_tune.py has one).
+    "tune": {"num_samples": 1, "epochs": 1, "steps_per_epoch": 2,
              "eval_scale_sets": {"s10": [1.0], "s05_10_20": [0.5, 1.0, 2.0]}},
     "ablation": {"epochs": 1, "crop_size": [64, 64], "seeds": [0, 1], "bootstrap_rounds": 200},
 }

@@ -115,8 +115,12 @@ def test_elastic_training_shrinks_when_a_node_goes_and_grows_when_it_returns(tmp
     # Epochs of this tiny training take well under a second; paced by Ray's default 2 s poll of the
     # workers (a user's own RAY_TRAIN_HEALTH_CHECK_INTERVAL_S wins over the pipeline's 0.2 s), the
     # 30 epochs last long enough for the stopped node to come back and the run to grow onto it.
+    # Ray Train's view of the cluster's free resources lags a lost node by up to 20 s; a restart
+    # at the old size in that window waits for RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by
+    # default) before it tries the smaller one. Workers start within seconds on these nodes.
+    pacing = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
     proc = subprocess.Popen(stage_command("train", params), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**stack.env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"})
+                            text=True, env={**stack.env, **pacing})
     client = mlflow.MlflowClient(stack.variables["MLFLOW_TRACKING_URI"])
 
     def run_id() -> str | None:

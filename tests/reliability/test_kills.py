@@ -179,7 +179,7 @@ def test_sigkill_of_an_ablation_method_resumes_at_the_killed_seed(tmp_path, ray_
     data = tiny_pyramid(tmp_path / "data")
     # 2-CPU workers on the 2-CPU cluster: one training at a time (with room, seeds run side by side)
     params = write_params(tmp_path, data, ray={"num_workers": 1, "cpus_per_worker": 2}, ablation={
-        "epochs": 6, "crop_size": [64, 64], "seeds": [0, 1], "bootstrap_rounds": 200,
+        "epochs": 4, "crop_size": [64, 64], "seeds": [0, 1], "bootstrap_rounds": 200,
         "output_dir": str(tmp_path / "ablation")})
     command = [*stage_command("ablation", params)[:3], "run", "--method", "hierarchical",
                *stage_command("ablation", params)[3:]]
