@@ -24,6 +24,27 @@ MARKER = ".hmsa-output"
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it to read it: a thread creating
+    a file in between would get the wrong mode). Linux reports it in /proc/self/status."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temporary_dir(target: Path, infix: str = "tmp") -> Path:
+    """A new directory `.<name>.<infix>-XXXX` beside `target`, with the mode a plain mkdir gives
+    (mkdtemp makes it 0700 whatever the umask: renamed into place, a serving account, CI or a
+    colleague could not read the output)."""
+    path = Path(tempfile.mkdtemp(prefix=f".{target.name}.{infix}-", dir=target.parent))
+    os.chmod(path, 0o777 & ~current_umask())
+    return path
+
+
 @contextlib.contextmanager
 def naming_the_output(target: str | Path, key: str | None) -> Iterator[None]:
     """Re-raise a full disk or quota while writing `target` as one line that names it and its key
@@ -103,7 +124,7 @@ def scratch_dir(target: str | Path, purpose: str) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.{purpose}-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    path = Path(tempfile.mkdtemp(prefix=f".{target.name}.{purpose}-", dir=target.parent))
+    path = temporary_dir(target, purpose)
     try:
         yield path
     finally:
@@ -121,7 +142,7 @@ def atomic_dir(target: str | Path, key: str | None = None, recognise=None) -> It
     check_owned(target, key, recognise)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = temporary_dir(target)
     try:
         with naming_the_output(target, key):
             yield tmp
@@ -140,6 +161,7 @@ def atomic_file(target: str | Path, mode: str = "w", key: str | None = None) -> 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600; the output gets a plain file's mode
     try:
         with naming_the_output(target, key):
             with os.fdopen(fd, mode) as handle:

@@ -7,6 +7,7 @@ anything runs, and its errors name the key path and the offending value.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path, PurePosixPath
@@ -40,7 +41,9 @@ ScaleSet = Annotated[list[float], AfterValidator(_check_scale_set)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: every float of every section is finite (`lr: .inf` used to train on NaN
+    # losses until Ray gave up; `cpus_per_worker: .inf` asked the cluster for infinite CPUs).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # The names of components.models.trunks.TRUNKS and decoders.DECODERS (a test keeps them equal):
@@ -49,6 +52,10 @@ TRUNK_NAMES = ("resnet18", "resnet50", "tiny")
 DECODER_NAMES = ("deeplabv3plus", "pspnet", "fcn", "unet")
 PositiveInt = Annotated[int, Field(gt=0)]
 CropSize = tuple[PositiveInt, PositiveInt]  # height, width in pixels
+# numpy's generators take seeds in [0, 2**32); torch's too, and a negative one raises in a worker.
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+# Generated images: Mapillary's largest are 4000x3000; one side up to 8192 covers real sizes.
+ImageSide = Annotated[int, Field(ge=32, le=8192)]
 
 
 class ModelConfig(Section):
@@ -79,7 +86,7 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     sync_batchnorm: bool = True  # multi-GPU only: BN statistics over the global batch
-    seed: int = 0
+    seed: Seed = 0
     # Cap on an epoch (quick runs): this many steps at the full worker count; None: the whole split.
     # An epoch is counted in samples, so fewer workers each take more steps to cover it.
     steps_per_epoch: int | None = Field(None, gt=0)
@@ -121,17 +128,17 @@ class RayConfig(Section):
 class MlflowConfig(Section):
     """Where the tracking server is (MLFLOW_TRACKING_URI) is environment, not a param."""
 
-    experiment: str = "hmsa"
+    experiment: str = Field("hmsa", min_length=1, max_length=200)
 
 
 class SyntheticConfig(Section):
     """The bundled procedural street scenes (components.data.synthetic)."""
 
-    train_images: int = Field(80, gt=0)
-    val_images: int = Field(24, gt=0)
-    height: int = Field(192, ge=32)
-    width: int = Field(384, ge=32)
-    seed: int = 0
+    train_images: int = Field(80, gt=0, le=100_000)
+    val_images: int = Field(24, gt=0, le=100_000)
+    height: ImageSide = 192
+    width: ImageSide = 384
+    seed: Seed = 0
 
 
 def _local_output(path: str) -> str:
@@ -175,12 +182,13 @@ class LoaderConfig(Section):
     class_uniform: float = Field(0.0, ge=0, le=1)  # share of samples drawn by rare-class sampling
     # loader processes per training worker; auto: one fewer than the worker's CPUs, at most 4
     # (the training threads keep the rest), and 0 on a single CPU
-    workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    # (a process each, per training worker: more than 64 is a typo, not a machine)
+    workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = "auto"
 
 
 class EvaluateConfig(Section):
     model: str | None = None  # None: train.output; or a saved-model directory, or models:/name@alias
-    scale_sets: list[ScaleSet] = [[1.0], [0.5, 1.0], [0.5, 1.0, 2.0]]
+    scale_sets: Annotated[list[ScaleSet], Field(min_length=1)] = [[1.0], [0.5, 1.0], [0.5, 1.0, 2.0]]
     flip: bool = False
     pictures: int = Field(4, ge=0)  # val images drawn in the attention figure
     batch_size: int = Field(4, ge=1)  # val images per forward pass on each evaluation worker
@@ -190,8 +198,8 @@ class EvaluateConfig(Section):
 class SearchSpec(Section):
     """How one hyperparameter is searched: exactly one of the four kinds."""
 
-    choice: list[Any] | None = None
-    grid: list[Any] | None = None  # every value, in order (Tune's grid_search)
+    choice: Annotated[list[Any], Field(min_length=1)] | None = None
+    grid: Annotated[list[Any], Field(min_length=1)] | None = None  # every value, in order (Tune's grid_search)
     loguniform: tuple[float, float] | None = None
     uniform: tuple[float, float] | None = None
 
@@ -200,6 +208,15 @@ class SearchSpec(Section):
         given = [k for k in ("choice", "grid", "loguniform", "uniform") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of choice, grid, loguniform, uniform (got {given or 'none'})")
+        listed = [v for kind in ("choice", "grid") for v in getattr(self, kind) or []]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in listed):
+            raise ValueError(f"values must be finite numbers, got {listed}")
+        for kind in ("loguniform", "uniform"):
+            bounds = getattr(self, kind)
+            if bounds is not None and not bounds[0] < bounds[1]:
+                raise ValueError(f"{kind} = {list(bounds)}: expected [low, high] with low < high")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError(f"loguniform = {list(self.loguniform)}: a log scale needs low > 0")
         return self
 
 
@@ -209,21 +226,23 @@ class TuneConfig(Section):
     steps_per_epoch: int | None = Field(8, gt=0)
     grace_period: int = Field(1, gt=0)
     reduction_factor: int = Field(2, gt=1)
-    seed: int = 0
+    seed: Seed = 0
     # Named training scale sets: searchers see the names, trials train on the lists.
     train_scale_sets: dict[str, ScaleSet] = {"s05_10": [0.5, 1.0], "s075_10": [0.75, 1.0]}
     search: dict[Literal["train_scales", "lr", "crop_size", "aux_scale_weight", "method"], SearchSpec] = {
         "train_scales": SearchSpec(choice=["s05_10", "s075_10"]),
         "lr": SearchSpec(loguniform=(0.005, 0.05)),
     }
-    eval_scale_sets: dict[str, ScaleSet] = {"s10": [1.0], "s05_10": [0.5, 1.0], "s05_10_20": [0.5, 1.0, 2.0]}
+    eval_scale_sets: Annotated[dict[str, ScaleSet], Field(min_length=1)] = {
+        "s10": [1.0], "s05_10": [0.5, 1.0], "s05_10_20": [0.5, 1.0, 2.0]}
     max_eval_gflops: float | None = Field(None, gt=0)
     apply_to_train: bool = True  # the train stage trains the best trial's settings
     output_dir: str = "results/tune"
 
 
 class RegisterConfig(Section):
-    model_name: str = "hmsa"
+    # a name in the MLflow registry and in models:/<name>@<alias> URIs, where "/" would split it
+    model_name: str = Field("hmsa", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
     # the served scale set, whose mIoU and GFLOPs gate promotion and which callers get by default:
     # "recommended" (the eval-scales stage's recommendation) or a set among evaluate.scale_sets
     scale_set: Literal["recommended"] | ScaleSet = "recommended"
@@ -256,7 +275,7 @@ class AblationConfig(Section):
     trunk: str | None = None  # one of TRUNK_NAMES
     output_stride: Literal[8, 16] | None = None
     # every method is trained once per seed (same seeds for all: paired); the table gives mean +- std
-    seeds: Annotated[list[int], Field(min_length=1)] = [0, 1, 2]
+    seeds: Annotated[list[Seed], Field(min_length=1)] = [0, 1, 2]
     bootstrap_rounds: int = Field(2000, ge=100)  # of the paired bootstrap behind the significance column
     # One augmentation for all methods, valid for the widest training set (explicit's).
     random_scales: ScaleSet = [0.5, 1.0]
@@ -475,15 +494,25 @@ def ablation_config(cfg: PipelineConfig, row: str, seed: int | None = None) -> P
     )
 
 
+# Pydantic names the member of a union that a value failed against inside the error's location
+# ("loader.workers.constrained-int", "ray.num_workers.tuple[int,int]"): not a key a user can find.
+UNION_MEMBER_TAGS = {"int", "float", "str", "bool", "list", "dict", "tuple", "none"}
+
+
+def _key_path(location: tuple) -> str:
+    parts = [p for p in location if isinstance(p, int) or (p.isidentifier() and p not in UNION_MEMBER_TAGS)]
+    return ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in parts).replace(".[", "[")
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for item in err.errors():
-        path = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in item["loc"])
-        path = path.replace(".[", "[")
         msg = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling against params.yaml)"
-        lines.append(f"  {path}: {msg} (got {item.get('input')!r})")
+        line = f"  {_key_path(item['loc'])}: {msg} (got {item.get('input')!r})"
+        if line not in lines:
+            lines.append(line)
     return "\n".join(lines)
 
 

@@ -37,8 +37,20 @@ PREFLIGHT_TIMEOUT_S = 60
 
 # --- services, checked from the driver before Ray starts ---------------------------------------
 
+# Where MLflow keeps runs: a server, Databricks, a SQLAlchemy database, or files.
+TRACKING_SCHEMES = ("http", "https", "databricks", "databricks-uc", "uc", "sqlite", "postgresql", "mysql", "mssql",
+                    "file", "")
+
+
 def check_tracking(env: Environment) -> None:
-    """An MLflow server must answer within seconds (not after minutes of client retries)."""
+    """A tracking URI MLflow can use (an unknown scheme used to fail only after Ray had started);
+    a server must answer within seconds (not after minutes of client retries)."""
+    from urllib.parse import urlparse
+
+    scheme = urlparse(env.tracking_uri).scheme.split("+")[0].lower()  # postgresql+psycopg2: the dialect
+    if scheme not in TRACKING_SCHEMES:
+        raise ClusterError(f"MLFLOW_TRACKING_URI = {redact(env.tracking_uri)}: unsupported scheme {scheme!r} "
+                           "(http(s):// for a tracking server, sqlite:/// or a folder for a local store)")
     if env.tracking_is_local:
         return
     problem = tracking_problem(env.tracking_uri)

@@ -88,7 +88,7 @@ def evaluate_on_ray(cfg: PipelineConfig, model, model_cfg: ModelConfig, scale_se
     reader = PyramidReader(cfg.pyramid.output)
     count = len(reader.entries("val"))
     size = tuple(PyramidEvalDataset(reader, "val", [1.0])[0]["label"].shape)  # for the FLOPs of a val image
-    launch = launch or prepare_launch(cfg)
+    launch = launch or prepare_launch(cfg, trains=False)
     with tempfile.TemporaryDirectory(prefix="hmsa-eval-model-") as directory:
         write_model_files(model, model_cfg, directory)  # the same bytes whatever the model came from
         model_ref = ray.put({name: (Path(directory) / name).read_bytes() for name in (WEIGHTS_FILE, CONFIG_FILE)})

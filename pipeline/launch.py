@@ -43,8 +43,27 @@ def check_classes(num_classes: int, pyramid: str, key: str = "model.num_classes"
                           f"(its manifest.json): set {key} to {dataset}")
 
 
-def prepare_launch(cfg: PipelineConfig, env: Environment | None = None) -> Launch:
+def check_full_batches(cfg: PipelineConfig, pyramid: str) -> None:
+    """Every training worker gets at least one full batch of its share of the training split.
+    Batches are whole (drop_last), so a batch larger than a worker's share trained nothing: the run
+    ended at once, saved its initial weights and was recorded as done."""
+    from components.data.pyramid import PyramidReader
+
+    images = len(PyramidReader(pyramid).entries("train"))
+    workers = cfg.ray.worker_range[1]  # the most workers: the smallest share
+    share = -(-images // workers)
+    if cfg.train.batch_size > share:
+        fewer = " or use fewer workers" if workers > 1 else ""
+        raise ConfigError(f"train.batch_size = {cfg.train.batch_size}, but each of {workers} worker(s) "
+                          f"(ray.num_workers) gets {share} of the {images} training images at {pyramid}: "
+                          f"not one full batch; set train.batch_size to at most {share}{fewer}")
+
+
+def prepare_launch(cfg: PipelineConfig, env: Environment | None = None, trains: bool = True) -> Launch:
+    """`trains`: the run trains (train, tune, ablation), so its batches are checked against the data."""
     check_classes(cfg.model.num_classes, cfg.pyramid.output)
+    if trains:
+        check_full_batches(cfg, cfg.pyramid.output)
     env = env or Environment.from_environ()
     cluster.check_tracking(env)
     checkpoint_root = cluster.check_storage(env)

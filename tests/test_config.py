@@ -186,3 +186,96 @@ def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
 def test_crops_must_be_whole_pixels_at_every_training_scale(raw, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
         validate_config(raw)
+
+
+def _float_leaves(tree, path=""):
+    """(key path, value) of every float in a parsed params tree, list items as key[i]."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _float_leaves(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            yield from _float_leaves(value, f"{path}[{i}]")
+    elif isinstance(tree, float):
+        yield path, tree
+
+
+def _set_leaf(tree, path: str, value) -> None:
+    import re
+
+    parts = [int(p) if p.isdigit() else p for p in re.findall(r"[^.\[\]]+", path)]
+    for part in parts[:-1]:
+        tree = tree[part]
+    tree[parts[-1]] = value
+
+
+REPOSITORY_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
+FLOAT_KEYS = [path for path, _ in _float_leaves(__import__("yaml").safe_load(REPOSITORY_PARAMS.read_text()))]
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
+def test_every_float_of_the_params_file_must_be_finite(bad):
+    """Every float the repository's params.yaml holds, set to inf or nan, is refused naming its key
+    (`train.lr: .inf` used to train on NaN losses until Ray gave up; `ray.cpus_per_worker: .inf`
+    asked the cluster for infinite CPUs)."""
+    import copy
+
+    import yaml
+
+    base = yaml.safe_load(REPOSITORY_PARAMS.read_text())
+    assert len(FLOAT_KEYS) > 20  # the walk reaches the file's floats
+    for path in [*FLOAT_KEYS, "ray.cpus_per_worker", "ray.gpus_per_worker"]:
+        raw = copy.deepcopy(base)
+        _set_leaf(raw, path, bad)
+        with pytest.raises(ConfigError) as err:
+            validate_config(raw)
+        named = [line.strip().split(":")[0] for line in str(err.value).splitlines()[1:]]
+        assert any(path.startswith(key) for key in named), (path, str(err.value))
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"train": {"seed": -1}}, "train.seed: Input should be greater than or equal to 0"),
+        ({"train": {"seed": 2**40}}, "train.seed: Input should be less than 4294967296"),
+        ({"ablation": {"seeds": [0, -3]}}, "ablation.seeds[1]"),
+        ({"tune": {"seed": -1}}, "tune.seed"),
+        ({"prepare": {"synthetic": {"seed": -1}}}, "prepare.synthetic.seed"),
+        ({"loader": {"workers": 100000}}, "loader.workers: Input should be less than or equal to 64"),
+        ({"prepare": {"synthetic": {"height": 200000}}}, "prepare.synthetic.height"),
+        ({"prepare": {"synthetic": {"train_images": 10**9}}}, "prepare.synthetic.train_images"),
+        ({"evaluate": {"scale_sets": []}}, "evaluate.scale_sets: List should have at least 1 item"),
+        ({"tune": {"eval_scale_sets": {}}}, "tune.eval_scale_sets: Dictionary should have at least 1 item"),
+        ({"tune": {"search": {"lr": {"loguniform": [0.1, 0.01]}}}}, "tune.search.lr: loguniform = [0.1, 0.01]"),
+        ({"tune": {"search": {"lr": {"uniform": [0.1, 0.1]}}}}, "tune.search.lr: uniform = [0.1, 0.1]"),
+        ({"tune": {"search": {"lr": {"loguniform": [0.0, 0.1]}}}}, "a log scale needs low > 0"),
+        ({"tune": {"search": {"lr": {"choice": []}}}}, "tune.search.lr.choice: List should have at least 1 item"),
+        ({"tune": {"search": {"lr": {"grid": [0.1, float("inf")]}}}}, "tune.search.lr: values must be finite"),
+        ({"mlflow": {"experiment": ""}}, "mlflow.experiment: String should have at least 1 character"),
+        ({"register": {"model_name": "team/hmsa"}}, "register.model_name: String should match pattern"),
+        ({"loader": {"workers": "x"}}, "loader.workers: Input should be"),  # no union member in the key
+    ],
+)
+def test_out_of_range_values_are_refused_naming_the_key(raw, message):
+    with pytest.raises(ConfigError) as err:
+        validate_config(raw)
+    assert message in str(err.value), str(err.value)
+    assert "constrained-int" not in str(err.value) and "literal[" not in str(err.value)
+
+
+def test_a_batch_larger_than_a_workers_share_of_the_data_is_refused(tmp_path):
+    """With whole batches only, a batch larger than a worker's share of the training split trained
+    nothing: the stage ended at once and recorded an untrained model as done."""
+    from pipeline.launch import check_full_batches
+    from tests.train_helpers import tiny_pyramid
+
+    pyramid = str(tiny_pyramid(tmp_path, train_images=5, val_images=1) / "pyramid")
+    check_full_batches(validate_config({"train": {"batch_size": 5}}), pyramid)  # one worker, one batch
+    check_full_batches(validate_config({"train": {"batch_size": 3}, "ray": {"num_workers": 2}}), pyramid)
+    with pytest.raises(ConfigError, match=r"train.batch_size = 6, but each of 1 worker\(s\) .* gets 5 of the 5 "
+                                          r"training images at .*: not one full batch; set train.batch_size to "
+                                          r"at most 5$"):
+        check_full_batches(validate_config({"train": {"batch_size": 6}}), pyramid)
+    # an elastic run is checked at its largest size, where each worker's share is smallest
+    with pytest.raises(ConfigError, match=r"each of 2 worker\(s\) .* gets 3 of the 5 .* or use fewer workers"):
+        check_full_batches(validate_config({"train": {"batch_size": 4}, "ray": {"num_workers": [1, 2]}}), pyramid)

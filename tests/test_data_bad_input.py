@@ -305,3 +305,37 @@ def test_a_full_disk_is_one_clear_line_and_leaves_nothing(tmp_path, small_disk):
     assert done.returncode == 1 and "No space left on device" in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert list(small_disk.iterdir()) == []  # no partial output, no temporaries
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077], ids=oct)
+def test_outputs_follow_the_umask(tmp_path, umask):
+    """Outputs are written under temporary names and renamed into place; the temporaries used to
+    keep mkdtemp's 0700 and mkstemp's 0600, so a serving account, CI or a colleague could not read
+    a model, a pyramid or a result whatever the umask said."""
+    import stat
+
+    from components.atomic import atomic_dir, atomic_file, current_umask
+    from components.data.pyramid import build_pyramid
+    from components.data.readers import read_cityscapes
+    from components.data.synthetic import write_cityscapes_layout
+    from components.storage import Storage
+
+    def mode(path) -> int:
+        return stat.S_IMODE(os.stat(path).st_mode)
+
+    previous = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        with atomic_dir(tmp_path / "folder") as folder:
+            (folder / "inside.txt").write_text("x")
+        with atomic_file(tmp_path / "file.json") as handle:
+            handle.write("{}")
+        write_cityscapes_layout(tmp_path / "cs", {"train": 2, "val": 1}, 32, 48, seed=1)
+        prepare_dataset(read_cityscapes(tmp_path / "cs"), tmp_path / "raw")
+        build_pyramid(tmp_path / "raw", [0.5, 1.0], 16, Storage(), str(tmp_path / "pyramid"))
+    finally:
+        os.umask(previous)
+    for folder in ("folder", "raw", "pyramid"):
+        assert mode(tmp_path / folder) == 0o777 & ~umask, folder
+    assert mode(tmp_path / "file.json") == 0o666 & ~umask
+    assert mode(tmp_path / "folder" / "inside.txt") == 0o666 & ~umask

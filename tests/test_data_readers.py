@@ -57,3 +57,44 @@ def test_unknown_format_and_missing_directory(tmp_path):
         open_dataset("kitti", tmp_path)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         open_dataset("voc", tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (["road 128 64 128", "road 0 0 142"], r"classes.txt:2: class 'road' is listed twice \(first on line 1\)"),
+        (["road 128 64 300"], r"classes.txt:1: colour \[128, 64, 300\] of 'road': components must be 0-255"),
+        (["road -1 0 0"], r"classes.txt:1: colour \[-1, 0, 0\] of 'road': components must be 0-255"),
+        (["road 12 x 4"], r"classes.txt:1: colour \['12', 'x', '4'\] of 'road': expected three whole numbers"),
+        (["road 1 2 3 wide"], r"classes.txt:1: expected 'name \[r g b\] \[thin\]'"),
+        ([f"class{i}" for i in range(256)], r"classes.txt lists 256 classes; at most 255 \(mask value 255 is the ign"),
+        ([], r"classes.txt lists no classes"),
+    ],
+)
+def test_a_bad_class_list_is_refused_naming_the_line(tmp_path, lines, message):
+    """classes.txt used to be trusted: duplicate names, colour components that crashed `predict`
+    later, and a 256th class that silently became the ignore label."""
+    root = write_folder(tmp_path / "f")
+    (root / "classes.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=message):
+        open_dataset("folder", root)
+
+
+def test_a_class_list_that_is_not_a_small_text_file_is_refused(tmp_path):
+    import os
+
+    root = write_folder(tmp_path / "f")
+    (root / "classes.txt").unlink()
+    os.mkfifo(root / "classes.txt")  # reading a FIFO would wait for a writer for ever
+    with pytest.raises(FileNotFoundError, match="classes.txt is not a regular file"):
+        open_dataset("folder", root)
+    (root / "classes.txt").unlink()
+    with open(root / "classes.txt", "wb") as handle:  # sparse: 2 GB declared, nothing stored
+        handle.truncate(2 << 30)
+    with pytest.raises(ValueError, match="classes.txt is 2147483648 bytes; a class list is at most"):
+        open_dataset("folder", root)
+    (root / "classes.txt").write_bytes(b"road\n\xff\xfe\n")
+    with pytest.raises(ValueError, match="classes.txt is not UTF-8 text"):
+        open_dataset("folder", root)
+    (root / "classes.txt").write_text("background\nwire thin\n")  # `name thin` without a colour
+    assert open_dataset("folder", root).classes.thin_small == ["wire"]

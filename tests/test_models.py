@@ -1,5 +1,8 @@
 """Every method x decoder trains a step on 64x64; trunks match torchvision; hierarchical generalises."""
 
+import os
+import re
+
 import pytest
 import torch
 
@@ -123,6 +126,44 @@ def test_saved_model_rejects_unknown_format_version(tmp_path):
     config_file = tmp_path / "model" / "config.json"
     config_file.write_text(config_file.read_text().replace('"format_version": 1', '"format_version": 99'))
     with pytest.raises(ValueError, match="format_version 99 is not supported"):
+        load_saved_model(tmp_path / "model")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[1, 2]", "config.json: expected a JSON object, got list"),
+        ('"text"', "config.json: expected a JSON object, got str"),
+        ('{"format_version": 1, "model": [1]}', 'config.json: expected objects under "model" and "metadata"'),
+        ('{"format_version": 1, "model": {}, "metadata": 3}', 'expected objects under "model" and "metadata"'),
+        ('{"format_version": 1, "model": {"num_classes": "many"}}', "config.json: model.num_classes: Input should be"),
+        ('{"format_version": 1, "model": {"trunk_x": 1}}', "config.json: model.trunk_x: Extra inputs"),
+        (b"\xff\xfe{}", "config.json is not valid JSON"),
+    ],
+)
+def test_a_saved_model_config_that_is_not_ours_is_one_error_naming_the_file(tmp_path, content, message):
+    """A config.json that is not an object, or whose model does not validate, used to end in an
+    AttributeError, KeyError or pydantic traceback."""
+    cfg = tiny_model_config()
+    save_model(build_model(cfg), cfg, tmp_path / "model")
+    config_file = tmp_path / "model" / "config.json"
+    config_file.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_saved_model(tmp_path / "model")
+
+
+def test_a_saved_model_config_that_is_a_fifo_or_huge_is_refused_before_reading(tmp_path):
+    cfg = tiny_model_config()
+    save_model(build_model(cfg), cfg, tmp_path / "model")
+    config_file = tmp_path / "model" / "config.json"
+    config_file.unlink()
+    os.mkfifo(config_file)  # reading it would wait for a writer for ever
+    with pytest.raises(FileNotFoundError, match="config.json is not a regular file"):
+        load_saved_model(tmp_path / "model")
+    config_file.unlink()
+    with open(config_file, "wb") as handle:
+        handle.truncate(3 << 30)  # sparse: 3 GB declared
+    with pytest.raises(ValueError, match="config.json: 3221225472 bytes; a saved model's config.json is at most"):
         load_saved_model(tmp_path / "model")
 
 

@@ -124,8 +124,13 @@ def test_driver_killed_then_stage_rerun_resumes_in_one_mlflow_run(tmp_path, data
         ({}, {"RAY_ADDRESS": "127.0.0.1:1"}, "RAY_ADDRESS = '127.0.0.1:1': no Ray cluster answers there"),
         ({}, {"HMSA_STORAGE": "/dev/null/checkpoints"}, "HMSA_STORAGE = /dev/null/checkpoints: cannot write there"),
         ({}, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, "MLFLOW_TRACKING_URI = http://127.0.0.1:9: no MLflow"),
+        # an unknown scheme used to fail only once Ray had started, in a traceback
+        ({}, {"MLFLOW_TRACKING_URI": "ftp://127.0.0.1/runs"}, "MLFLOW_TRACKING_URI = ftp://127.0.0.1/runs: unsupported "
+                                                                "scheme 'ftp'"),
         # the tiny dataset has 19 classes; a mismatch used to fail in every worker, once per retry
         ({"model": {"num_classes": 7}}, {}, "model.num_classes = 7, but the dataset at"),
+        # a batch above the split's size used to train nothing and record the untrained model as done
+        ({"train": {"batch_size": 64}}, {}, "train.batch_size = 64, but each of 1 worker(s)"),
     ],
 )
 def test_bad_cluster_configuration_fails_fast(tmp_path, data, ray_head, sections, env, message):

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from components.atomic import MARKER, check_owned, naming_the_output, remove_stale_temporaries
+from components.atomic import MARKER, check_owned, naming_the_output, remove_stale_temporaries, temporary_dir
 from components.data.prepare import manifest_hash
 from components.scales import scale_key, scaled_size
 from components.storage import Storage, join
@@ -56,12 +56,11 @@ def build_pyramid(prepared_dir: str | Path, scales: list[float], shard_size: int
     source = json.loads(source_path.read_text())
     num_classes = len(source["classes"]["names"])
     local = not str(output).startswith("s3://")
-    staging_parent = Path(output).parent if local else None
     if local:
         check_owned(Path(output), "pyramid.output")  # never replace a folder we did not write
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(Path(output))  # what a killed run left: named after the output
-    staging = Path(tempfile.mkdtemp(prefix=f".{Path(output).name}.tmp-", dir=staging_parent))
+    staging = temporary_dir(Path(output)) if local else Path(tempfile.mkdtemp(prefix=f".{Path(output).name}.tmp-"))
     try:
         with naming_the_output(output, "pyramid.output"):
             splits = {}

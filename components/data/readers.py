@@ -122,33 +122,70 @@ def read_voc(root: str | Path) -> DatasetReader:
     return DatasetReader("voc", classes, identity_lookup(21), samples, root)
 
 
+# Mask values are class indices in 8 bits and 255 is the ignore label: at most 255 classes.
+MAX_CLASSES = 255
+MAX_CLASS_FILE_BYTES = 1 << 20  # a class list, not a dataset: larger is the wrong file
+
+
+def read_class_file(path: Path) -> tuple[list[str], list[tuple[int, int, int]], list[str]]:
+    """(names, colours, thin names) of a folder dataset's classes.txt: one class per line,
+    `name [r g b] [thin]`. Everything a later stage relies on is checked here, naming the line: whole
+    colour components in 0-255, unique names, fewer classes than the ignore label."""
+    if not path.is_file():
+        what = "is missing" if not path.exists() else "is not a regular file"
+        raise FileNotFoundError(f"folder: {path} {what} (one class name per line)")
+    if path.stat().st_size > MAX_CLASS_FILE_BYTES:
+        raise ValueError(f"folder: {path} is {path.stat().st_size} bytes; a class list is at most "
+                         f"{MAX_CLASS_FILE_BYTES} bytes")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"folder: {path} is not UTF-8 text (byte {err.start})") from None
+    names: list[str] = []
+    colours: list[tuple[int, int, int]] = []
+    thin: list[str] = []
+    first_line: dict[str, int] = {}
+    for line_no, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        where = f"{path}:{line_no}"
+        marked_thin = len(parts) in (2, 5) and parts[-1] == "thin"
+        if len(parts) not in (1, 4) and not marked_thin:
+            raise ValueError(f"{where}: expected 'name [r g b] [thin]', got {line!r}")
+        name = parts[0]
+        if name in first_line:
+            raise ValueError(f"{where}: class {name!r} is listed twice (first on line {first_line[name]})")
+        first_line[name] = line_no
+        names.append(name)
+        if len(parts) >= 4:
+            try:
+                colour = tuple(int(c) for c in parts[1:4])
+            except ValueError:
+                raise ValueError(f"{where}: colour {parts[1:4]} of {name!r}: expected three whole numbers "
+                                 "0-255") from None
+            if not all(0 <= c <= 255 for c in colour):
+                raise ValueError(f"{where}: colour {list(colour)} of {name!r}: components must be 0-255")
+            colours.append((colour[0], colour[1], colour[2]))
+        else:
+            colours.append(_voc_colour(len(names) - 1))
+        if marked_thin:
+            thin.append(name)
+    if not names:
+        raise ValueError(f"folder: {path} lists no classes (one class name per line)")
+    if len(names) > MAX_CLASSES:
+        raise ValueError(f"folder: {path} lists {len(names)} classes; at most {MAX_CLASSES} (mask value 255 is "
+                         "the ignore label)")
+    return names, colours, thin
+
+
 def read_folder(root: str | Path) -> DatasetReader:
     """images/<split>/*.{png,jpg} + masks/<split>/<stem>.png + classes.txt.
 
     classes.txt has one class per line: `name [r g b] [thin]`; mask values are class indices, 255 ignored.
     """
     root = Path(root)
-    class_file = root / "classes.txt"
-    if not class_file.is_file():
-        raise FileNotFoundError(f"folder: {class_file} is missing (one class name per line)")
-    names: list[str] = []
-    colours: list[tuple[int, int, int]] = []
-    thin: list[str] = []
-    for line_no, line in enumerate(class_file.read_text().splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) not in (1, 4, 5):
-            raise ValueError(f"{class_file}:{line_no}: expected 'name [r g b] [thin]', got {line!r}")
-        names.append(parts[0])
-        if len(parts) >= 4:
-            colours.append((int(parts[1]), int(parts[2]), int(parts[3])))
-        else:
-            colours.append(_voc_colour(len(names) - 1))
-        if parts[-1] == "thin":
-            thin.append(parts[0])
-    if not names:
-        raise ValueError(f"folder: {class_file} lists no classes (one class name per line)")
+    names, colours, thin = read_class_file(root / "classes.txt")
     samples = []
     for split_dir in sorted(_require_dir(root / "images", "folder").iterdir()):
         if not split_dir.is_dir():

@@ -47,21 +47,44 @@ def is_saved_model(directory: str | Path) -> bool:
     return (Path(directory) / CONFIG_FILE).is_file() and (Path(directory) / WEIGHTS_FILE).is_file()
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a model's description and class list; far larger is not one of ours
+
+
 def read_saved_config(directory: str | Path) -> tuple[ModelConfig, dict]:
+    """The model config and metadata of a saved model's config.json; anything else in its place
+    (not a small regular file, not a JSON object, a config that does not validate) is one
+    ValueError naming the file."""
+    from pydantic import ValidationError
+
     directory = Path(directory)
     path = directory / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a saved model: {CONFIG_FILE} is missing")
+        what = "is missing" if not path.exists() else "is not a regular file"
+        raise FileNotFoundError(f"{directory} is not a saved model: {CONFIG_FILE} {what}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes; a saved model's {CONFIG_FILE} is at most "
+                         f"{MAX_CONFIG_BYTES}")
     try:
-        document = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(document).__name__}")
     version = document.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(
             f"{path}: format_version {version!r} is not supported (this code reads version {FORMAT_VERSION})"
         )
-    return ModelConfig.model_validate(document["model"]), document.get("metadata", {})
+    metadata = document.get("metadata", {})
+    if not isinstance(document.get("model"), dict) or not isinstance(metadata, dict):
+        raise ValueError(f"{path}: expected objects under \"model\" and \"metadata\"")
+    try:
+        cfg = ModelConfig.model_validate(document["model"])
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        raise ValueError(f"{path}: model.{key}: {first['msg']} (got {first.get('input')!r})") from None
+    return cfg, metadata
 
 
 def load_saved_model(directory: str | Path) -> tuple[MultiScaleSegmenter, ModelConfig]:
