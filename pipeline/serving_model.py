@@ -20,6 +20,9 @@ is answered 400 with the reason.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import torch
@@ -34,7 +37,9 @@ class MultiScaleSegmentationModel(PythonModel):
         from components.models import load_saved_model
 
         self.model, self.cfg = load_saved_model(context.artifacts["model_dir"])  # model.metadata: classes
-        config = context.model_config or {}
+        defaults = context.artifacts.get("serving_defaults")
+        # models logged before the defaults were an artifact carry them in model_config
+        config = json.loads(Path(defaults).read_text()) if defaults else (context.model_config or {})
         self.scales = [float(s) for s in config.get("default_scales") or self.trained_scales()]
 
     def predict(self, context, model_input, params: dict | None = None) -> list[np.ndarray]:

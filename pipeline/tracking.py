@@ -10,6 +10,7 @@ A run's status is true: RUNNING while training, then FINISHED, FAILED or KILLED.
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 from pathlib import Path
 
@@ -89,11 +90,19 @@ def log_epoch(uri: str, run_id: str, metrics: dict, step: int) -> None:
     MlflowClient(uri).log_batch(run_id, metrics=batch)
 
 
+SERVING_DEFAULTS_FILE = "serving.json"  # {"default_scales": [...]}, beside the saved model
+
+
 def log_saved_model(model_dir: str | Path, default_scales: list[float], name: str = "model",
                     tags: dict[str, str] | None = None) -> str:
     """Log a saved-model directory as a pyfunc model (code, not pickle) to the active run.
 
-    `default_scales` is the scale set a caller gets without passing one (the `scales` parameter)."""
+    `default_scales` is the scale set a caller gets without passing one (the `scales` parameter).
+    It travels as an artifact of the model, not as MLflow's model_config: MLflow also logs a
+    model_config as params of the run, and a run that logs its trained model and later the served
+    one (another default set) then fails to change the param, with a warning on a run that succeeds."""
+    import tempfile
+
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
@@ -104,17 +113,19 @@ def log_saved_model(model_dir: str | Path, default_scales: list[float], name: st
         inputs=Schema([ColSpec("binary", "image")]),  # encoded images; base64 in JSON requests
         params=ParamSchema([ParamSpec("scales", "double", default_scales, shape=(-1,))]),
     )
-    info = mlflow.pyfunc.log_model(
-        name=name,
-        python_model=str(root / "pipeline" / "serving_model.py"),
-        artifacts={"model_dir": str(model_dir)},
-        code_paths=[str(root / "components")],
-        signature=signature,
-        model_config={"default_scales": default_scales},
-        tags=tags,
-        pip_requirements=["torch==2.13.0", "safetensors", "pydantic>=2", "numpy", "pyyaml", "pillow",
-                          "albumentations", "opencv-python-headless", "pandas"],
-    )
+    with tempfile.TemporaryDirectory(prefix="hmsa-serving-") as folder:
+        defaults = Path(folder) / SERVING_DEFAULTS_FILE
+        defaults.write_text(json.dumps({"default_scales": default_scales}))
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(root / "pipeline" / "serving_model.py"),
+            artifacts={"model_dir": str(model_dir), "serving_defaults": str(defaults)},
+            code_paths=[str(root / "components")],
+            signature=signature,
+            tags=tags,
+            pip_requirements=["torch==2.13.0", "safetensors", "pydantic>=2", "numpy", "pyyaml", "pillow",
+                              "albumentations", "opencv-python-headless", "pandas"],
+        )
     return info.model_uri
 
 

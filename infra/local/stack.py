@@ -4,6 +4,7 @@ driver's files, so a driver path that leaks into a worker fails here as on a rea
     .venv/bin/python infra/local/stack.py start     # prints the variables to export
     .venv/bin/python infra/local/stack.py stop
     .venv/bin/python infra/local/stack.py stop-node 2 / start-node 2   # take a worker node away / back
+    .venv/bin/python infra/local/stack.py start --services-only   # S3 and MLflow, beside your own Ray
 
 What it starts (state, logs and pids in --state, default .local-stack/):
   - SeaweedFS with its S3 gateway and an identities file (credentials are checked), bucket `hmsa`
@@ -12,6 +13,8 @@ What it starts (state, logs and pids in --state, default .local-stack/):
   - N Ray worker nodes (default 2), each in its own Linux mount namespace (`unshare -m`, needs root)
     where the repository and /tmp are empty tmpfs mounts: only the Python environment is visible.
     Workers get the code from the job's runtime_env and the data from S3, or they fail.
+With --services-only, only the first two: no Ray at all (a second Ray on the machine would make
+Ray's own tools fail to choose between them), and no RAY_ADDRESS among the variables.
 """
 
 from __future__ import annotations
@@ -101,23 +104,25 @@ class Stack:
         return json.loads(self.settings_file.read_text())
 
     # --- start -------------------------------------------------------------------------------
-    def start(self, workers: int, cpus_per_node: int, free_ports: bool) -> dict:
+    def start(self, workers: int, cpus_per_node: int, free_ports: bool, services_only: bool = False) -> dict:
         if self.settings_file.exists():
             raise SystemExit(f"a stack is already running from {self.state}: stop it first")
         self.state.mkdir(parents=True, exist_ok=True)
         ports = {k: (free_port() if free_ports else v) for k, v in DEFAULT_PORTS.items()}
         key, secret = os.environ.get("AWS_ACCESS_KEY_ID") or "hmsa-local", secrets.token_hex(16)
-        settings = {"ports": ports, "access_key": key, "secret_key": secret, "workers": workers,
-                    "cpus_per_node": cpus_per_node, "token": secrets.token_hex(16), "free_ports": free_ports}
+        settings = {"ports": ports, "access_key": key, "secret_key": secret, "workers": 0 if services_only else workers,
+                    "cpus_per_node": cpus_per_node, "token": secrets.token_hex(16), "free_ports": free_ports,
+                    "services_only": services_only}
         self.settings_file.write_text(json.dumps(settings))
         self.settings_file.chmod(0o600)
         try:
             self._start_s3(settings)
             self._start_mlflow(settings)
-            self._start_head(settings)
-            for node in range(1, workers + 1):
-                self.start_node(node)
-            self._wait_for_nodes(workers + 1)
+            if not services_only:
+                self._start_head(settings)
+                for node in range(1, workers + 1):
+                    self.start_node(node)
+                self._wait_for_nodes(workers + 1)
         except BaseException:
             self.stop()
             raise
@@ -240,10 +245,12 @@ class Stack:
     # --- variables and stop ------------------------------------------------------------------
     def variables(self) -> dict:
         s = self.settings
+        services = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{s['ports']['mlflow']}",
+                    "HMSA_STORAGE": f"s3://{BUCKET}/pipeline", **self._aws_env(s)}
+        if s.get("services_only"):
+            return services
         return {"RAY_ADDRESS": f"127.0.0.1:{s['ports']['ray']}", "RAY_AUTH_MODE": "token",
-                "RAY_AUTH_TOKEN": s["token"], "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
-                "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{s['ports']['mlflow']}",
-                "HMSA_STORAGE": f"s3://{BUCKET}/pipeline", **self._aws_env(s)}
+                "RAY_AUTH_TOKEN": s["token"], "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", **services}
 
     def stop(self) -> None:
         kill_groups(sorted(self.state.glob("ray-node-*.pid")), signal.SIGKILL)
@@ -265,6 +272,8 @@ def main() -> None:
     parser.add_argument("--cpus-per-node", type=int, default=1)
     parser.add_argument("--free-ports", action="store_true", help="any free ports instead of 6379/5000/8333")
     parser.add_argument("--json", action="store_true", help="print the variables as JSON")
+    parser.add_argument("--services-only", action="store_true",
+                        help="S3 and MLflow only, no Ray: for use beside a Ray cluster of your own")
     args = parser.parse_args()
     stack = Stack(Path(args.state))
     if args.command == "stop":
@@ -273,12 +282,14 @@ def main() -> None:
     if args.command in ("stop-node", "start-node"):
         if args.node is None:
             parser.error(f"{args.command} needs the node number")
+        if not stack.settings_file.exists() or stack.settings.get("services_only"):
+            raise SystemExit(f"{args.command}: no stack with Ray nodes is running from {stack.state}")
         stack.stop_node(args.node) if args.command == "stop-node" else stack.start_node(args.node)
         return
     if args.command == "start":
-        if os.geteuid() != 0:
+        if os.geteuid() != 0 and not args.services_only and args.workers > 0:
             raise SystemExit("worker nodes need their own mount namespaces (unshare -m): run as root")
-        stack.start(args.workers, args.cpus_per_node, args.free_ports)
+        stack.start(args.workers, args.cpus_per_node, args.free_ports, services_only=args.services_only)
     variables = stack.variables()
     if args.json:
         print(json.dumps(variables))
