@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, get_args
@@ -496,11 +497,13 @@ def ablation_config(cfg: PipelineConfig, row: str, seed: int | None = None) -> P
 
 # Pydantic names the member of a union that a value failed against inside the error's location
 # ("loader.workers.constrained-int", "ray.num_workers.tuple[int,int]"): not a key a user can find.
-UNION_MEMBER_TAGS = {"int", "float", "str", "bool", "list", "dict", "tuple", "none"}
+UNION_MEMBER_TAG = re.compile(r"(constrained-\w+|function-(after|before|wrap|plain)\[.*\]|literal\[.*\]"
+                              r"|(tuple|list|dict|set|union|tagged-union|lax-or-strict|json-or-python|nullable"
+                              r"|default|is-instance|model)\[.*\]|int|float|str|bool|none)")
 
 
 def _key_path(location: tuple) -> str:
-    parts = [p for p in location if isinstance(p, int) or (p.isidentifier() and p not in UNION_MEMBER_TAGS)]
+    parts = [p for p in location if isinstance(p, int) or not UNION_MEMBER_TAG.fullmatch(p)]
     return ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in parts).replace(".[", "[")
 
 

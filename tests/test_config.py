@@ -254,6 +254,8 @@ def test_every_float_of_the_params_file_must_be_finite(bad):
         ({"mlflow": {"experiment": ""}}, "mlflow.experiment: String should have at least 1 character"),
         ({"register": {"model_name": "team/hmsa"}}, "register.model_name: String should match pattern"),
         ({"loader": {"workers": "x"}}, "loader.workers: Input should be"),  # no union member in the key
+        ({"model": {"trunk-x": 1}}, "model.trunk-x: unknown key"),  # a key that is not an identifier is kept
+        ({"tune": {"train_scale_sets": {"s05-10": [0.5, -1.0]}}}, "tune.train_scale_sets.s05-10: scales must be"),
     ],
 )
 def test_out_of_range_values_are_refused_naming_the_key(raw, message):
