@@ -28,36 +28,42 @@ def training_intervals(tmp_path) -> list[tuple[int, int]]:
     return sorted((r.info.start_time, r.info.end_time) for r in runs)
 
 
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("cpus_per_worker, side_by_side", [(1, True), (4, False)])
-def test_seeds_train_side_by_side_when_the_cluster_has_room(tmp_path, ray_head, cpus_per_worker, side_by_side):
-    params = ablation_params(tmp_path, cpus_per_worker)
-    command = [*stage_command("ablation", params), "run", "--method", "hierarchical"]
+def run_method(tmp_path, ray_head, params, method: str) -> str:
+    command = [*stage_command("ablation", params), "run", "--method", method]
     done = run_on_cluster(command, stage_env(params, **ray_head.client_env()), 600, ray_head)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert ("2 trainings at a time" in done.stdout) == side_by_side, done.stdout[-2000:]
+    return done.stdout
+
+
+def seeds_overlap(tmp_path) -> bool:
     (_first_start, first_end), (second_start, _second_end) = training_intervals(tmp_path)
-    assert (second_start < first_end) == side_by_side  # overlapping runs, or one after the other
+    return second_start < first_end  # overlapping runs, or one after the other
+
+
+@pytest.mark.timeout(900)
+def test_seeds_train_one_after_another_when_the_cluster_holds_one_training(tmp_path, ray_head):
+    params = ablation_params(tmp_path, cpus_per_worker=4)
+    output = run_method(tmp_path, ray_head, params, "hierarchical")
+    assert "2 trainings at a time" not in output and not seeds_overlap(tmp_path), output[-2000:]
     result = json.loads((tmp_path / "ablation" / "hierarchical" / "result.json").read_text())
     assert [r["seed"] for r in result["seeds"]] == [0, 1] and all(r["miou"] >= 0 for r in result["seeds"])
 
 
 @pytest.mark.timeout(900)
-def test_pooling_methods_evaluate_single_scales_training(tmp_path, ray_head):
-    """Average and max pooling train exactly what single scale trains: whichever of the three runs
-    first trains, the others reuse its run and evaluate the same weights with their own fusion."""
+def test_seeds_train_side_by_side_and_pooling_evaluates_single_scales_training(tmp_path, ray_head):
+    """With room for two trainings the seeds train side by side. Average and max pooling train
+    exactly what single scale trains: whichever of the three runs first trains, the others reuse its
+    run and evaluate the same weights with their own fusion."""
     from safetensors.torch import load_file
 
     params = ablation_params(tmp_path, cpus_per_worker=1)
-    env = stage_env(params, **ray_head.client_env())
-    outputs = {}
-    for method in ("avgpool", "single"):
-        done = run_on_cluster([*stage_command("ablation", params), "run", "--method", method], env, 600, ray_head)
-        assert done.returncode == 0, done.stderr[-3000:]
-        outputs[method] = done.stdout
+    outputs = {method: run_method(tmp_path, ray_head, params, method) for method in ("avgpool", "single")}
+    assert "2 trainings at a time" in outputs["avgpool"] and seeds_overlap(tmp_path), outputs["avgpool"][-2000:]
     assert "reusing the finished run train-single-" not in outputs["avgpool"]  # the first trains
     assert outputs["single"].count("reusing the finished run train-single-") == 2  # one per seed
     assert len(training_intervals(tmp_path)) == 2  # two trainings (one per seed), not four
+    pooled = json.loads((tmp_path / "ablation" / "avgpool" / "result.json").read_text())
+    assert [r["seed"] for r in pooled["seeds"]] == [0, 1]
     for seed in (0, 1):
         folders = {m: tmp_path / "ablation" / m / f"seed-{seed}" for m in ("avgpool", "single")}
         models = {m: json.loads((f / "model" / "config.json").read_text())["model"] for m, f in folders.items()}
@@ -67,3 +73,4 @@ def test_pooling_methods_evaluate_single_scales_training(tmp_path, ray_head):
         assert all(weights[0][k].equal(weights[1][k]) for k in weights[0])
         results = {m: json.loads((f / "result.json").read_text()) for m, f in folders.items()}
         assert results["avgpool"]["eval_scales"] == [0.5, 1.0, 2.0] and results["single"]["eval_scales"] == [1.0]
+        assert results["avgpool"]["miou"] >= 0 and results["single"]["miou"] >= 0
