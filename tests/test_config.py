@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from components.config import ConfigError, load_config, validate_config
 
@@ -210,7 +211,7 @@ def _set_leaf(tree, path: str, value) -> None:
 
 
 REPOSITORY_PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
-FLOAT_KEYS = [path for path, _ in _float_leaves(__import__("yaml").safe_load(REPOSITORY_PARAMS.read_text()))]
+FLOAT_KEYS = [path for path, _ in _float_leaves(yaml.safe_load(REPOSITORY_PARAMS.read_text()))]
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
@@ -219,8 +220,6 @@ def test_every_float_of_the_params_file_must_be_finite(bad):
     (`train.lr: .inf` used to train on NaN losses until Ray gave up; `ray.cpus_per_worker: .inf`
     asked the cluster for infinite CPUs)."""
     import copy
-
-    import yaml
 
     base = yaml.safe_load(REPOSITORY_PARAMS.read_text())
     assert len(FLOAT_KEYS) > 20  # the walk reaches the file's floats
