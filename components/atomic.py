@@ -157,9 +157,11 @@ def atomic_dir(target: str | Path, key: str | None = None, recognise=None) -> It
 
 @contextlib.contextmanager
 def atomic_file(target: str | Path, mode: str = "w", key: str | None = None) -> Iterator:
-    """Open a temporary file next to `target`; it replaces `target` only if the block succeeds."""
+    """Open a temporary file next to `target`; it replaces `target` only if the block succeeds.
+    Temporaries a killed writer of `target` left (SIGKILL between open and rename) are removed first."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600; the output gets a plain file's mode
     try:

@@ -253,6 +253,7 @@ def test_a_folder_the_pipeline_did_not_write_is_never_replaced(tmp_path):
 
 def test_leftovers_of_killed_runs_are_removed_by_the_next_run(tmp_path):
     """Temporaries are named after their output, so the next run of the stage finds and removes them."""
+    from components.atomic import atomic_file
     from components.data.pyramid import build_pyramid
     from components.storage import Storage
 
@@ -260,9 +261,12 @@ def test_leftovers_of_killed_runs_are_removed_by_the_next_run(tmp_path):
     for stale in (".out.tmp-123", ".pyr.tmp-456", ".pyr.tmp-old-789"):
         (tmp_path / stale).mkdir()
         (tmp_path / stale / "big.bin").write_bytes(b"x" * 1000)
+    (tmp_path / ".metrics.json.tmp-abc").write_text('{"half": ')  # a file output killed mid-write
     prepare_dataset(open_dataset("cityscapes", root), tmp_path / "out")
     build_pyramid(tmp_path / "out", [0.5, 1.0], 8, Storage(), str(tmp_path / "pyr"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cs", "out", "pyr"]
+    with atomic_file(tmp_path / "metrics.json") as handle:
+        handle.write("{}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cs", "metrics.json", "out", "pyr"]
 
 
 def test_replacing_an_output_never_leaves_the_path_empty(tmp_path):
