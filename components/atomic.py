@@ -2,6 +2,8 @@
 
 Everything is written under a temporary sibling path first and renamed into place at the end;
 rename is atomic on one filesystem, so readers see either the old output or the complete new one.
+A writer holds an exclusive lock on its output for as long as it writes (output_lock), so two runs
+never write one output at once and a temporary is removed as stale only when no live run holds it.
 """
 
 from __future__ import annotations
@@ -9,9 +11,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,10 +65,71 @@ def naming_the_output(target: str | Path, key: str | None) -> Iterator[None]:
                                  "(free space there or choose another path; the earlier output is kept)") from None
 
 
+class OutputBusyError(FileExistsError):
+    """Another live run is writing this output."""
+
+
+# Lock files this process holds, by path, with their depth: a stage that locks its output and then
+# writes it through atomic_dir takes the same lock twice (flock would refuse the second descriptor).
+_held_locks: dict[str, int] = {}
+
+
+def _describe_this_run() -> str:
+    command = " ".join(sys.argv)[:200] or sys.executable
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+    return f"pid {os.getpid()} on {socket.gethostname()}, `{command}`, since {since}"
+
+
+@contextlib.contextmanager
+def output_lock(target: str | Path, key: str | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on the local output `target` while the block runs; a second run is
+    refused at once with one line naming the holder. The lock is `.<name>.lock` beside the output,
+    an flock the kernel releases when the holder dies (no stale lock after SIGKILL); the file is
+    removed on release. Outputs on S3 are not locked (S3 has no locks)."""
+    target = Path(target)
+    lock_path = target.parent / f".{target.name}.lock"
+    held_key = os.path.realpath(lock_path)
+    if held_key in _held_locks:
+        _held_locks[held_key] += 1
+        try:
+            yield
+        finally:
+            _held_locks[held_key] -= 1
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "a run that has not said who it is"
+            os.close(fd)
+            name = f"{key} = {target}" if key else str(target)
+            raise OutputBusyError(f"{name}: another run is writing it ({holder}); wait for it to end or choose "
+                                  "another path") from None
+        try:  # the previous holder may have removed the file between our open and our lock: lock the new one
+            same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (_describe_this_run() + "\n").encode(), 0)
+    _held_locks[held_key] = 1
+    try:
+        yield
+    finally:
+        del _held_locks[held_key]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)  # before the unlock: a waiter that opened it sees the inode change
+        os.close(fd)
+
+
 def remove_stale_temporaries(target: Path) -> None:
     """Delete temporaries that a killed run (SIGKILL, power loss) left next to `target`.
 
-    Stages run one at a time per output (DVC locks the repository), so any such leftover is stale.
+    Called under output_lock(target): no live run writes `target`, so any such leftover is stale.
     """
     for stale in target.parent.glob(f".{target.name}.tmp-*"):
         if stale.is_dir():
@@ -117,18 +184,18 @@ def replace_dir(source: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def scratch_dir(target: str | Path, purpose: str) -> Iterator[Path]:
+def scratch_dir(target: str | Path, purpose: str, key: str | None = None) -> Iterator[Path]:
     """A working directory next to `target`, named after it, removed at the end; the ones a killed
     run left behind (same name pattern) are removed first."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.{purpose}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    path = temporary_dir(target, purpose)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    with output_lock(target, key):
+        for stale in target.parent.glob(f".{target.name}.{purpose}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        path = temporary_dir(target, purpose)
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -139,20 +206,20 @@ def atomic_dir(target: str | Path, key: str | None = None, recognise=None) -> It
     names the setting in the error); the new directory carries the marker unless `recognise`
     identifies such outputs by their own files."""
     target = Path(target)
-    check_owned(target, key, recognise)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(target)
-    tmp = temporary_dir(target)
-    try:
-        with naming_the_output(target, key):
-            yield tmp
-            if recognise is None:
-                (tmp / MARKER).write_text(
-                    "written by the HMSA pipeline; the stage that owns this path may replace it\n")
-            replace_dir(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with output_lock(target, key):
+        check_owned(target, key, recognise)
+        remove_stale_temporaries(target)
+        tmp = temporary_dir(target)
+        try:
+            with naming_the_output(target, key):
+                yield tmp
+                if recognise is None:
+                    (tmp / MARKER).write_text(
+                        "written by the HMSA pipeline; the stage that owns this path may replace it\n")
+                replace_dir(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -160,15 +227,15 @@ def atomic_file(target: str | Path, mode: str = "w", key: str | None = None) -> 
     """Open a temporary file next to `target`; it replaces `target` only if the block succeeds.
     Temporaries a killed writer of `target` left (SIGKILL between open and rename) are removed first."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600; the output gets a plain file's mode
-    try:
-        with naming_the_output(target, key):
-            with os.fdopen(fd, mode) as handle:
-                yield handle
-            os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with output_lock(target, key):
+        remove_stale_temporaries(target)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600; the output gets a plain file's mode
+        try:
+            with naming_the_output(target, key):
+                with os.fdopen(fd, mode) as handle:
+                    yield handle
+                os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from components.atomic import atomic_file
+from components.atomic import atomic_file, output_lock
 from components.config import PipelineConfig
 from components.data.classes import CITYSCAPES_CLASSES, palette
 from components.data.dataset import to_tensor
@@ -79,6 +79,12 @@ def _save_png(image: Image.Image, target: Path) -> None:
 
 def predict(model, images: list[Path], scales: list[float], output: Path, colors: list,
             overwrite: bool = False) -> list[Path]:
+    with output_lock(output, "--output"):  # a second predict into this folder is refused, not interleaved
+        return _predict_locked(model, images, scales, output, colors, overwrite)
+
+
+def _predict_locked(model, images: list[Path], scales: list[float], output: Path, colors: list,
+                    overwrite: bool) -> list[Path]:
     scales = model.check_scales(scales)  # before any work: a set the method cannot use is an error
     check_outputs(images, output, overwrite)
     decoded = [read_image(path) for path in images]  # an unreadable input stops us before any write

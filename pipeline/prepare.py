@@ -19,7 +19,8 @@ def main(cfg: PipelineConfig) -> None:
     pc = cfg.prepare
     # The generated dataset lives next to the output under a name the next run recognises, so one
     # that a killed run left behind is removed (a system temporary folder would keep it).
-    with scratch_dir(pc.output, "generate") as scratch, naming_the_output(pc.output, "prepare.output"):
+    with (scratch_dir(pc.output, "generate", key="prepare.output") as scratch,
+          naming_the_output(pc.output, "prepare.output")):
         if pc.dataset == "synthetic":
             sc = pc.synthetic
             splits = {"train": sc.train_images, "val": sc.val_images}

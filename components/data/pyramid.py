@@ -8,6 +8,7 @@ pyramid with one ranged read, locally or from S3. manifest.json indexes every sa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import tempfile
@@ -17,7 +18,14 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from components.atomic import MARKER, check_owned, naming_the_output, remove_stale_temporaries, temporary_dir
+from components.atomic import (
+    MARKER,
+    check_owned,
+    naming_the_output,
+    output_lock,
+    remove_stale_temporaries,
+    temporary_dir,
+)
 from components.data.prepare import manifest_hash
 from components.scales import scale_key, scaled_size
 from components.storage import Storage, join
@@ -48,7 +56,15 @@ def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def build_pyramid(prepared_dir: str | Path, scales: list[float], shard_size: int, storage: Storage,
                   output: str, progress=None) -> dict:
-    """Write the pyramid of a prepared dataset to `output` (local path or s3://); returns the manifest."""
+    """Write the pyramid of a prepared dataset to `output` (local path or s3://); returns the manifest.
+    A local output is locked while it is written: a second run on it is refused at once."""
+    local = not str(output).startswith("s3://")
+    with output_lock(output, "pyramid.output") if local else contextlib.nullcontext():
+        return _write_pyramid(prepared_dir, scales, shard_size, storage, output, progress)
+
+
+def _write_pyramid(prepared_dir: str | Path, scales: list[float], shard_size: int, storage: Storage,
+                   output: str, progress=None) -> dict:
     prepared_dir = Path(prepared_dir)
     source_path = prepared_dir / "manifest.json"
     if not source_path.is_file():

@@ -1,0 +1,104 @@
+"""One run at a time on an output: a second run is refused at once naming the holder, a temporary is
+removed as stale only when no live run holds its output, and a killed holder leaves no stale lock."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from components.atomic import OutputBusyError, atomic_dir, atomic_file, output_lock
+from tests.services import python_env
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from components.atomic import atomic_dir
+with atomic_dir(sys.argv[1]) as tmp:
+    (tmp / "half.txt").write_text("being written")
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """A live process in the middle of writing tmp_path/out (its temporary exists), killed at the end."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "out")], stdout=subprocess.PIPE,
+                            text=True, env=python_env())
+    assert proc.stdout.readline().strip() == "holding"
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def temporaries(folder):
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name)
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_its_temporary_survives(tmp_path, holder):
+    (written,) = temporaries(tmp_path)
+    busy = rf"prepare.output = {tmp_path / 'out'}: another run is writing it \(pid {holder.pid} on .*-c"
+    with pytest.raises(OutputBusyError, match=busy), atomic_dir(tmp_path / "out", key="prepare.output"):
+        pass
+    assert temporaries(tmp_path) == [written]  # not removed as stale: its writer lives
+    assert (tmp_path / written / "half.txt").read_text() == "being written"
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path, holder):
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "whole.txt").write_text("done")
+    assert temporaries(tmp_path) == []  # the killed writer's temporary was stale, and removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the lock file goes with its run
+    assert (tmp_path / "out" / "whole.txt").read_text() == "done"
+
+
+def test_one_process_may_take_its_own_lock_again(tmp_path):
+    """A stage locks its output for the whole run and then writes it through atomic_dir/atomic_file."""
+    with output_lock(tmp_path / "metrics.json"), atomic_file(tmp_path / "metrics.json") as handle:
+        handle.write("{}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_two_prepare_runs_on_one_output_do_not_mix(tmp_path):
+    """The measured case: each run deleted the other's temporaries as stale and one reported success
+    with files missing. The first run is stopped (SIGSTOP) while it holds the output, so the second
+    meets it there whatever the machine's load; resumed, the first finishes whole."""
+    params = tmp_path / "params.yaml"
+    out = tmp_path / "raw"
+    params.write_text(f"prepare:\n  output: {out}\n  synthetic: {{train_images: 40, val_images: 4, height: 32, "
+                      "width: 64}\n")
+    command = [sys.executable, "-m", "pipeline.prepare", "--params", str(params)]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=python_env())
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / ".raw.lock").exists() and first.poll() is None:
+        time.sleep(0.01)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        assert first.poll() is None, first.stderr.read()
+        second = subprocess.run(command, capture_output=True, text=True, env=python_env(), timeout=120)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert second.returncode == 1 and f"prepare.output = {out}: another run is writing it (pid {first.pid}" \
+        in second.stderr, second.stderr
+    assert "Traceback" not in second.stderr
+    assert first.wait(timeout=120) == 0, first.stderr.read()
+    images = list((out / "images" / "train").iterdir())
+    assert len(images) == 40 and all(p.stat().st_size > 0 for p in images)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "raw"]
+
+
+def test_two_predict_runs_into_one_folder_are_refused(tmp_path, holder):
+    """`predict --output` locks its folder for the whole run (its files are written one by one)."""
+    from pipeline.predict import predict
+
+    class AnyModel:
+        def check_scales(self, scales):
+            return scales
+
+    with pytest.raises(OutputBusyError, match=f"--output = {tmp_path / 'out'}: another run"):
+        predict(AnyModel(), [tmp_path / "x.png"], [1.0], tmp_path / "out", colors=[])
