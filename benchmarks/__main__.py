@@ -13,6 +13,7 @@ from pathlib import Path
 
 from benchmarks import inference, machine, orchestration, training_cost
 from components.atomic import atomic_file
+from pipeline import output_files
 
 # (what, the target, how the measured figure is read)
 TARGETS = {
@@ -115,10 +116,10 @@ def main() -> None:
     results["orchestration"] = orchestration.run(args.params, args.epochs, images=24)
     out = Path(args.output)
     for name, value in results.items():
-        with atomic_file(out / f"{name}.json", "w") as handle:
+        with atomic_file(out / f"{name}.json", output_files.BENCHMARK_RESULT) as handle:
             json.dump(value, handle, indent=2)
     text = summary(results)
-    with atomic_file(out / "summary.md", "w") as handle:
+    with atomic_file(out / "summary.md", output_files.MARKDOWN_SUMMARY) as handle:
         handle.write(text)
     print(text)
 

@@ -348,11 +348,39 @@ def _value(cfg: PipelineConfig, key: str) -> str:
     return getattr(getattr(cfg, section), name)
 
 
-def output_overlaps(cfg: PipelineConfig) -> list[str]:
-    """Pairs of outputs where one stage would replace or delete what another wrote: equal paths,
-    or any output inside a directory that a stage replaces as a whole."""
-    paths = {key: PurePosixPath(os.path.normpath(_value(cfg, key))) for key in DIRECTORY_OUTPUTS + FILE_OUTPUTS}
-    problems = []
+# What an output must never replace: the files that define the pipeline and its history.
+REPOSITORY_FILES = ("params.yaml", "dvc.yaml", "dvc.lock", ".gitignore", ".dvcignore")
+REPOSITORY_FOLDERS = (".git", ".dvc")
+
+
+def _resolved(value: str) -> PurePosixPath:
+    """The path an output lands on: absolute, links followed (`data/raw` and `/repo/data/raw`, or a
+    link to it, are one output). URIs (s3://) are compared as written, normalised."""
+    if "://" in value:
+        return PurePosixPath(os.path.normpath(value))
+    return PurePosixPath(os.path.realpath(value))
+
+
+def _repository_file_problem(key: str, value: str, path: PurePosixPath, source: str | None) -> str | None:
+    if "://" in value:
+        return None
+    inside = next((part for part in path.parts if part in REPOSITORY_FOLDERS), None)
+    if inside:
+        return f"{key} = {value}: inside {inside}/, which belongs to {inside[1:]}; choose another path"
+    if source and path == _resolved(source):
+        return f"{key} = {value}: is the params file being read ({source}); choose another path"
+    if path.name in REPOSITORY_FILES:
+        return f"{key} = {value}: is the repository's own {path.name}; choose another path"
+    return None
+
+
+def output_overlaps(cfg: PipelineConfig, source: str | None = None) -> list[str]:
+    """Pairs of outputs where one stage would replace or delete what another wrote: the same path
+    however spelt, or any output inside a directory that a stage replaces as a whole; and outputs on
+    the repository's own files (params.yaml, dvc.yaml, .git/...)."""
+    paths = {key: _resolved(_value(cfg, key)) for key in DIRECTORY_OUTPUTS + FILE_OUTPUTS}
+    problems = [problem for key, path in paths.items()
+                if (problem := _repository_file_problem(key, _value(cfg, key), path, source))]
     keys = list(paths)
     for i, a in enumerate(keys):
         for b in keys[i + 1:]:
@@ -395,9 +423,9 @@ def _crop_problems(cfg: PipelineConfig) -> list[str]:
     return problems
 
 
-def _consistency_problems(cfg: PipelineConfig) -> list[str]:
+def _consistency_problems(cfg: PipelineConfig, source: str | None = None) -> list[str]:
     model = cfg.model
-    problems = output_overlaps(cfg) + _crop_problems(cfg)
+    problems = output_overlaps(cfg, source) + _crop_problems(cfg)
     names = [("model.trunk", model.trunk, TRUNK_NAMES), ("model.decoder", model.decoder, DECODER_NAMES)]
     if cfg.ablation.trunk is not None:
         names.append(("ablation.trunk", cfg.ablation.trunk, TRUNK_NAMES))
@@ -552,7 +580,7 @@ def validate_config(raw: dict[str, Any], source: str = "<dict>") -> PipelineConf
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
-    problems = _consistency_problems(cfg)
+    problems = _consistency_problems(cfg, source if source != "<dict>" else None)
     if problems:
         raise ConfigError(f"invalid configuration in {source}:\n  " + "\n  ".join(problems))
     return cfg

@@ -26,7 +26,7 @@ from components.memory import saved_activation_bytes
 from components.models import load_saved_model
 from components.scales import scale_set_key
 from components.significance import paired_bootstrap
-from pipeline import evaluate, train
+from pipeline import evaluate, output_files, train
 from pipeline.common import run_stage
 
 COLUMNS = ["method", "train scales", "eval scales", "mIoU", "thin mIoU", "large mIoU", "mIoU vs single [95% CI]",
@@ -64,9 +64,9 @@ def run_seed(cfg: PipelineConfig, method: str, seed: int) -> dict:
         "epochs": trained["epochs"],
     }
     folder = Path(cfg.ablation.output_dir) / method / SEED_DIR.format(seed=seed)
-    with atomic_file(folder / IMAGE_MATRICES, "wb") as handle:
+    with atomic_file(folder / IMAGE_MATRICES, output_files.NUMPY_ARRAY, "wb") as handle:
         np.save(handle, row["image_matrices"])
-    with atomic_file(folder / "result.json", "w") as handle:
+    with atomic_file(folder / "result.json", output_files.SEED_RESULT) as handle:
         json.dump(result, handle, indent=2)
     return result
 
@@ -90,12 +90,20 @@ def trainings_at_once(cfg: PipelineConfig, method: str) -> int:
 def run_method(cfg: PipelineConfig, method: str) -> list[dict]:
     """Every seed of ablation.seeds for one method (one DVC stage per method caches them together),
     as many at once as the cluster has room for; each seed is its own Ray Train run."""
+    folder = Path(cfg.ablation.output_dir) / method
+    seeds = [folder / SEED_DIR.format(seed=seed) for seed in cfg.ablation.seeds]
+    output_files.check_files(  # a refusal now, not after the trainings
+        [output_files.OutputFile("ablation.output_dir", folder / "result.json", output_files.METHOD_RESULT)]
+        + [output_files.OutputFile("ablation.output_dir", seed / "result.json", output_files.SEED_RESULT)
+           for seed in seeds]
+        + [output_files.OutputFile("ablation.output_dir", seed / IMAGE_MATRICES, output_files.NUMPY_ARRAY)
+           for seed in seeds])
     at_once = trainings_at_once(cfg, method)
     if at_once == 1:
         results = [run_seed(cfg, method, seed) for seed in cfg.ablation.seeds]
     else:
         results = _run_seeds_concurrently(cfg, method, at_once)
-    with atomic_file(Path(cfg.ablation.output_dir) / method / "result.json", "w") as handle:
+    with atomic_file(Path(cfg.ablation.output_dir) / method / "result.json", output_files.METHOD_RESULT) as handle:
         json.dump({"method": method, "seeds": results}, handle, indent=2)
     return results
 
@@ -203,9 +211,9 @@ def write_table(cfg: PipelineConfig) -> list[dict]:
               "Minibatch time and peak RSS measured in the training worker; activations = bytes autograd "
               "saves for backward (one minibatch).\n")
     out = Path(cfg.ablation.output_dir)
-    with atomic_file(out / "table.md", "w") as handle:
+    with atomic_file(out / "table.md", output_files.ABLATION_TABLE) as handle:
         handle.write("\n".join(lines) + "\n" + budget)
-    with atomic_file(out / "table.json", "w") as handle:
+    with atomic_file(out / "table.json", output_files.ABLATION_ROWS) as handle:
         json.dump(rows, handle, indent=2)
     print("\n".join(lines))
     return rows

@@ -15,6 +15,7 @@ import yaml
 from components.atomic import atomic_file
 from components.config import PipelineConfig
 from components.scales import scale_set_key
+from pipeline import output_files
 from pipeline.common import run_stage
 from pipeline.evaluate import evaluate_all
 from pipeline.model_source import load_model
@@ -26,6 +27,7 @@ def recommend(rows: list[dict], max_gflops: float | None) -> dict | None:
 
 
 def search_eval_scales(cfg: PipelineConfig) -> dict:
+    output_files.check_files(output_files.eval_scales_files(cfg))  # a refusal now, not after the evaluations
     model, model_cfg = load_model(cfg.evaluate.model or cfg.train.output, cfg)
     names = list(cfg.tune.eval_scale_sets)
     rows = evaluate_all(cfg, model, model_cfg, [cfg.tune.eval_scale_sets[n] for n in names], flip=False)
@@ -33,7 +35,7 @@ def search_eval_scales(cfg: PipelineConfig) -> dict:
         row["name"] = name
     best = recommend(rows, cfg.tune.max_eval_gflops)
     out = Path(cfg.tune.output_dir)
-    with atomic_file(out / "eval_scales.csv", "w") as handle:
+    with atomic_file(out / "eval_scales.csv", output_files.EVAL_SCALES_TABLE) as handle:
         writer = csv.writer(handle)
         writer.writerow(["name", "scales", "gflops", "miou", "thin_miou", "large_miou", "latency_ms", "pareto"])
         for r in rows:
@@ -47,7 +49,7 @@ def search_eval_scales(cfg: PipelineConfig) -> dict:
     }
     if best is None:
         document["reason"] = f"no candidate is within tune.max_eval_gflops = {cfg.tune.max_eval_gflops}"
-    with atomic_file(out / "eval_scales.yaml", "w") as handle:
+    with atomic_file(out / "eval_scales.yaml", output_files.EVAL_SCALES_CHOICE) as handle:
         yaml.safe_dump(document, handle, sort_keys=False)
     for r in rows:
         print(f"{r['name']:12s} {r['scales']!s:24s} mIoU {r['miou']:.4f}  {r['gflops']:7.2f} GFLOPs"

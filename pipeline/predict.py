@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from components.atomic import atomic_file, output_lock
+from components.atomic import atomic_file, check_replaceable, output_lock
 from components.config import PipelineConfig
 from components.data.classes import CITYSCAPES_CLASSES, palette
 from components.data.dataset import to_tensor
 from components.data.images import read_image
 from components.data.pyramid import image_levels
 from components.data.readers import IMAGE_SUFFIXES
+from pipeline import output_files
 from pipeline.common import run_stage
 from pipeline.model_source import load_model
 
@@ -56,7 +57,8 @@ def predict_labels(model, image: np.ndarray, scales: list[float]) -> np.ndarray:
 
 
 def check_outputs(images: list[Path], output: Path, overwrite: bool) -> None:
-    """Refuse, before any work, inputs that would write the same files and files that exist."""
+    """Refuse, before any work, inputs that would write the same files, outputs that are inputs (however
+    spelt, through links too) and files that exist (unless `overwrite`)."""
     by_stem: dict[str, list[Path]] = {}
     for path in images:
         by_stem.setdefault(path.stem, []).append(path)
@@ -65,15 +67,22 @@ def check_outputs(images: list[Path], output: Path, overwrite: bool) -> None:
         listed = "; ".join(", ".join(map(str, paths)) for paths in clashes.values())
         raise ValueError(f"inputs with the same name would write the same outputs: {listed} "
                          "(predict them into separate --output folders)")
+    inputs = {path.resolve() for path in images}
+    own_inputs = [output / f"{p.stem}{suffix}" for p in images for suffix in OUTPUT_SUFFIXES
+                  if (output / f"{p.stem}{suffix}").resolve() in inputs]
+    if own_inputs:  # refused even with --overwrite: the input would be replaced while it is read
+        raise ValueError(f"{own_inputs[0]} is an input of this run and one of its outputs; choose another --output")
     existing = [output / f"{p.stem}{suffix}" for p in images for suffix in OUTPUT_SUFFIXES
                 if (output / f"{p.stem}{suffix}").exists()]
+    for path in existing if overwrite else []:  # replaced only when it is a PNG, as this stage writes
+        check_replaceable(path, output_files.PNG_IMAGE, "--output")
     if existing and not overwrite:
         shown = ", ".join(map(str, existing[:5])) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
         raise FileExistsError(f"{shown} already exist(s); choose another --output or pass --overwrite")
 
 
 def _save_png(image: Image.Image, target: Path) -> None:
-    with atomic_file(target, "wb") as handle:
+    with atomic_file(target, output_files.PNG_IMAGE, "wb") as handle:
         image.save(handle, format="PNG")
 
 

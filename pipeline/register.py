@@ -23,7 +23,7 @@ from components.atomic import atomic_file
 from components.config import PipelineConfig
 from components.models.saved import WEIGHTS_FILE
 from components.scales import scale_set_key
-from pipeline import tracking
+from pipeline import output_files, tracking
 from pipeline.common import run_stage
 from pipeline.environment import Environment
 
@@ -150,8 +150,11 @@ def _version_by_alias(client, name: str, alias: str):
 
 
 def main(cfg: PipelineConfig) -> None:
+    # Checked before the registry is touched: refused after it, the decision would be lost
+    output_files.check_files([output_files.OutputFile("register.output", Path(cfg.register.output),
+                                                      output_files.REGISTRATION)])
     decision = register(cfg)
-    with atomic_file(cfg.register.output, "w") as handle:
+    with atomic_file(cfg.register.output, output_files.REGISTRATION) as handle:
         json.dump(decision, handle, indent=2)
     verdict = "champion" if decision["promoted"] else "not promoted"
     print(f"{cfg.register.model_name} v{decision['version']} serving scales {decision['served_scales']}: "

@@ -21,7 +21,7 @@ from components.data.pyramid import PyramidReader
 from components.models.build import training_method
 from components.models.saved import CONFIG_FILE, WEIGHTS_FILE, is_saved_model
 from components.redact import redact
-from pipeline import cluster, tracking
+from pipeline import cluster, output_files, tracking
 from pipeline.common import run_stage
 from pipeline.environment import Environment
 from pipeline.launch import prepare_launch
@@ -66,7 +66,7 @@ def _write_outputs(cfg: PipelineConfig, result, use_gpu: bool) -> dict:
     ):
         shutil.copy2(Path(best) / WEIGHTS_FILE, out / WEIGHTS_FILE)
         _copy_config_as(Path(best) / CONFIG_FILE, out / CONFIG_FILE, cfg.model.method)
-    with atomic_file(cfg.train.curves, "w") as handle:
+    with atomic_file(cfg.train.curves, output_files.TRAINING_CURVES) as handle:
         fields = [
             "epoch",
             "loss",
@@ -100,7 +100,7 @@ def _write_outputs(cfg: PipelineConfig, result, use_gpu: bool) -> dict:
         "device": "gpu" if use_gpu else "cpu",
         "validation_scales": validation_scales(cfg),
     }
-    with atomic_file(cfg.train.metrics, "w") as handle:
+    with atomic_file(cfg.train.metrics, output_files.TRAINING_METRICS) as handle:
         json.dump(metrics, handle, indent=2)
     return metrics
 
@@ -113,6 +113,7 @@ def main(cfg: PipelineConfig) -> None:
             f"lr {cfg.train.lr:g}, crop {list(cfg.train.crop_size)}"
         )
 
+    output_files.check_files(output_files.train_files(cfg))  # a refusal now, not after the training
     manifest = PyramidReader(cfg.pyramid.output).manifest
     launch = prepare_launch(cfg)
     key = cluster.run_key(cfg, manifest["source_manifest"])
@@ -179,7 +180,7 @@ def _log_completed_run(cfg: PipelineConfig, run_id: str, name: str, metrics: dic
 
 def _write_record(cfg: PipelineConfig, run_id: str, name: str, model_uri: str, uri: str) -> None:
     record = {"run_id": run_id, "run_name": name, "model_uri": model_uri, "tracking_uri": redact(uri)}
-    with atomic_file(cfg.train.run_record, "w") as handle:
+    with atomic_file(cfg.train.run_record, output_files.RUN_RECORD) as handle:
         json.dump(record, handle, indent=2)
 
 

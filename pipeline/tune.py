@@ -22,7 +22,7 @@ from components.atomic import atomic_file
 from components.config import PipelineConfig
 from components.data.pyramid import PyramidReader
 from components.flops import train_step_flops
-from pipeline import cluster, tracking
+from pipeline import cluster, output_files, tracking
 from pipeline.common import run_stage
 from pipeline.launch import prepare_launch
 from pipeline.search_space import SEARCHED, check_search_space, search_space, trial_config
@@ -169,19 +169,20 @@ def write_search_outputs(cfg: PipelineConfig, rows: list[dict]) -> dict:
         raise RuntimeError(f"every one of the {len(rows)} trials failed; see the Ray logs above")
     best = max(finished, key=lambda r: r["best_val_miou"])
     out = Path(cfg.tune.output_dir)
-    with atomic_file(out / "trials.csv", "w") as handle:
+    with atomic_file(out / "trials.csv", output_files.TRIALS) as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     chosen = {k: best[k] for k in SEARCHED if k in best}
     document = {"trial": best["trial"], "best_val_miou": best["best_val_miou"], "settings": chosen,
                 "train_scales": best["train_scale_list"]}
-    with atomic_file(out / "best.yaml", "w") as handle:
+    with atomic_file(out / "best.yaml", output_files.BEST_TRIAL) as handle:
         yaml.safe_dump(document, handle, sort_keys=False)
     return document
 
 
 def main(cfg: PipelineConfig) -> None:
+    output_files.check_files(output_files.tune_files(cfg))  # a refusal now, not after the search
     best = write_search_outputs(cfg, search(cfg))
     print(f"best trial {best['trial']}: val mIoU {best['best_val_miou']:.4f} with {best['settings']}")
 

@@ -280,3 +280,31 @@ def test_a_batch_larger_than_a_workers_share_of_the_data_is_refused(tmp_path):
     # an elastic run is checked at its largest size, where each worker's share is smallest
     with pytest.raises(ConfigError, match=r"each of 2 worker\(s\) .* gets 3 of the 5 .* or use fewer workers"):
         check_full_batches(validate_config({"train": {"batch_size": 4}, "ray": {"num_workers": [1, 2]}}), pyramid)
+
+
+def test_outputs_are_compared_where_they_land_not_as_spelt(tmp_path, monkeypatch):
+    """`prepare.output` relative and `pyramid.output` absolute for one folder, or through a link,
+    let `pyramid` replace the prepared dataset."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "elsewhere").symlink_to(tmp_path / "data")
+    for spelt in (str(tmp_path / "data" / "raw"), "./data/../data/raw", "elsewhere/raw"):
+        with pytest.raises(ConfigError, match=rf"prepare.output = data/raw and pyramid.output = {spelt} overlap"):
+            validate_config({"prepare": {"output": "data/raw"}, "pyramid": {"output": spelt}})
+
+
+@pytest.mark.parametrize("key, value", [
+    ("train.metrics", "params.yaml"), ("train.run_record", ".git/config"), ("register.output", "dvc.yaml"),
+    ("train.curves", "sub/../dvc.lock"), ("tune.output_dir", ".dvc/tmp"), ("train.output", ".git"),
+])
+def test_outputs_on_the_repositorys_own_files_are_refused_at_load(key, value):
+    section, name = key.split(".")
+    with pytest.raises(ConfigError, match=rf"{key} = {value}: .*(inside \.(git|dvc)/|repository's own)"):
+        validate_config({section: {name: value}})
+
+
+def test_an_output_on_the_params_file_itself_is_refused_whatever_its_name(tmp_path):
+    params = tmp_path / "my-params.yml"
+    params.write_text(yaml.safe_dump({"train": {"metrics": str(params)}}))
+    with pytest.raises(ConfigError, match="train.metrics = .*my-params.yml: is the params file being read"):
+        load_config(params)

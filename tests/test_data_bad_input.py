@@ -253,7 +253,7 @@ def test_a_folder_the_pipeline_did_not_write_is_never_replaced(tmp_path):
 
 def test_leftovers_of_killed_runs_are_removed_by_the_next_run(tmp_path):
     """Temporaries are named after their output, so the next run of the stage finds and removes them."""
-    from components.atomic import atomic_file
+    from components.atomic import atomic_file, json_with
     from components.data.pyramid import build_pyramid
     from components.storage import Storage
 
@@ -264,7 +264,7 @@ def test_leftovers_of_killed_runs_are_removed_by_the_next_run(tmp_path):
     (tmp_path / ".metrics.json.tmp-abc").write_text('{"half": ')  # a file output killed mid-write
     prepare_dataset(open_dataset("cityscapes", root), tmp_path / "out")
     build_pyramid(tmp_path / "out", [0.5, 1.0], 8, Storage(), str(tmp_path / "pyr"))
-    with atomic_file(tmp_path / "metrics.json") as handle:
+    with atomic_file(tmp_path / "metrics.json", json_with()) as handle:
         handle.write("{}\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cs", "metrics.json", "out", "pyr"]
 
@@ -318,7 +318,7 @@ def test_outputs_follow_the_umask(tmp_path, umask):
     a model, a pyramid or a result whatever the umask said."""
     import stat
 
-    from components.atomic import atomic_dir, atomic_file, current_umask
+    from components.atomic import atomic_dir, atomic_file, current_umask, json_with
     from components.data.pyramid import build_pyramid
     from components.data.readers import read_cityscapes
     from components.data.synthetic import write_cityscapes_layout
@@ -332,7 +332,7 @@ def test_outputs_follow_the_umask(tmp_path, umask):
         assert current_umask() == umask
         with atomic_dir(tmp_path / "folder") as folder:
             (folder / "inside.txt").write_text("x")
-        with atomic_file(tmp_path / "file.json") as handle:
+        with atomic_file(tmp_path / "file.json", json_with()) as handle:
             handle.write("{}")
         write_cityscapes_layout(tmp_path / "cs", {"train": 2, "val": 1}, 32, 48, seed=1)
         prepare_dataset(read_cityscapes(tmp_path / "cs"), tmp_path / "raw")

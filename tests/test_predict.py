@@ -44,8 +44,28 @@ def test_existing_outputs_are_not_overwritten_without_asking(tmp_path):
     done = predict(tmp_path, params, tmp_path / "a" / "street.png")
     assert done.returncode == 1 and "street_label.png already exist" in done.stderr, done.stderr
     assert (tmp_path / "out" / "street_label.png").read_bytes() == b"the user's own file"
+    # --overwrite replaces label maps and overlays (PNGs), not a file of another kind under such a name
+    done = predict(tmp_path, params, tmp_path / "a" / "street.png", extra=["--overwrite"])
+    assert done.returncode == 1 and "street_label.png: holds a file this pipeline did not write" in done.stderr
+    assert (tmp_path / "out" / "street_label.png").read_bytes() == b"the user's own file"
+    Image.new("P", (4, 4)).save(tmp_path / "out" / "street_label.png")  # an earlier run's label map
     assert predict(tmp_path, params, tmp_path / "a" / "street.png", extra=["--overwrite"]).returncode == 0
     assert np.array(Image.open(tmp_path / "out" / "street_label.png")).shape == (32, 48)
+
+
+def test_overwrite_never_replaces_an_input_of_the_run(tmp_path):
+    """An input that is (through links) the output folder's `street_label.png`: with --overwrite the run
+    would replace the file it reads. Paths are compared where the files land, not as spelt."""
+    params = setup(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "street_label.png").write_bytes((tmp_path / "a" / "street.png").read_bytes())
+    (tmp_path / "link").symlink_to(tmp_path / "out")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "street.png").symlink_to(tmp_path / "link" / "street_label.png")
+    before = (tmp_path / "out" / "street_label.png").read_bytes()
+    done = predict(tmp_path, params, tmp_path / "in" / "street.png", extra=["--overwrite"])
+    assert done.returncode == 1 and "street_label.png is an input of this run" in done.stderr, done.stderr
+    assert (tmp_path / "out" / "street_label.png").read_bytes() == before
 
 
 def test_an_unreadable_input_stops_the_run_before_anything_is_written(tmp_path):

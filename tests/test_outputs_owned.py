@@ -1,5 +1,7 @@
-"""One run at a time on an output: a second run is refused at once naming the holder, a temporary is
-removed as stale only when no live run holds its output, and a killed holder leaves no stale lock."""
+"""Outputs are owned. One run at a time on an output: a second run is refused at once naming the
+holder, a temporary is removed as stale only when no live run holds its output, and a killed holder
+leaves no stale lock. A file output replaces only a file the pipeline wrote there, and a stage says
+so before any work."""
 
 import os
 import signal
@@ -9,7 +11,7 @@ import time
 
 import pytest
 
-from components.atomic import OutputBusyError, atomic_dir, atomic_file, output_lock
+from components.atomic import OutputBusyError, atomic_dir, atomic_file, json_with, output_lock
 from tests.services import python_env
 
 HOLDER = """
@@ -59,7 +61,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path, holder):
 
 def test_one_process_may_take_its_own_lock_again(tmp_path):
     """A stage locks its output for the whole run and then writes it through atomic_dir/atomic_file."""
-    with output_lock(tmp_path / "metrics.json"), atomic_file(tmp_path / "metrics.json") as handle:
+    with output_lock(tmp_path / "metrics.json"), atomic_file(tmp_path / "metrics.json", json_with()) as handle:
         handle.write("{}\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 
@@ -102,3 +104,59 @@ def test_two_predict_runs_into_one_folder_are_refused(tmp_path, holder):
 
     with pytest.raises(OutputBusyError, match=f"--output = {tmp_path / 'out'}: another run"):
         predict(AnyModel(), [tmp_path / "x.png"], [1.0], tmp_path / "out", colors=[])
+
+
+@pytest.mark.parametrize("existing", ["notes", "other_json", "fifo", "folder", "huge"])
+def test_a_file_output_replaces_only_what_the_stage_wrote_there(tmp_path, existing):
+    from pipeline.output_files import TRAINING_METRICS
+
+    target = tmp_path / "metrics.json"
+    if existing == "notes":
+        target.write_text("# my notes\nthe only copy\n")
+    elif existing == "other_json":
+        target.write_text('{"name": "my-package", "version": "1.0"}\n')
+    elif existing == "fifo":
+        os.mkfifo(target)  # must be refused without being opened (opening would hang)
+    elif existing == "folder":
+        target.mkdir()
+    else:
+        with open(target, "wb") as handle:  # sparse: refused from its size, never read whole
+            handle.truncate(6 << 30)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(FileExistsError, match=f"train.metrics = {target}: "), \
+            atomic_file(target, TRAINING_METRICS, key="train.metrics") as handle:
+        handle.write("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    if existing == "notes":
+        assert target.read_text() == "# my notes\nthe only copy\n"
+
+
+def test_a_file_output_the_stage_wrote_is_replaced_through_a_dvc_link(tmp_path):
+    """DVC may check an output out as a link into its cache: the link is replaced, the cache kept."""
+    from pipeline.output_files import TRAINING_METRICS
+
+    cached = tmp_path / "cache-entry"
+    cached.write_text('{"best_val_miou": 0.5, "epochs": 3}\n')
+    (tmp_path / "metrics.json").symlink_to(cached)
+    with atomic_file(tmp_path / "metrics.json", TRAINING_METRICS) as handle:
+        handle.write('{"best_val_miou": 0.6, "epochs": 3}\n')
+    assert not (tmp_path / "metrics.json").is_symlink() and "0.6" in (tmp_path / "metrics.json").read_text()
+    assert "0.5" in cached.read_text()
+
+
+@pytest.mark.parametrize("stage, section", [("train", {"train": {"metrics": "NOTES.md"}}),
+                                            ("register", {"register": {"output": "NOTES.md"}})])
+def test_stages_refuse_a_users_file_before_any_work(tmp_path, stage, section):
+    """Before Ray, MLflow or the pyramid: a refusal after hours of training (or after the registry
+    moved an alias) would lose the work."""
+    import yaml
+
+    (tmp_path / "NOTES.md").write_text("mine\n")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**section, "tune": {"apply_to_train": False}}))
+    done = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--params", "params.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, env=python_env(), timeout=120)
+    key = next(f"{s}.{k}" for s, v in section.items() for k in v)
+    assert done.returncode == 1 and f"{key} = NOTES.md: holds a file this pipeline did not write" in done.stderr, \
+        done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Ray" not in done.stderr
+    assert (tmp_path / "NOTES.md").read_text() == "mine\n"
