@@ -3,3 +3,8 @@
 
 class ClusterError(RuntimeError):
     """The Ray cluster or storage cannot run this configuration; the message says what to change."""
+
+
+class NotRetriedError(ValueError):
+    """A training worker failed in a way a retry from the last checkpoint meets again (the same
+    weights, data and settings give the same NaN loss); the message says what to change."""

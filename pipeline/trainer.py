@@ -25,7 +25,7 @@ import ray.train.torch
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from components.config import PipelineConfig, validate_config
+from components.config import ConfigError, PipelineConfig, validate_config
 from components.data.dataset import PyramidEvalDataset, PyramidTrainDataset, loader_settings
 from components.data.pyramid import PyramidReader
 from components.models import build_model
@@ -40,6 +40,7 @@ from components.training import (
     train_one_epoch,
 )
 from pipeline.environment import Environment
+from pipeline.errors import NotRetriedError
 from pipeline.tracking import log_epoch
 
 STATE_FILE = "train_state.pt"
@@ -163,6 +164,29 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
 
 
+# Worker errors that a retry meets again: from the same checkpoint, data and settings the loss becomes
+# NaN again and a bad setting stays bad. Ray Train retries every worker error ray.max_failures times
+# (minutes each, then a traceback); these end the run at once, in one line.
+DETERMINISTIC_ERRORS = (FloatingPointError, ConfigError)
+
+
+class EndOnDeterministicErrors(ray.train.UserCallback):
+    """Runs in Ray Train's controller after a worker raised: an error it raises here ends the run
+    instead of letting the failure policy retry it."""
+
+    def after_exception(self, run_context, worker_exceptions: dict) -> None:
+        for rank, error in sorted(worker_exceptions.items()):
+            if isinstance(error, DETERMINISTIC_ERRORS):
+                raise NotRetriedError(f"training worker {rank}: {error} (not retried: a retry from the last "
+                                      "checkpoint would meet it again)")
+
+
+def not_retried(err: BaseException) -> NotRetriedError | None:
+    """The deterministic worker error behind a failed fit(), if that is what ended it."""
+    cause = getattr(err, "controller_failure", None)
+    return cause if isinstance(cause, NotRetriedError) else None
+
+
 def build_trainer(cfg: PipelineConfig, launch, run_name: str, mlflow_run_id: str | None = None,
                   callbacks: list | None = None) -> ray.train.torch.TorchTrainer:
     """A TorchTrainer for this config on the cluster that `launch` (pipeline.launch.Launch) chose.
@@ -187,6 +211,6 @@ def build_trainer(cfg: PipelineConfig, launch, run_name: str, mlflow_run_id: str
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=rc.checkpoints_to_keep,
                                                          checkpoint_score_attribute="val_miou",
                                                          checkpoint_score_order="max"),
-            callbacks=callbacks,
+            callbacks=[EndOnDeterministicErrors(), *(callbacks or [])],
         ),
     )

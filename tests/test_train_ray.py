@@ -210,3 +210,15 @@ def test_run_is_running_while_training_and_killed_on_sigterm(tmp_path, data, ray
     assert proc.returncode != 0, (tmp_path / "stage.log").read_text()[-2000:]
     assert client.get_run(run.info.run_id).info.status == "KILLED"
     assert not (tmp_path / "model").exists()
+
+
+def test_a_diverging_training_ends_at_once_without_retries(tmp_path, data, ray_head):
+    """A NaN loss is met again by every retry from the last checkpoint (same weights, data and
+    settings): it used to be retried ray.max_failures times and end in a traceback minutes later."""
+    params = write_params(tmp_path, data, train={"epochs": 3, "lr": 1e30}, ray={"max_failures": 3})
+    done = run_stage("train", params, timeout=300, **ray_head.client_env())
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 1 and len(errors) == 1, done.stderr[-3000:]
+    assert "training loss became" in errors[0] and "not retried" in errors[0], errors
+    assert "[FailurePolicy] RETRY" not in done.stderr  # Ray Train's own decision line: never a retry
+    assert not (tmp_path / "model").exists()
