@@ -249,6 +249,9 @@ class RegisterConfig(Section):
     scale_set: Literal["recommended"] | ScaleSet = "recommended"
     min_delta: float = Field(0.0, ge=0)  # the candidate must beat the champion's mIoU by more than this
     max_gflops: float | None = Field(None, gt=0)  # a candidate above this cost is never champion
+    # the served model's bound on one request's work: its images' pixels x the sum of its squared
+    # scales (a 2048x1024 image at [0.5, 1.0, 2.0] is 11 million); larger requests are answered 400
+    max_request_pixels: int = Field(64_000_000, ge=1, le=10**10)
     output: str = "results/register/registration.json"
 
 

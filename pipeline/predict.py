@@ -6,9 +6,10 @@ Writes <stem>_label.png (class indices, with the dataset's palette) and <stem>_o
 blended over the image) for every input image; a folder stands for the images in it.
 
 Nothing is lost and nothing is half-written: before any work it refuses inputs whose outputs would
-share a name (x.png in two folders) and outputs that already exist (unless --overwrite), and it
-decodes every input first, so an unreadable image stops the run before anything is written; each
-file appears complete or not at all.
+share a name (x.png in two folders), outputs that are inputs, outputs that already exist (unless
+--overwrite) and inputs that are not images (every input's type, size and header are read first);
+inputs are then decoded one at a time, so memory does not grow with their number. Each file
+appears complete or not at all, and a second run into the same --output is refused while one runs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from components.atomic import atomic_file, check_replaceable, output_lock
 from components.config import PipelineConfig
 from components.data.classes import CITYSCAPES_CLASSES, palette
 from components.data.dataset import to_tensor
-from components.data.images import read_image
+from components.data.images import image_size, read_image
 from components.data.pyramid import image_levels
 from components.data.readers import IMAGE_SUFFIXES
 from pipeline import output_files
@@ -32,11 +33,14 @@ from pipeline.model_source import load_model
 
 
 def list_images(inputs: list[str]) -> list[Path]:
+    """The files named, and the entries of the folders named whose suffix is an image's. Whether each
+    is a readable image (not a FIFO, a device, a folder named `x.png`, a loop of links) is checked
+    when it is opened, by the safe reader, which names what it found."""
     paths = []
     for item in map(Path, inputs):
         if item.is_dir():
             paths += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.is_file():
+        elif item.exists() or item.is_symlink():
             paths.append(item)
         else:
             raise FileNotFoundError(f"{item}: no such image or folder")
@@ -95,11 +99,13 @@ def predict(model, images: list[Path], scales: list[float], output: Path, colors
 def _predict_locked(model, images: list[Path], scales: list[float], output: Path, colors: list,
                     overwrite: bool) -> list[Path]:
     scales = model.check_scales(scales)  # before any work: a set the method cannot use is an error
+    for path in images:  # type, size and header of every input before any work: a bad one stops us here
+        image_size(path)
     check_outputs(images, output, overwrite)
-    decoded = [read_image(path) for path in images]  # an unreadable input stops us before any write
     pal = palette([tuple(c) for c in colors])
     written = []
-    for path, image in zip(images, decoded, strict=True):
+    for path in images:
+        image = read_image(path)  # decoded one at a time: memory does not grow with the number of inputs
         label = predict_labels(model, image, scales)
         label_png = Image.fromarray(label, "P")
         label_png.putpalette(pal.flatten().tolist())

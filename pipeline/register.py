@@ -136,7 +136,8 @@ def _served_model(client, cfg: PipelineConfig, run_id: str, scales: list[float],
             return logged.model_uri
         client.delete_logged_model(logged.model_id)  # a kill during its upload left it unfinished
     with mlflow.start_run(run_id=run_id):
-        return tracking.log_saved_model(cfg.train.output, scales, name="served", tags=tags)
+        return tracking.log_saved_model(cfg.train.output, scales, name="served", tags=tags,
+                                        max_request_pixels=cfg.register.max_request_pixels)
 
 
 def _version_by_alias(client, name: str, alias: str):

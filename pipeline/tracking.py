@@ -14,6 +14,7 @@ import json
 import subprocess
 from pathlib import Path
 
+from components.config import RegisterConfig
 from components.redact import redact
 from pipeline.environment import Environment
 
@@ -90,14 +91,15 @@ def log_epoch(uri: str, run_id: str, metrics: dict, step: int) -> None:
     MlflowClient(uri).log_batch(run_id, metrics=batch)
 
 
-SERVING_DEFAULTS_FILE = "serving.json"  # {"default_scales": [...]}, beside the saved model
+SERVING_DEFAULTS_FILE = "serving.json"  # {"default_scales": [...], "max_request_pixels": N}, beside the model
 
 
 def log_saved_model(model_dir: str | Path, default_scales: list[float], name: str = "model",
-                    tags: dict[str, str] | None = None) -> str:
+                    tags: dict[str, str] | None = None, max_request_pixels: int | None = None) -> str:
     """Log a saved-model directory as a pyfunc model (code, not pickle) to the active run.
 
-    `default_scales` is the scale set a caller gets without passing one (the `scales` parameter).
+    `default_scales` is the scale set a caller gets without passing one (the `scales` parameter);
+    `max_request_pixels` bounds one request's work (register.max_request_pixels; its default if None).
     It travels as an artifact of the model, not as MLflow's model_config: MLflow also logs a
     model_config as params of the run, and a run that logs its trained model and later the served
     one (another default set) then fails to change the param, with a warning on a run that succeeds."""
@@ -115,7 +117,8 @@ def log_saved_model(model_dir: str | Path, default_scales: list[float], name: st
     )
     with tempfile.TemporaryDirectory(prefix="hmsa-serving-") as folder:
         defaults = Path(folder) / SERVING_DEFAULTS_FILE
-        defaults.write_text(json.dumps({"default_scales": default_scales}))
+        bound = max_request_pixels or RegisterConfig().max_request_pixels
+        defaults.write_text(json.dumps({"default_scales": default_scales, "max_request_pixels": bound}))
         info = mlflow.pyfunc.log_model(
             name=name,
             python_model=str(root / "pipeline" / "serving_model.py"),

@@ -82,7 +82,31 @@ def huge_declared_image(root):
 def fifo_as_image(root):
     image_path(root).unlink()
     os.mkfifo(image_path(root))  # opening it to read would block for ever
-    return str(image_path(root)), "image is not a regular file"
+    return str(image_path(root)), "image is a FIFO (named pipe), not a regular file"
+
+
+def device_link_as_image(root):
+    image_path(root).unlink()
+    image_path(root).symlink_to("/dev/zero")  # read whole, it never ends
+    return str(image_path(root)), "points outside the dataset root"
+
+
+def sparse_huge_image(root):
+    with open(image_path(root), "r+b") as handle:  # a valid header, then 6 GB: never read whole
+        handle.truncate(6 << 30)
+    return str(image_path(root)), f"image is {6 << 30} bytes, more than"
+
+
+def link_loop_as_image(root):
+    image_path(root).unlink()
+    image_path(root).symlink_to(image_path(root))
+    return str(image_path(root)), "cannot open the image: a loop of symbolic links"
+
+
+def folder_as_image(root):
+    image_path(root).unlink()
+    image_path(root).mkdir()
+    return str(image_path(root)), "image is a folder, not a regular file"
 
 
 def image_mode_without_conversion(root):
@@ -105,6 +129,10 @@ def image_mode_without_conversion(root):
         negative_label,
         huge_declared_image,
         fifo_as_image,
+        device_link_as_image,
+        sparse_huge_image,
+        link_loop_as_image,
+        folder_as_image,
         image_mode_without_conversion,
     ],
 )

@@ -86,12 +86,12 @@ def test_a_class_list_that_is_not_a_small_text_file_is_refused(tmp_path):
     root = write_folder(tmp_path / "f")
     (root / "classes.txt").unlink()
     os.mkfifo(root / "classes.txt")  # reading a FIFO would wait for a writer for ever
-    with pytest.raises(FileNotFoundError, match="classes.txt is not a regular file"):
+    with pytest.raises(ValueError, match=r"classes.txt: the class list .* is a FIFO \(named pipe\), not a regular"):
         open_dataset("folder", root)
     (root / "classes.txt").unlink()
     with open(root / "classes.txt", "wb") as handle:  # sparse: 2 GB declared, nothing stored
         handle.truncate(2 << 30)
-    with pytest.raises(ValueError, match="classes.txt is 2147483648 bytes; a class list is at most"):
+    with pytest.raises(ValueError, match=r"classes.txt: the class list .* is 2147483648 bytes, more than the 1048576"):
         open_dataset("folder", root)
     (root / "classes.txt").write_bytes(b"road\n\xff\xfe\n")
     with pytest.raises(ValueError, match="classes.txt is not UTF-8 text"):

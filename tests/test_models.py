@@ -158,12 +158,12 @@ def test_a_saved_model_config_that_is_a_fifo_or_huge_is_refused_before_reading(t
     config_file = tmp_path / "model" / "config.json"
     config_file.unlink()
     os.mkfifo(config_file)  # reading it would wait for a writer for ever
-    with pytest.raises(FileNotFoundError, match="config.json is not a regular file"):
+    with pytest.raises(ValueError, match="config.json is a FIFO \\(named pipe\\), not a regular file"):
         load_saved_model(tmp_path / "model")
     config_file.unlink()
     with open(config_file, "wb") as handle:
         handle.truncate(3 << 30)  # sparse: 3 GB declared
-    with pytest.raises(ValueError, match="config.json: 3221225472 bytes; a saved model's config.json is at most"):
+    with pytest.raises(ValueError, match="config.json is 3221225472 bytes, more than the 1048576 allowed"):
         load_saved_model(tmp_path / "model")
 
 

@@ -1,9 +1,12 @@
 """`predict` loses nothing of the user's and writes nothing partial."""
 
+import os
+import re
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -158,3 +161,86 @@ def test_user_fixable_failures_are_one_line(tmp_path):
                               capture_output=True, text=True, env=python_env())
         assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
         assert not (tmp_path / f"out-{name}").exists()
+
+
+def _hostile(tmp_path, kind):
+    folder = tmp_path / "a"
+    entry = folder / "x.png"
+    if kind == "fifo":
+        os.mkfifo(entry)  # opened plainly, it would wait for a writer for ever
+    elif kind == "device":
+        entry.symlink_to("/dev/zero")  # read whole, it never ends
+    elif kind == "sparse":
+        with open(entry, "wb") as handle:
+            handle.truncate(6 << 30)  # 6 GB declared, read whole before: MemoryError
+    elif kind == "loop":
+        entry.symlink_to(entry)
+    else:
+        entry.mkdir()
+    return {"fifo": "is a FIFO (named pipe), not a regular file", "device": "is a device, not a regular file",
+            "sparse": f"is {6 << 30} bytes, more than", "loop": "a loop of symbolic links",
+            "folder": "is a folder, not a regular file"}[kind]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["fifo", "device", "sparse", "loop", "folder"])
+def test_an_input_that_is_not_an_image_file_is_named_without_hanging(tmp_path, kind):
+    from components.models import load_saved_model
+    from pipeline.predict import list_images
+    from pipeline.predict import predict as run_predict
+
+    setup(tmp_path)
+    expected = _hostile(tmp_path, kind)
+    model, _ = load_saved_model(tmp_path / "model")
+    with pytest.raises(ValueError, match=re.escape(expected)) as err:
+        run_predict(model, list_images([str(tmp_path / "a")]), [1.0], tmp_path / "out", colors=[(0, 0, 0)] * 19)
+    assert str(tmp_path / "a" / "x.png") in str(err.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_inputs_are_decoded_one_at_a_time(tmp_path, monkeypatch):
+    """Each input's outputs are written before the next input is decoded: memory does not grow with
+    the number of inputs (it used to decode every input first)."""
+    import pipeline.predict as predict_module
+    from components.models import load_saved_model
+
+    setup(tmp_path)
+    for i in range(3):
+        Image.fromarray(np.full((16, 24, 3), i * 80, np.uint8)).save(tmp_path / "a" / f"img{i}.png")
+    events = []
+    decode, save = predict_module.read_image, predict_module._save_png
+    monkeypatch.setattr(predict_module, "read_image", lambda path: events.append("decode") or decode(path))
+    monkeypatch.setattr(predict_module, "_save_png", lambda image, to: events.append("write") or save(image, to))
+    model, _ = load_saved_model(tmp_path / "model")
+    predict_module.predict(model, predict_module.list_images([str(tmp_path / "a")]), [1.0], tmp_path / "out",
+                           colors=[(0, 0, 0)] * 19)
+    assert events == ["decode", "write", "write"] * 4  # street.png and img0..2, each written before the next
+
+
+def test_the_served_model_bounds_the_work_of_a_request(tmp_path):
+    """Work = the images' pixels x the sum of the squared scales, read from the headers before any
+    image is decoded: `scales: [1.0, 200.0]` in a 215-byte request took a server to 3.5 GB."""
+    import io
+    import json
+    from types import SimpleNamespace
+
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.serving_model import MultiScaleSegmentationModel
+
+    setup(tmp_path)
+    (tmp_path / "serving.json").write_text(json.dumps({"default_scales": [1.0], "max_request_pixels": 20_000}))
+    served = MultiScaleSegmentationModel()
+    served.load_context(SimpleNamespace(artifacts={"model_dir": str(tmp_path / "model"),
+                                                   "serving_defaults": str(tmp_path / "serving.json")}))
+    png = io.BytesIO()
+    Image.new("RGB", (48, 32)).save(png, format="PNG")  # 1536 pixels
+    one = pd.DataFrame({"image": [png.getvalue()]})
+    assert served.predict(None, one, {"scales": [0.5, 1.0, 2.0]})[0].shape == (32, 48)  # 8064 <= 20000
+    with pytest.raises(MlflowException, match=r"asks for 6.144e\+07 pixels of work .* at most 20000") as err:
+        served.predict(None, one, {"scales": [1.0, 200.0]})
+    assert err.value.get_http_status_code() == 400
+    many = pd.DataFrame({"image": [png.getvalue()] * 14})  # 14 x 1536 = 21504 at scale 1.0
+    with pytest.raises(MlflowException, match="21504 image pixels"):
+        served.predict(None, many, {"scales": [1.0]})

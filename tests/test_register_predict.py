@@ -243,6 +243,10 @@ def test_champion_served_over_http_matches_predict(tmp_path, server):
             },
         )
         assert status == 400 and "row 0: unreadable image" in body["message"], body
+        # a 48x64 image at scale 200 is 123 million pixels of work: refused from its header, in one line
+        status, body = _post(f"{url}/invocations", {**request, "params": {"scales": [1.0, 200.0]}})
+        assert status == 400 and "register.max_request_pixels" in body["message"], body
+        assert "stack_trace" not in body and "Traceback" not in json.dumps(body), body
         status, body = _post(f"{url}/invocations", {"dataframe_split": request["dataframe_split"]})
         assert status == 200 and len(body["predictions"]) == 1  # the registered default scales
     finally:

@@ -10,7 +10,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from components.safe_files import open_regular
+
 MAX_PIXELS = 40_000_000  # as prepare.max_pixels: a small file may declare a huge image
+MAX_IMAGE_BYTES = 1 << 30  # an encoded image of MAX_PIXELS is far smaller; a larger file is not an image
 
 
 class ImageTooLarge(ValueError):
@@ -41,22 +44,56 @@ def to_rgb(image: Image.Image, name: str) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Encoded image bytes -> H x W x 3 uint8 RGB; ValueError naming `name` when undecodable or
-    when its header declares more than `max_pixels` (checked before decoding)."""
+def _decode(source, name: str, what: str, max_pixels: int, limit_key: str | None) -> Image.Image:
+    """Decode after reading only the header's size: a small file may declare a huge image."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageTooLarge(f"{name}: image declares {width}x{height} pixels, more than {max_pixels}")
-            image.load()
-            return to_rgb(image, name)
-    except (ImageTooLarge, UnsupportedImage):
+        image = Image.open(source)
+        width, height = image.size
+        if width * height > max_pixels:
+            limit = f"{limit_key} = {max_pixels}" if limit_key else str(max_pixels)
+            raise ImageTooLarge(f"{name}: {what} declares {width}x{height} pixels, more than {limit}")
+        image.load()
+        return image
+    except ImageTooLarge:
         raise
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for unreadable data
+        raise ValueError(f"{name}: unreadable {what} ({type(err).__name__}: {err})") from None
+
+
+def open_image(path: str | Path, what: str = "image", max_pixels: int = MAX_PIXELS,
+               limit_key: str | None = None) -> Image.Image:
+    """A user's image file, decoded: a regular file within MAX_IMAGE_BYTES (safe_files), whose
+    header declares at most `max_pixels` (`limit_key` names the setting that sets it)."""
+    with open_regular(path, what, MAX_IMAGE_BYTES) as handle:
+        return _decode(handle, str(path), what, max_pixels, limit_key)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the header alone, with open_regular's checks: `predict` checks every
+    input this way before it decodes any, one at a time."""
+    with open_regular(path, "image", MAX_IMAGE_BYTES) as handle:
+        return _declared(handle, str(path))
+
+
+def _declared(source, name: str) -> tuple[int, int]:
+    try:
+        with Image.open(source) as image:
+            return image.size
     except Exception as err:  # noqa: BLE001 - PIL raises many types for unreadable data
         raise ValueError(f"{name}: unreadable image ({type(err).__name__}: {err})") from None
 
 
-def read_image(path: Path) -> np.ndarray:
+def declared_size(data: bytes, name: str) -> tuple[int, int]:
+    """(width, height) that encoded image bytes declare, from the header alone."""
+    return _declared(io.BytesIO(data), name)
+
+
+def decode_image(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes -> H x W x 3 uint8 RGB; ValueError naming `name` when undecodable or
+    when its header declares more than `max_pixels` (checked before decoding)."""
+    return to_rgb(_decode(io.BytesIO(data), name, "image", max_pixels, None), name)
+
+
+def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """An image file -> H x W x 3 uint8 RGB; ValueError naming the file when unreadable."""
-    return decode_image(Path(path).read_bytes(), str(path))
+    return to_rgb(open_image(path, "image", max_pixels), str(path))

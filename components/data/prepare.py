@@ -8,6 +8,7 @@ The directory is written under a temporary name and renamed at the end: never pa
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 from pathlib import Path
@@ -17,8 +18,9 @@ from PIL import Image
 
 from components.atomic import atomic_dir
 from components.data.classes import IGNORE_INDEX
-from components.data.images import MAX_PIXELS, UnsupportedImage, to_rgb
+from components.data.images import MAX_PIXELS, UnsupportedImage, open_image, to_rgb
 from components.data.readers import DatasetReader, RawSample
+from components.safe_files import OPEN_ERRORS
 
 FORMAT_VERSION = 1
 
@@ -31,28 +33,12 @@ DEFAULT_MAX_PIXELS = MAX_PIXELS  # one cap for prepared datasets and for images 
 
 
 def _open_image(path: Path, what: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open and decode, after checking it is a regular file and its header's size is within
-    `max_pixels` (a small file can declare a huge image: it is refused before decoding)."""
+    """Open and decode with the safe reader (a regular file, its header's size within `max_pixels`
+    before decoding); any refusal is a bad sample naming the file."""
     try:
-        exists, regular = path.exists(), path.is_file()
-    except OSError as err:  # a name too long for the file system, a loop of links, ...
-        raise BadSampleError(f"{path}: cannot open the {what} ({err.strerror})") from None
-    if not exists:
-        raise BadSampleError(f"{path}: {what} file is missing")
-    if not regular:  # a FIFO or device would block or stream for ever
-        raise BadSampleError(f"{path}: {what} is not a regular file")
-    try:
-        image = Image.open(path)
-        width, height = image.size
-        if width * height > max_pixels:
-            raise BadSampleError(f"{path}: {what} declares {width}x{height} pixels, more than "
-                                 f"prepare.max_pixels = {max_pixels}")
-        image.load()
-        return image
-    except BadSampleError:
-        raise
-    except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt files
-        raise BadSampleError(f"{path}: unreadable {what} ({type(err).__name__}: {err})") from None
+        return open_image(path, what, max_pixels, limit_key="prepare.max_pixels")
+    except (ValueError, FileNotFoundError) as err:
+        raise BadSampleError(str(err)) from None
 
 
 def convert_sample(sample: RawSample, lookup: np.ndarray,
@@ -105,7 +91,13 @@ def _check_paths(sample: RawSample, root: Path | None, output: Path) -> None:
     folder (an id like '../x' from a dataset's own list would write outside it)."""
     if root is not None:
         for path in (sample.image_path, sample.label_path):
-            if path is not None and not path.resolve().is_relative_to(root.resolve()):
+            try:
+                resolved = path.resolve() if path is not None else None
+            except (OSError, RuntimeError) as err:  # a loop of links is a RuntimeError before Python 3.13
+                reason = OPEN_ERRORS.get(getattr(err, "errno", None) or errno.ELOOP, str(err))
+                what = "image" if path == sample.image_path else "label"
+                raise BadSampleError(f"{path}: cannot open the {what}: {reason}") from None
+            if resolved is not None and not resolved.is_relative_to(root.resolve()):
                 raise BadSampleError(f"{path}: sample {sample.sample_id!r} points outside the dataset root {root}")
     for name, what in ((sample.sample_id, "sample id"), (sample.split, "split")):
         if not name or name in (".", "..") or any(c in name for c in "/\\\0"):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from components.data.classes import CITYSCAPES_CLASSES, IGNORE_INDEX, ClassInfo, cityscapes_lookup, identity_lookup
+from components.safe_files import read_regular
 
 
 @dataclass(frozen=True)
@@ -131,14 +132,12 @@ def read_class_file(path: Path) -> tuple[list[str], list[tuple[int, int, int]], 
     """(names, colours, thin names) of a folder dataset's classes.txt: one class per line,
     `name [r g b] [thin]`. Everything a later stage relies on is checked here, naming the line: whole
     colour components in 0-255, unique names, fewer classes than the ignore label."""
-    if not path.is_file():
-        what = "is missing" if not path.exists() else "is not a regular file"
-        raise FileNotFoundError(f"folder: {path} {what} (one class name per line)")
-    if path.stat().st_size > MAX_CLASS_FILE_BYTES:
-        raise ValueError(f"folder: {path} is {path.stat().st_size} bytes; a class list is at most "
-                         f"{MAX_CLASS_FILE_BYTES} bytes")
     try:
-        text = path.read_text(encoding="utf-8")
+        data = read_regular(path, "class list (one class name per line)", MAX_CLASS_FILE_BYTES)
+    except (FileNotFoundError, ValueError) as err:  # missing, a FIFO, a folder, too large: named
+        raise type(err)(f"folder: {err}") from None
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"folder: {path} is not UTF-8 text (byte {err.start})") from None
     names: list[str] = []

@@ -13,6 +13,7 @@ from components.atomic import atomic_dir
 from components.config import ModelConfig
 from components.models.build import build_model
 from components.models.multiscale import MultiScaleSegmenter
+from components.safe_files import read_regular
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
@@ -58,14 +59,12 @@ def read_saved_config(directory: str | Path) -> tuple[ModelConfig, dict]:
 
     directory = Path(directory)
     path = directory / CONFIG_FILE
-    if not path.is_file():
-        what = "is missing" if not path.exists() else "is not a regular file"
-        raise FileNotFoundError(f"{directory} is not a saved model: {CONFIG_FILE} {what}")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise ValueError(f"{path}: {path.stat().st_size} bytes; a saved model's {CONFIG_FILE} is at most "
-                         f"{MAX_CONFIG_BYTES}")
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        data = read_regular(path, f"saved model's {CONFIG_FILE}", MAX_CONFIG_BYTES)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{directory} is not a saved model: {CONFIG_FILE} is missing") from None
+    try:
+        document = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(document, dict):
