@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 # Written into every directory output: a directory at an output path without it holds something
 # the pipeline did not write (a user's folder), which a stage must not delete.
@@ -291,6 +292,30 @@ def atomic_dir(target: str | Path, key: str | None = None, recognise=None) -> It
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_batch() -> Iterator[Callable[[Path], BinaryIO]]:
+    """Files written one after another that appear together: the block gets `open_for(target)`,
+    which opens a temporary beside `target`; all are renamed into place when the block succeeds and
+    none otherwise. What is written waits on disk, not in memory. The caller owns the targets (locks
+    their folder, checks what it replaces) and removes stale temporaries of them first."""
+    pending: list[tuple[str, Path]] = []
+
+    def open_for(target: Path) -> BinaryIO:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+        pending.append((tmp, target))
+        os.fchmod(fd, 0o666 & ~current_umask())
+        return os.fdopen(fd, "wb")
+
+    try:
+        yield open_for
+        for tmp, target in pending:
+            os.replace(tmp, target)
+    finally:
+        for tmp, _ in pending:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 @contextlib.contextmanager

@@ -8,8 +8,9 @@ blended over the image) for every input image; a folder stands for the images in
 Nothing is lost and nothing is half-written: before any work it refuses inputs whose outputs would
 share a name (x.png in two folders), outputs that are inputs, outputs that already exist (unless
 --overwrite) and inputs that are not images (every input's type, size and header are read first);
-inputs are then decoded one at a time, so memory does not grow with their number. Each file
-appears complete or not at all, and a second run into the same --output is refused while one runs.
+inputs are then decoded one at a time, so memory does not grow with their number. The outputs wait
+on disk and appear together at the end, or none do; a second run into the same --output is refused
+while one runs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from components.atomic import atomic_file, check_replaceable, output_lock
+from components.atomic import atomic_batch, check_replaceable, output_lock, remove_stale_temporaries
 from components.config import PipelineConfig
 from components.data.classes import CITYSCAPES_CLASSES, palette
 from components.data.dataset import to_tensor
@@ -85,8 +86,8 @@ def check_outputs(images: list[Path], output: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{shown} already exist(s); choose another --output or pass --overwrite")
 
 
-def _save_png(image: Image.Image, target: Path) -> None:
-    with atomic_file(target, output_files.PNG_IMAGE, "wb") as handle:
+def _save_png(image: Image.Image, target: Path, open_for) -> None:
+    with open_for(target) as handle:
         image.save(handle, format="PNG")
 
 
@@ -102,17 +103,24 @@ def _predict_locked(model, images: list[Path], scales: list[float], output: Path
     for path in images:  # type, size and header of every input before any work: a bad one stops us here
         image_size(path)
     check_outputs(images, output, overwrite)
+    output.mkdir(parents=True, exist_ok=True)
+    for path in images:
+        for suffix in OUTPUT_SUFFIXES:  # what a killed run left: no live run holds this folder
+            remove_stale_temporaries(output / f"{path.stem}{suffix}")
     pal = palette([tuple(c) for c in colors])
     written = []
-    for path in images:
-        image = read_image(path)  # decoded one at a time: memory does not grow with the number of inputs
-        label = predict_labels(model, image, scales)
-        label_png = Image.fromarray(label, "P")
-        label_png.putpalette(pal.flatten().tolist())
-        _save_png(label_png, output / f"{path.stem}_label.png")
-        overlay = (0.5 * image + 0.5 * pal[label]).astype(np.uint8)
-        _save_png(Image.fromarray(overlay), output / f"{path.stem}_overlay.png")
-        written.append(output / f"{path.stem}_label.png")
+    # Outputs wait on disk and appear together at the end: an input that passes its header check but
+    # fails to decode leaves every label map unwritten, as an unreadable header does.
+    with atomic_batch() as open_for:
+        for path in images:
+            image = read_image(path)  # decoded one at a time: memory does not grow with the number of inputs
+            label = predict_labels(model, image, scales)
+            label_png = Image.fromarray(label, "P")
+            label_png.putpalette(pal.flatten().tolist())
+            _save_png(label_png, output / f"{path.stem}_label.png", open_for)
+            overlay = (0.5 * image + 0.5 * pal[label]).astype(np.uint8)
+            _save_png(Image.fromarray(overlay), output / f"{path.stem}_overlay.png", open_for)
+            written.append(output / f"{path.stem}_label.png")
     return written
 
 

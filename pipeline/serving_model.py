@@ -51,7 +51,7 @@ class MultiScaleSegmentationModel(PythonModel):
 
     def predict(self, context, model_input, params: dict | None = None) -> list[np.ndarray]:
         try:
-            scales = self.model.check_scales([float(s) for s in (params or {}).get("scales") or self.scales])
+            scales = self.model.check_scales(_requested_scales((params or {}).get("scales"), self.scales))
             encoded = [bytes(data) for data in _image_column(model_input)]
             self.check_work(encoded, scales)
             return [self.label_map(data, f"row {row}", scales) for row, data in enumerate(encoded)]
@@ -88,6 +88,16 @@ class MultiScaleSegmentationModel(PythonModel):
 
     def trained_scales(self) -> list[float]:
         return self.cfg.train_scales if self.cfg.method in ("explicit", "hierarchical") else [1.0]
+
+
+def _requested_scales(value, default: list[float]) -> list[float]:
+    """The `scales` parameter as floats: a list of numbers (the method's rules are checked after)."""
+    if value is None or (isinstance(value, (list, tuple, np.ndarray)) and len(value) == 0):
+        return default
+    items = list(value) if isinstance(value, (list, tuple, np.ndarray)) else None
+    if items is None or not all(isinstance(s, (int, float, np.number)) and not isinstance(s, bool) for s in items):
+        raise ValueError(f"params.scales = {value!r}: expected a list of numbers, e.g. [0.5, 1.0]")
+    return [float(s) for s in items]
 
 
 def _image_column(model_input) -> list:

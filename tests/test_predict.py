@@ -199,8 +199,9 @@ def test_an_input_that_is_not_an_image_file_is_named_without_hanging(tmp_path, k
 
 
 def test_inputs_are_decoded_one_at_a_time(tmp_path, monkeypatch):
-    """Each input's outputs are written before the next input is decoded: memory does not grow with
-    the number of inputs (it used to decode every input first)."""
+    """Each input's outputs are written (to disk, renamed into place at the end) before the next input
+    is decoded: memory does not grow with the number of inputs (it used to decode every input first).
+    An input whose header reads but whose pixels do not still leaves nothing written."""
     import pipeline.predict as predict_module
     from components.models import load_saved_model
 
@@ -210,11 +211,18 @@ def test_inputs_are_decoded_one_at_a_time(tmp_path, monkeypatch):
     events = []
     decode, save = predict_module.read_image, predict_module._save_png
     monkeypatch.setattr(predict_module, "read_image", lambda path: events.append("decode") or decode(path))
-    monkeypatch.setattr(predict_module, "_save_png", lambda image, to: events.append("write") or save(image, to))
+    monkeypatch.setattr(predict_module, "_save_png", lambda *args: events.append("write") or save(*args))
     model, _ = load_saved_model(tmp_path / "model")
     predict_module.predict(model, predict_module.list_images([str(tmp_path / "a")]), [1.0], tmp_path / "out",
                            colors=[(0, 0, 0)] * 19)
     assert events == ["decode", "write", "write"] * 4  # street.png and img0..2, each written before the next
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    png = (tmp_path / "a" / "img2.png").read_bytes()
+    (tmp_path / "a" / "zz.png").write_bytes(png[: len(png) // 2])  # its header reads, its pixels do not
+    with pytest.raises(ValueError, match="zz.png: unreadable image"):
+        predict_module.predict(model, predict_module.list_images([str(tmp_path / "a")]), [1.0], tmp_path / "out2",
+                               colors=[(0, 0, 0)] * 19)
+    assert not any((tmp_path / "out2").iterdir()) and len(written) == 8
 
 
 def test_the_served_model_bounds_the_work_of_a_request(tmp_path):

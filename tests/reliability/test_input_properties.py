@@ -145,3 +145,52 @@ def test_predict_writes_every_label_map_or_nothing(tiny_model, inputs, overwrite
             assert {k: v for k, v in after.items() if k in before and not k.startswith("out/")} == \
                 {k: v for k, v in before.items() if not k.startswith("out/")}
             assert all(k.startswith("out/") for k in set(after) - set(before))
+
+
+@pytest.fixture(scope="module")
+def served_model(tmp_path_factory):
+    """The pyfunc the model server runs, on a tiny saved model, with a small work bound."""
+    import json
+    from types import SimpleNamespace
+
+    from components.models import build_model, save_model
+    from pipeline.serving_model import MultiScaleSegmentationModel
+    from tests.conftest import tiny_model_config
+
+    folder = tmp_path_factory.mktemp("served")
+    cfg = tiny_model_config(num_classes=3)
+    save_model(build_model(cfg).eval(), cfg, folder / "model")
+    (folder / "serving.json").write_text(json.dumps({"default_scales": [1.0], "max_request_pixels": 200_000}))
+    served = MultiScaleSegmentationModel()
+    served.load_context(SimpleNamespace(artifacts={"model_dir": str(folder / "model"),
+                                                   "serving_defaults": str(folder / "serving.json")}))
+    return served
+
+
+scale_values = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10, 10**6),
+                         st.sampled_from([0.5, 1.0, 2.0, 200.0]), st.text(max_size=5), st.none())
+
+
+@PROPERTY
+@given(st.lists(image_bytes(24, 32), max_size=3), st.one_of(st.none(), st.lists(scale_values, max_size=4)),
+       st.sampled_from(["image", "img", ""]))
+def test_the_served_model_answers_any_request_with_labels_or_a_400(served_model, images, scales, column):
+    """Any request body the server can parse (any bytes as images, any values as scales, a wrong
+    column): label maps, or one MlflowException the server answers 400 with its reason, never a
+    traceback or another error."""
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    request = pd.DataFrame({column: images}) if images else pd.DataFrame({column: []})
+    try:
+        labels = served_model.predict(None, request, None if scales is None else {"scales": scales})
+    except MlflowException as err:
+        event(f"400: {err.message.split(': ')[-1][:30]}")
+        assert err.get_http_status_code() == 400, err.message
+        assert "Traceback" not in err.message and err.message
+    else:
+        event("labels")
+        from components.data.images import declared_size
+
+        sizes = [declared_size(data, "image")[::-1] for data in images]  # (height, width) of each
+        assert [label.shape for label in labels] == sizes
