@@ -377,13 +377,36 @@ def _repository_file_problem(key: str, value: str, path: PurePosixPath, source: 
     return None
 
 
+# An output is written under a temporary name beside it (`.<name>.tmp-XXXXXXXX`, `.<name>.lock`,
+# `.<name>.generate-XXXXXXXX`): its name must leave room for the longest of these within NAME_MAX.
+NAME_MAX = 255
+TEMPORARY_NAME_EXTRA = 24
+
+
+def _output_path_problem(key: str, value: str) -> str | None:
+    """A local output whose name is too long for its temporaries, or that lies below a file."""
+    if "://" in value:
+        return None
+    path = PurePosixPath(os.path.normpath(value))
+    size = len(path.name.encode())
+    if size + TEMPORARY_NAME_EXTRA > NAME_MAX:
+        return (f"{key} = {value}: its name is {size} bytes; it is written under a temporary name up to "
+                f"{TEMPORARY_NAME_EXTRA} bytes longer and a file name holds {NAME_MAX}: shorten it to at most "
+                f"{NAME_MAX - TEMPORARY_NAME_EXTRA}")
+    for parent in reversed(path.parents):
+        if os.path.lexists(parent) and not os.path.isdir(parent):
+            return f"{key} = {value}: {parent} is a file, not a folder; choose another path"
+    return None
+
+
 def output_overlaps(cfg: PipelineConfig, source: str | None = None) -> list[str]:
     """Pairs of outputs where one stage would replace or delete what another wrote: the same path
     however spelt, or any output inside a directory that a stage replaces as a whole; and outputs on
     the repository's own files (params.yaml, dvc.yaml, .git/...)."""
     paths = {key: _resolved(_value(cfg, key)) for key in DIRECTORY_OUTPUTS + FILE_OUTPUTS}
     problems = [problem for key, path in paths.items()
-                if (problem := _repository_file_problem(key, _value(cfg, key), path, source))]
+                if (problem := _output_path_problem(key, _value(cfg, key))
+                    or _repository_file_problem(key, _value(cfg, key), path, source))]
     keys = list(paths)
     for i, a in enumerate(keys):
         for b in keys[i + 1:]:

@@ -308,3 +308,15 @@ def test_an_output_on_the_params_file_itself_is_refused_whatever_its_name(tmp_pa
     params.write_text(yaml.safe_dump({"train": {"metrics": str(params)}}))
     with pytest.raises(ConfigError, match="train.metrics = .*my-params.yml: is the params file being read"):
         load_config(params)
+
+
+def test_an_output_name_too_long_for_its_temporaries_or_below_a_file_is_refused_at_load(tmp_path, monkeypatch):
+    """Both used to end in a traceback once the stage ran (ENAMETOOLONG on the temporary's name, whose
+    name is longer than the output's; `[Errno 17] File exists` for a folder below a file)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine\n")
+    with pytest.raises(ConfigError, match=r"prepare.output = a{240}: its name is 240 bytes; .* at most 231"):
+        validate_config({"prepare": {"output": "a" * 240}})
+    validate_config({"prepare": {"output": "a" * 231}})
+    with pytest.raises(ConfigError, match="train.metrics = notes.txt/metrics.json: notes.txt is a file, not a folder"):
+        validate_config({"train": {"metrics": "notes.txt/metrics.json"}})
