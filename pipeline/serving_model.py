@@ -34,12 +34,12 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
 from mlflow.pyfunc import PythonModel
 
 IMAGE_COLUMN = "image"
-DEFAULT_MAX_REQUEST_PIXELS = 64_000_000  # models logged before the bound was part of serving.json
 log = logging.getLogger(__name__)
 
 
 class MultiScaleSegmentationModel(PythonModel):
     def load_context(self, context) -> None:
+        from components.config import RegisterConfig
         from components.models import load_saved_model
 
         self.model, self.cfg = load_saved_model(context.artifacts["model_dir"])  # model.metadata: classes
@@ -47,7 +47,8 @@ class MultiScaleSegmentationModel(PythonModel):
         # models logged before the defaults were an artifact carry them in model_config
         config = json.loads(Path(defaults).read_text()) if defaults else (context.model_config or {})
         self.scales = [float(s) for s in config.get("default_scales") or self.trained_scales()]
-        self.max_request_pixels = int(config.get("max_request_pixels") or DEFAULT_MAX_REQUEST_PIXELS)
+        # models logged before the bound was part of serving.json get its default
+        self.max_request_pixels = int(config.get("max_request_pixels") or RegisterConfig().max_request_pixels)
 
     def predict(self, context, model_input, params: dict | None = None) -> list[np.ndarray]:
         try:
