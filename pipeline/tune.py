@@ -28,6 +28,7 @@ from pipeline.launch import prepare_launch
 from pipeline.search_space import SEARCHED, check_search_space, search_space, trial_config
 
 TRIAL_TAG = "hmsa.trial_id"
+FAILURE_TAG = "hmsa.failure"  # why a trial's training ended in an error that a retry meets again
 
 
 def driver(settings: dict, base: PipelineConfig, setup: dict) -> None:
@@ -36,7 +37,7 @@ def driver(settings: dict, base: PipelineConfig, setup: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.trainer import build_trainer
+    from pipeline.trainer import build_trainer, not_retried
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, settings, trial_id)
@@ -48,7 +49,18 @@ def driver(settings: dict, base: PipelineConfig, setup: dict) -> None:
     mlflow.MlflowClient().log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in settings.items()])
     trainer = build_trainer(cfg, launch, f"{setup['name']}-{trial_id}", mlflow_run_id=run_id,
                             callbacks=[TuneReportCallback()])
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as err:
+        failure = not_retried(err)
+        if failure is None:
+            raise
+        # Settings that diverge are an answer of the search, not a failure to retry: Tune would rerun
+        # the trial ray.max_failures times from its checkpoint and meet the same NaN each time. The
+        # trial ends here; its row says it failed and why (search()), and it is never the best.
+        mlflow.MlflowClient().set_tag(run_id, FAILURE_TAG, str(failure))
+        print(f"trial {trial_id} failed: {failure}")
+        return
     # Only success is recorded here. A trial that ASHA stops or that fails ends in search(), from
     # Tune's own result once the search is over: marking it here, a stopping trial's last moments
     # could land after that and overwrite KILLED with FAILED.
@@ -71,22 +83,26 @@ def _trial_id(result) -> str:
     return str((result.metrics or {}).get("trial_id") or result.path.rsplit("/", 1)[-1].split("_", 1)[-1])
 
 
-def _record_trial_statuses(experiment_id: str, parent_run_id: str, results, max_epochs: int) -> None:
+def _record_trial_statuses(experiment_id: str, parent_run_id: str, results, max_epochs: int) -> dict[str, str]:
     """Every trial's MLflow run ends with its real status: FINISHED after its whole budget, KILLED
-    when ASHA stopped it early (its process was ended before it could say so), FAILED on error."""
+    when ASHA stopped it early (its process was ended before it could say so), FAILED on error or
+    on an error a retry meets again (FAILURE_TAG). Returns those trials' reasons, by trial id."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
     children = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
     by_trial = {run.data.tags.get(TRIAL_TAG): run for run in children}
+    failures = {trial: run.data.tags[FAILURE_TAG] for trial, run in by_trial.items() if FAILURE_TAG in run.data.tags}
     for result in results:
         run = by_trial.get(_trial_id(result))
         if run is None:
             continue
         epochs = int((result.metrics or {}).get("epoch", 0))
-        status = "FAILED" if result.error is not None else ("FINISHED" if epochs >= max_epochs else "KILLED")
+        failed = result.error is not None or _trial_id(result) in failures
+        status = "FAILED" if failed else ("FINISHED" if epochs >= max_epochs else "KILLED")
         if run.info.status != status:
             client.set_terminated(run.info.run_id, status=status)
+    return failures
 
 
 def search(cfg: PipelineConfig) -> list[dict]:
@@ -139,24 +155,25 @@ def search(cfg: PipelineConfig) -> list[dict]:
         # not hold the CPUs the next trials wait for (cluster.free_leaked_placement_groups).
         with cluster.LeakedPlacementGroupReaper():
             results = tuner.fit()
-        _record_trial_statuses(experiment_id, parent_run_id, results, cfg.tune.epochs)
-        rows = [_trial_row(cfg, result) for result in results]
+        failures = _record_trial_statuses(experiment_id, parent_run_id, results, cfg.tune.epochs)
+        rows = [_trial_row(cfg, result, failures.get(_trial_id(result))) for result in results]
         from mlflow import MlflowClient
 
         MlflowClient().set_tag(parent_run_id, tracking.COMPLETE_TAG, "true")
     return rows
 
 
-def _trial_row(cfg: PipelineConfig, result) -> dict:
+def _trial_row(cfg: PipelineConfig, result, failure: str | None) -> dict:
     history = result.metrics_dataframe
     settings = {k: result.config[k] for k in SEARCHED if k in result.config}
     trial_cfg = trial_config(cfg, settings, "report")
     epochs = int(history["epoch"].max()) if history is not None and len(history) else 0
+    failed = result.error is not None or failure is not None
     return {
         "trial": result.path.rsplit("/", 1)[-1], **settings,
         "train_scale_list": trial_cfg.model.train_scales,
-        "epochs": epochs, "stopped_early": int(result.error is None and epochs < cfg.tune.epochs),
-        "failed": int(result.error is not None),
+        "epochs": epochs, "stopped_early": int(not failed and epochs < cfg.tune.epochs),
+        "failed": int(failed), "failure": failure or ("" if result.error is None else type(result.error).__name__),
         "last_val_miou": float(history["val_miou"].iloc[-1]) if epochs else float("nan"),
         "best_val_miou": float(history["val_miou"].max()) if epochs else float("nan"),
         "train_gflops": train_step_flops(trial_cfg.model, tuple(trial_cfg.train.crop_size)) / 1e9,

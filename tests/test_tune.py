@@ -19,15 +19,16 @@ RAY_HEAD_CPUS = 2  # for the ray_head fixture of conftest
 
 def search_params(tmp_path, data):
     # One trial at a time (each takes the 2 CPUs), so ASHA compares each trial with the ones before.
-    # The first trial learns (lr 0.1); the next two barely move from the initial weights (lr 1e-9),
-    # so at the first rung they fall below the first trial and ASHA stops them.
+    # The first trial learns (lr 0.1); the second barely moves from the initial weights (lr 1e-9), so
+    # at the first rung it falls below the first trial and ASHA stops it; the third diverges (lr 1e30:
+    # a NaN loss, which a retry meets again: it fails at once, not retried ray.max_failures times).
     return write_params(
         tmp_path, data,
         ray={"cpus_per_worker": 2},
         train={"batch_size": 2},
         tune={"num_samples": 1, "epochs": 3, "steps_per_epoch": None, "grace_period": 1, "reduction_factor": 2,
               "train_scale_sets": {"s05_10": [0.5, 1.0]},
-              "search": {"lr": {"grid": [0.1, 1e-9, 1e-9]}, "train_scales": {"choice": ["s05_10"]}}},
+              "search": {"lr": {"grid": [0.1, 1e-9, 1e30]}, "train_scales": {"choice": ["s05_10"]}}},
     )
 
 
@@ -69,7 +70,9 @@ def test_search_asha_mlflow_best_drives_train_and_resume(tmp_path, ray_head, ano
     assert "resuming the interrupted search" in done.stdout
 
     rows = trial_rows(tmp_path)
-    assert len(rows) == 3 and not any(int(r["failed"]) for r in rows)
+    assert len(rows) == 3 and [float(r["lr"]) for r in rows if int(r["failed"])] == [1e30], rows
+    assert all("training loss became" in r["failure"] for r in rows if int(r["failed"])), rows
+    assert "[FailurePolicy] RETRY" not in done.stdout + done.stderr
     assert sum(int(r["stopped_early"]) for r in rows) >= 1, rows
     assert all(float(r["train_gflops"]) > 0 for r in rows)
     best = yaml.safe_load((tmp_path / "tune" / "best.yaml").read_text())
@@ -82,11 +85,13 @@ def test_search_asha_mlflow_best_drives_train_and_resume(tmp_path, ray_head, ano
     children = client.search_runs([experiment.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
     assert len(children) == 3  # one per trial, the interrupted trial's run reused on resume
-    assert sorted(float(c.data.params["lr"]) for c in children) == [1e-9, 1e-9, 0.1]
-    # Every trial ends with its real status: the full-budget one FINISHED, those ASHA stopped KILLED.
+    assert sorted(float(c.data.params["lr"]) for c in children) == [1e-9, 0.1, 1e30]
+    # Every trial ends with its real status: the full-budget one FINISHED, those ASHA stopped KILLED,
+    # the diverged one FAILED.
     by_status = sorted((c.info.status, float(c.data.params["lr"])) for c in children)
     stopped = sum(int(r["stopped_early"]) for r in rows)
     assert [s for s, _ in by_status].count("KILLED") == stopped and ("FINISHED", 0.1) in by_status, by_status
+    assert ("FAILED", 1e30) in by_status, by_status
     assert parents[0].info.status == "FINISHED"
 
     # The same search again (same code, config and data) is reused, not run again.
