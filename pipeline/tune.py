@@ -60,6 +60,9 @@ def driver(settings: dict, base: PipelineConfig, setup: dict) -> None:
         # trial ends here; its row says it failed and why (search()), and it is never the best.
         mlflow.MlflowClient().set_tag(run_id, FAILURE_TAG, str(failure))
         print(f"trial {trial_id} failed: {failure}")
+        # Tune wants the searched metric in a trial's last result: NaN, no value (ASHA's rungs start at
+        # epoch tune.grace_period >= 1, so this epoch-0 result is never compared)
+        tune.report({"epoch": 0, "val_miou": float("nan")})
         return
     # Only success is recorded here. A trial that ASHA stops or that fails ends in search(), from
     # Tune's own result once the search is over: marking it here, a stopping trial's last moments
