@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
-from components.atomic import Recogniser, check_replaceable, csv_with_header, json_with, starting_with, yaml_with
 from components.config import PipelineConfig
+from components.owned_files import Recogniser, check_replaceable, csv_with_header, json_with, starting_with, yaml_with
 
 TRAINING_CURVES = csv_with_header("epoch", "loss", "val_miou")
 TRAINING_METRICS = json_with("best_val_miou", "epochs")

@@ -21,13 +21,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from components.atomic import atomic_batch, check_replaceable, output_lock, remove_stale_temporaries
+from components.atomic import atomic_batch, output_lock, remove_stale_temporaries
 from components.config import PipelineConfig
 from components.data.classes import CITYSCAPES_CLASSES, palette
 from components.data.dataset import to_tensor
 from components.data.images import image_size, read_image
 from components.data.pyramid import image_levels
 from components.data.readers import IMAGE_SUFFIXES
+from components.owned_files import check_replaceable
 from pipeline import output_files
 from pipeline.common import run_stage
 from pipeline.model_source import load_model

@@ -281,8 +281,9 @@ def test_a_folder_the_pipeline_did_not_write_is_never_replaced(tmp_path):
 
 def test_leftovers_of_killed_runs_are_removed_by_the_next_run(tmp_path):
     """Temporaries are named after their output, so the next run of the stage finds and removes them."""
-    from components.atomic import atomic_file, json_with
+    from components.atomic import atomic_file
     from components.data.pyramid import build_pyramid
+    from components.owned_files import json_with
     from components.storage import Storage
 
     root = write_cityscapes(tmp_path / "cs")
@@ -346,10 +347,11 @@ def test_outputs_follow_the_umask(tmp_path, umask):
     a model, a pyramid or a result whatever the umask said."""
     import stat
 
-    from components.atomic import atomic_dir, atomic_file, current_umask, json_with
+    from components.atomic import atomic_dir, atomic_file, current_umask
     from components.data.pyramid import build_pyramid
     from components.data.readers import read_cityscapes
     from components.data.synthetic import write_cityscapes_layout
+    from components.owned_files import json_with
     from components.storage import Storage
 
     def mode(path) -> int:

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from components.atomic import OutputBusyError, atomic_dir, atomic_file, json_with, output_lock
+from components.atomic import OutputBusyError, atomic_dir, atomic_file, output_lock
+from components.owned_files import json_with
 from tests.services import python_env
 
 HOLDER = """
