@@ -109,6 +109,9 @@ class RayConfig(Section):
     gpus_per_worker: float = Field(1, gt=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = Field(2, ge=-1)
+    # worker-group starts that may fail or time out (the cluster's resources held by other work)
+    # before the run fails; Ray Train's own default retries them for ever
+    max_start_failures: int = Field(5, ge=0)
     checkpoints_to_keep: int = Field(2, gt=0)
     elastic_resize_interval_s: float = Field(60.0, gt=0)  # elastic runs: how often to look for more workers
 

@@ -26,7 +26,7 @@ from pipeline.common import run_stage
 from pipeline.environment import Environment
 from pipeline.launch import prepare_launch
 from pipeline.search_space import apply_best
-from pipeline.trainer import STATE_FILE, build_trainer, not_retried, validation_scales
+from pipeline.trainer import STATE_FILE, build_trainer, not_retried, start_failure, validation_scales
 
 
 def _start_tracking(cfg: PipelineConfig, env: Environment, key: str, name: str, manifest: dict):
@@ -148,7 +148,8 @@ def main(cfg: PipelineConfig) -> None:
         try:
             result = trainer.fit()
         except Exception as err:
-            failure = not_retried(err) or cluster.storage_failure(err, launch.env.checkpoint_root())
+            failure = (not_retried(err) or start_failure(err, cfg.ray)
+                       or cluster.storage_failure(err, launch.env.checkpoint_root()))
             if failure is None:
                 raise
             raise failure from err

@@ -40,7 +40,7 @@ from components.training import (
     train_one_epoch,
 )
 from pipeline.environment import Environment
-from pipeline.errors import NotRetriedError
+from pipeline.errors import ClusterError, NotRetriedError
 from pipeline.tracking import log_epoch
 
 STATE_FILE = "train_state.pt"
@@ -187,6 +187,20 @@ def not_retried(err: BaseException) -> NotRetriedError | None:
     return cause if isinstance(cause, NotRetriedError) else None
 
 
+def start_failure(err: BaseException, rc) -> ClusterError | None:
+    """One line for a fit() that ended because its workers could not start ray.max_start_failures + 1
+    times (Ray Train would retry that for ever: a search never finished nor failed)."""
+    # Ray Train's own error types for it; not public, hence the import here
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
+
+    cause = getattr(err, "controller_failure", None)
+    if not isinstance(cause, (WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError)):
+        return None
+    return ClusterError(f"the training's workers could not start {rc.max_start_failures + 1} times (last: "
+                        f"{str(cause).splitlines()[0]}); the cluster's resources are held by other work (`ray "
+                        "status` shows by what): free them, or raise ray.max_start_failures to wait longer")
+
+
 def build_trainer(cfg: PipelineConfig, launch, run_name: str, mlflow_run_id: str | None = None,
                   callbacks: list | None = None) -> ray.train.torch.TorchTrainer:
     """A TorchTrainer for this config on the cluster that `launch` (pipeline.launch.Launch) chose.
@@ -207,7 +221,8 @@ def build_trainer(cfg: PipelineConfig, launch, run_name: str, mlflow_run_id: str
             name=run_name,
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=rc.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=rc.max_failures,
+                                                   controller_failure_limit=rc.max_start_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=rc.checkpoints_to_keep,
                                                          checkpoint_score_attribute="val_miou",
                                                          checkpoint_score_order="max"),
