@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from components.atomic import atomic_batch, output_lock, remove_stale_temporaries
-from components.config import PipelineConfig
+from components.config import NAME_MAX, TEMPORARY_NAME_EXTRA, PipelineConfig
 from components.data.classes import CITYSCAPES_CLASSES, palette
 from components.data.dataset import to_tensor
 from components.data.images import image_size, read_image
@@ -73,6 +73,12 @@ def check_outputs(images: list[Path], output: Path, overwrite: bool) -> None:
         listed = "; ".join(", ".join(map(str, paths)) for paths in clashes.values())
         raise ValueError(f"inputs with the same name would write the same outputs: {listed} "
                          "(predict them into separate --output folders)")
+    longest = max(OUTPUT_SUFFIXES, key=len)
+    too_long = [p for p in images if len(f"{p.stem}{longest}".encode()) + TEMPORARY_NAME_EXTRA > NAME_MAX]
+    if too_long:  # its outputs (and their temporaries) would not fit a file name: refused, not a traceback
+        allowed = NAME_MAX - TEMPORARY_NAME_EXTRA - len(longest)
+        raise ValueError(f"{too_long[0]}: its name is too long for its outputs' names ({too_long[0].stem}{longest} "
+                         f"and its temporary); rename it to a stem of at most {allowed} bytes")
     inputs = {path.resolve() for path in images}
     own_inputs = [output / f"{p.stem}{suffix}" for p in images for suffix in OUTPUT_SUFFIXES
                   if (output / f"{p.stem}{suffix}").resolve() in inputs]

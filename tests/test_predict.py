@@ -252,3 +252,14 @@ def test_the_served_model_bounds_the_work_of_a_request(tmp_path):
     many = pd.DataFrame({"image": [png.getvalue()] * 14})  # 14 x 1536 = 21504 at scale 1.0
     with pytest.raises(MlflowException, match="21504 image pixels"):
         served.predict(None, many, {"scales": [1.0]})
+
+
+def test_an_input_name_too_long_for_its_outputs_is_refused_by_name(tmp_path):
+    """A 245-byte stem fits a file name, but `<stem>_overlay.png`'s temporary does not: it used to
+    end in a traceback (ENAMETOOLONG) once the first output was opened."""
+    params = setup(tmp_path)
+    long_name = tmp_path / "a" / f"{'n' * 245}.png"
+    (tmp_path / "a" / "street.png").rename(long_name)
+    done = predict(tmp_path, params, long_name)
+    assert done.returncode == 1 and "its name is too long for its outputs' names" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -84,6 +86,18 @@ def snapshot(root: Path, skip: Path | None = None) -> dict[str, str]:
     for path in sorted(root.rglob("*")):
         if skip is not None and (path == skip or skip in path.parents):
             continue
-        rel = str(path.relative_to(root))
-        state[rel] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+        state[str(path.relative_to(root))] = _fingerprint(path)
     return state
+
+
+def _fingerprint(path: Path) -> str:
+    """A file's content hash; what stands for it when reading it would hang or take gigabytes (a FIFO,
+    a link to a device, a sparse file of 6 GB): its kind, link target or size and time."""
+    info = path.lstat()
+    if stat.S_ISREG(info.st_mode):
+        if info.st_size <= 1 << 24:
+            return hashlib.sha256(path.read_bytes()).hexdigest()
+        return f"file of {info.st_size} bytes, modified {info.st_mtime_ns}"
+    if stat.S_ISLNK(info.st_mode):
+        return f"link to {os.readlink(path)}"
+    return "dir" if stat.S_ISDIR(info.st_mode) else f"special file {stat.S_IFMT(info.st_mode):o}"

@@ -7,6 +7,7 @@ id or key), nothing is written outside the output, and no earlier output or user
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 from pathlib import Path
 
@@ -112,11 +113,37 @@ def tiny_model(tmp_path_factory):
     return load_saved_model(folder / "model")[0]
 
 
+# What else can stand where an input image should: each is refused by its name, never a hang or a traceback.
+HOSTILE_ENTRIES = ["fifo", "device", "loop", "folder", "sparse"]
+
+
+def write_entry(path: Path, data: bytes | str) -> None:
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    elif data == "fifo":
+        os.mkfifo(path)
+    elif data == "device":
+        path.symlink_to("/dev/zero")
+    elif data == "loop":
+        path.symlink_to(path)
+    elif data == "folder":
+        path.mkdir()
+    else:
+        with open(path, "wb") as handle:
+            handle.truncate(6 << 30)
+
+
 @PROPERTY
-@given(st.lists(st.tuples(hostile_names, image_bytes(24, 32)), min_size=1, max_size=4), st.booleans())
-def test_predict_writes_every_label_map_or_nothing(tiny_model, inputs, overwrite):
-    """A folder of inputs with any contents and names, an output folder holding a user's file:
-    predict writes label maps for all of them, or refuses naming the file and writes nothing."""
+@given(st.lists(st.tuples(st.one_of(hostile_names, st.just("n" * 245)),
+                          st.one_of(image_bytes(24, 32), image_bytes(24, 32), st.sampled_from(HOSTILE_ENTRIES))),
+                min_size=1, max_size=4),
+       st.booleans(), st.booleans())
+def test_predict_writes_every_label_map_or_nothing(tiny_model, inputs, overwrite, earlier_run):
+    """A folder of inputs with any contents, names (up to the file system's length limit) and file
+    types (FIFOs, devices, link loops, folders and sparse 6 GB files named like images), an output
+    folder holding a user's file or an earlier run's label map: predict writes label maps for all of
+    them (replacing only an earlier label map, with --overwrite), or refuses naming the file and
+    writes nothing."""
     from pipeline.predict import list_images, predict
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,10 +152,11 @@ def test_predict_writes_every_label_map_or_nothing(tiny_model, inputs, overwrite
         (folder / "out").mkdir()
         for name, data in inputs:
             with contextlib.suppress(OSError, ValueError):  # a name this file system refuses
-                (folder / "in" / f"{name}.png").write_bytes(data)
+                write_entry(folder / "in" / f"{name}.png", data)
         first = next(iter((folder / "in").iterdir()), None)
-        if first is not None:  # the user's own file where a first output would go
-            (folder / "out" / f"{first.stem}_label.png").write_bytes(b"the user's own file")
+        if first is not None:  # the user's own file, or an earlier run's label map, where a first output goes
+            (folder / "out" / f"{first.stem}_label.png").write_bytes(
+                encoded(np.zeros((24, 32), np.uint8), "PNG") if earlier_run else b"the user's own file")
         before = snapshot(folder)
         try:
             written = predict(tiny_model, list_images([str(folder / "in")]), [1.0], folder / "out",
@@ -139,7 +167,7 @@ def test_predict_writes_every_label_map_or_nothing(tiny_model, inputs, overwrite
             assert snapshot(folder) == before  # nothing written, the user's file untouched
         else:
             event("predicted")
-            assert overwrite or first is None
+            assert first is None or (overwrite and earlier_run)
             assert len(written) == len(list((folder / "in").iterdir()))
             after = snapshot(folder)
             assert {k: v for k, v in after.items() if k in before and not k.startswith("out/")} == \
