@@ -162,6 +162,8 @@ class PrepareConfig(Section):
     on_bad_sample: Literal["error", "skip"] = "error"
     # images or labels whose header declares more pixels are refused before decoding
     max_pixels: int = Field(40_000_000, gt=0)
+    # processes converting (and generating) images at once (auto: the CPUs this process may use)
+    workers: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
@@ -169,6 +171,9 @@ class PyramidConfig(Section):
     scales: ScaleSet = [0.25, 0.5, 1.0, 2.0]
     output: LocalPath = "data/pyramid/synthetic"  # DVC-tracked; published to HMSA_STORAGE for clusters
     shard_size: int = Field(64, gt=0)
+    tile: int = Field(256, ge=16, le=4096)  # pixels per side of a stored tile: a crop reads the tiles under it
+    # processes building shards at once (auto: the CPUs this process may use); each holds one image
+    workers: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
 
 
 class LoaderConfig(Section):

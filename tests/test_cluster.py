@@ -59,8 +59,12 @@ def file_hashes(root: Path) -> dict[str, str]:
 
 @pytest.mark.timeout(1800)
 def test_dvc_repro_on_the_cluster_then_fresh_clone_pulls_the_same(tmp_path, stack):
+    """At Cityscapes' size (2048x1024 images, 256x256 crops): prepare -> pyramid -> tune -> train ->
+    evaluate -> register across the namespaced worker nodes, the pyramid read from S3 in tiles."""
     repo = tiny_repo(tmp_path / "repo", ray={"num_workers": 2, "cpus_per_worker": 1,
-                                              "placement_strategy": "STRICT_SPREAD"})
+                                              "placement_strategy": "STRICT_SPREAD"},
+                     prepare={"synthetic": {"train_images": 4, "val_images": 2, "height": 1024, "width": 2048}},
+                     train={"crop_size": [256, 256]})
     # The DVC remote needs no endpoint of its own: AWS_ENDPOINT_URL reaches it like every client.
     dvc(repo, "remote", "add", "-d", "storage", "s3://hmsa/dvc", env=stack.env)
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
@@ -71,6 +75,8 @@ def test_dvc_repro_on_the_cluster_then_fresh_clone_pulls_the_same(tmp_path, stac
     assert "pre-flight passed on 3 node(s)" in output
     metrics = read_metrics_at(repo / "results/train/metrics.json")
     assert metrics["num_workers"] == 2 and len(metrics["worker_nodes"]) == 2  # one worker on each node
+    manifest = json.loads((repo / "data/pyramid/synthetic/manifest.json").read_text())
+    assert manifest["format_version"] == 2 and manifest["splits"]["val"][0]["width"] == 2048
 
     # Workers read the pyramid from the bucket, under its content hash; checkpoints and MLflow
     # artifacts are in the bucket too.

@@ -113,8 +113,8 @@ def test_a_training_sample_is_a_function_of_seed_epoch_and_index(pyramid):
 def test_eval_dataset_and_class_uniform_sampling(pyramid):
     reader = PyramidReader(str(pyramid / "pyramid"))
     ds = PyramidEvalDataset(reader, "val", [0.25, 0.75, 1.0])
-    # 0.75 is not stored: it is made from the 1.0 level with the pyramid's own resize
-    assert ds.scales == [0.25, 0.75, 1.0] and ds.stored == [0.25, 1.0]
+    # every scale is made from the 1.0 level with the pyramid's own resize, stored or not
+    assert ds.scales == [0.25, 0.75, 1.0]
     assert ds[0]["images"][1.0].shape == (3, 64, 96) and ds[0]["images"][0.75].shape == (3, 48, 72)
     entries = [{"classes": [0]}] * 9 + [{"classes": [0, 5]}]
     epochs = [class_uniform_order(entries, 19, 1.0, np.random.default_rng(seed)) for seed in range(50)]
@@ -239,3 +239,144 @@ def test_crop_windows_are_exact_where_floats_are_not():
         windows = crop_windows((400, 400), (40, 70), [0.7, 1.0], rng)
         top, left, _height, _width = windows[1.0]
         assert windows[0.7] == (top * 7 // 10, left * 7 // 10, 28, 49) and top % 10 == 0 == left % 10
+
+
+@pytest.fixture(scope="module")
+def tiled(tmp_path_factory):
+    """A pyramid in tiles of 16 pixels: a 64x96 image is 4x6 tiles at 1.0, so windows cross tiles."""
+    root = tmp_path_factory.mktemp("tiled")
+    write_cityscapes_layout(root / "cs", {"train": 3, "val": 1}, 64, 96, seed=5)
+    prepare_dataset(read_cityscapes(root / "cs"), root / "raw")
+    build_pyramid(root / "raw", [0.25, 0.375, 0.5, 0.75, 1.0, 1.5, 2.0], shard_size=2, storage=Storage(),
+                  output=str(root / "pyramid"), tile=16)
+    return root
+
+
+def test_the_pyramid_stores_1_and_its_halvings_and_makes_the_other_levels_exactly(tiled):
+    """Any window of any level, stored or made on read from the 1.0 region under it, is exactly that
+    window of the whole level: the 1.0 image resized with the one resize of the project."""
+    from PIL import Image
+
+    from components.data.resize import resize_image as whole_image
+    from components.data.resize import resize_label as whole_label
+
+    reader = PyramidReader(str(tiled / "pyramid"))
+    assert reader.stored == [0.25, 0.5, 1.0]
+    entry = reader.entries("train")[2]
+    image = np.asarray(Image.open(tiled / "raw" / "images" / "train" / f"{entry['id']}.png"))
+    label = np.asarray(Image.open(tiled / "raw" / "labels" / "train" / f"{entry['id']}.png"))
+    rng = np.random.default_rng(0)
+    for s in reader.scales:
+        size = (round(64 * s), round(96 * s))
+        level_image, level_label = whole_image(image, size), whole_label(label, size)
+        for _ in range(15):
+            top, left = int(rng.integers(-5, size[0])), int(rng.integers(-5, size[1]))
+            height, width = int(rng.integers(1, 40)), int(rng.integers(1, 40))
+            got_image, got_label = reader.read_window("train", 2, s, (top, left, height, width))
+            rows = slice(max(0, top), max(0, top + height))
+            cols = slice(max(0, left), max(0, left + width))
+            assert np.array_equal(got_image, level_image[rows, cols]), (s, top, left)
+            assert np.array_equal(got_label, level_label[rows, cols]), (s, top, left)
+
+
+def test_a_crop_reads_only_the_tiles_under_it(tiled):
+    reader = PyramidReader(str(tiled / "pyramid"))
+    reader.read_window("train", 0, 1.0, (0, 0, 1, 1))  # the shard's index, read once
+    before = reader.bytes_read
+    whole = reader.read("train", 0, [1.0])
+    whole_bytes = reader.bytes_read - before
+    before = reader.bytes_read
+    reader.read_window("train", 0, 1.0, (20, 20, 16, 16))  # 2x2 of the 4x6 tiles
+    assert 0 < reader.bytes_read - before < whole_bytes * 6 / 24 and whole[1.0][0].shape == (64, 96, 3)
+
+
+def test_class_points_lie_on_their_class(tiled):
+    reader = PyramidReader(str(tiled / "pyramid"))
+    for index, entry in enumerate(reader.entries("train")):
+        label = reader.read("train", index, [1.0])[1.0][1]
+        for cls in entry["classes"]:
+            points = reader.points("train", index, cls)
+            assert 0 < len(points) <= 16 and all(label[y, x] == cls for y, x in points)
+
+
+def test_a_pyramid_of_another_format_is_refused_with_what_to_run(tiled, tmp_path):
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiled / "pyramid", old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(ValueError, match=r"pyramid format 1 is not the format 2 .*dvc repro --force pyramid"):
+        PyramidReader(str(old))
+
+
+def test_a_killed_build_keeps_the_old_pyramid_and_the_next_run_keeps_its_finished_shards(tmp_path, monkeypatch):
+    import components.data.pyramid as pyramid_module
+
+    write_cityscapes_layout(tmp_path / "cs", {"train": 5, "val": 1}, 32, 48, seed=3)
+    prepare_dataset(read_cityscapes(tmp_path / "cs"), tmp_path / "raw")
+    output = tmp_path / "pyramid"
+    build_pyramid(tmp_path / "raw", [0.5, 1.0], shard_size=2, storage=Storage(), output=str(output))
+    before = (output / "manifest.json").read_text()
+    real, built = pyramid_module.write_shard, []
+
+    def dies_at_the_third_shard(*args, **kwargs):
+        if len(built) == 2:
+            raise KeyboardInterrupt  # as a kill: nothing after it runs
+        built.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pyramid_module, "write_shard", dies_at_the_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        build_pyramid(tmp_path / "raw", [0.25, 0.5, 1.0], shard_size=2, storage=Storage(), output=str(output))
+    assert (output / "manifest.json").read_text() == before  # the old pyramid is whole
+    assert len(list(tmp_path.glob(".pyramid.build-*"))) == 1
+    # The same inputs again: the two finished shards are kept, only the rest is built.
+    counted = []
+    monkeypatch.setattr(pyramid_module, "write_shard", lambda *a, **k: counted.append(a[2]) or real(*a, **k))
+    build_pyramid(tmp_path / "raw", [0.25, 0.5, 1.0], shard_size=2, storage=Storage(), output=str(output))
+    assert len(counted) == 2  # train-00002 and val-00000 of 4 shards
+    assert PyramidReader(str(output)).scales == [0.25, 0.5, 1.0] and not list(tmp_path.glob(".pyramid.build-*"))
+    # A build of other inputs removes a leftover build folder rather than mixing with it.
+    leftover = tmp_path / ".pyramid.build-000000000000"
+    leftover.mkdir()
+    build_pyramid(tmp_path / "raw", [0.5, 1.0], shard_size=2, storage=Storage(), output=str(output))
+    assert not leftover.exists()
+
+
+def test_generate_prepare_and_pyramid_in_parallel_write_what_they_write_in_turn(tmp_path):
+    """The data stages' outputs do not depend on how many processes wrote them."""
+    for workers in (1, 2):
+        write_cityscapes_layout(tmp_path / f"cs{workers}", {"train": 4, "val": 2}, 32, 48, seed=4, workers=workers)
+        prepare_dataset(read_cityscapes(tmp_path / f"cs{workers}"), tmp_path / f"raw{workers}", workers=workers)
+        build_pyramid(tmp_path / f"raw{workers}", [0.5, 1.0, 2.0], shard_size=2, storage=Storage(),
+                      output=str(tmp_path / f"p{workers}"), workers=workers)
+    for folder in ("cs", "raw", "p"):
+        files = {p.relative_to(tmp_path / f"{folder}1"): p.read_bytes() for p in (tmp_path / f"{folder}1").rglob("*")
+                 if p.is_file()}
+        assert files == {p.relative_to(tmp_path / f"{folder}2"): p.read_bytes()
+                         for p in (tmp_path / f"{folder}2").rglob("*") if p.is_file()}, folder
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (37, 53), (64, 96)])
+def test_any_window_of_a_resize_is_made_from_its_source_region_alone(shape):
+    """The property the tiled pyramid rests on, down and up, at ratios that are and are not whole."""
+    from components.data.resize import label_window, resize_window, source_window
+    from components.data.resize import resize_image as whole_image
+    from components.data.resize import resize_label as whole_label
+
+    rng = np.random.default_rng(shape[0])
+    image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    label = rng.integers(0, 19, shape, dtype=np.uint8)
+    for s in (0.25, 0.375, 0.5, 0.7, 0.75, 1.3, 1.5, 2.0):
+        size = (max(1, round(shape[0] * s)), max(1, round(shape[1] * s)))
+        level_image, level_label = whole_image(image, size), whole_label(label, size)
+        for _ in range(20):
+            top, left = int(rng.integers(0, size[0])), int(rng.integers(0, size[1]))
+            window = (top, left, int(rng.integers(1, size[0] - top + 1)), int(rng.integers(1, size[1] - left + 1)))
+            y, x, h, w = source_window(shape, size, window)
+            part = resize_window(image[y : y + h, x : x + w], (y, x), shape, size, window)
+            part_label = label_window(label[y : y + h, x : x + w], (y, x), shape, size, window)
+            rows, cols = slice(top, top + window[2]), slice(left, left + window[3])
+            assert np.array_equal(part, level_image[rows, cols]) and np.array_equal(part_label, level_label[rows, cols])

@@ -14,8 +14,9 @@ import torch
 from torch.utils.data import Dataset
 
 from components.config import LoaderConfig
-from components.data.pyramid import PyramidReader, image_levels, resize_image, resize_label
-from components.scales import crop_grid_step, scale_key, scaled_size
+from components.data.pyramid import PyramidReader, image_levels
+from components.data.resize import label_window, resize_window, source_window
+from components.scales import crop_grid_step, scaled_size
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
 STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
@@ -100,16 +101,18 @@ def crop_windows(base_shape: tuple[int, ...], crop_size: tuple[int, int], train_
             for s in train_scales}
 
 
-def pixel_of_class(label: np.ndarray, target: int, rng: np.random.Generator) -> tuple[int, int] | None:
-    """A random (y, x) where `label` shows class `target`; None for no target (-1) or when this level
-    no longer shows the class (the crop is then placed at random)."""
+def point_of_class(reader: PyramidReader, split: str, sample: int, target: int, scale: float,
+                   rng: np.random.Generator) -> tuple[int, int] | None:
+    """A pixel (y, x) of class `target` in the sample's level `scale`, drawn among the pixels the
+    pyramid remembered for it at build time (no label is read); None for no target (-1)."""
     if target < 0:
         return None
-    ys, xs = np.nonzero(label == target)
-    if not len(ys):
+    points = reader.points(split, sample, target)
+    if not points:
         return None
-    pick = int(rng.integers(len(ys)))
-    return int(ys[pick]), int(xs[pick])
+    y, x = points[int(rng.integers(len(points)))]
+    height, width = reader.size(split, sample, scale)
+    return min(height - 1, int(y * scale)), min(width - 1, int(x * scale))
 
 
 class PyramidTrainDataset(Dataset):
@@ -161,68 +164,67 @@ class PyramidTrainDataset(Dataset):
         }
 
     def _crops_from_levels(self, sample: int, target: int, rng: np.random.Generator) -> tuple[dict, np.ndarray]:
-        """Random scale r from loader.random_scales: every crop cut from a stored level (r * s)."""
+        """Random scale r from loader.random_scales: every crop is the window of level r * s it covers,
+        read from the pyramid (only the tiles under it)."""
         r = float(rng.choice(self.cfg.random_scales))
-        levels = self.reader.read(self.split, sample, [round(r * s, 6) for s in self.train_scales])
-        base_label = levels[round(r, 6)][1]
-        windows = crop_windows(
-            base_label.shape, self.crop_size, self.train_scales, rng, around=pixel_of_class(base_label, target, rng)
-        )
+        base_shape = self.reader.size(self.split, sample, r)
+        around = point_of_class(self.reader, self.split, sample, target, r, rng)
+        windows = crop_windows(base_shape, self.crop_size, self.train_scales, rng, around=around)
         crops, label = {}, None
         for s in self.train_scales:
-            image, lab = levels[round(r * s, 6)]
             y, x, h, w = windows[s]
-            crops[s] = _pad(image[y : y + h, x : x + w], h, w, 0)
+            image, lab = self.reader.read_window(self.split, sample, round(r * s, 6), (y, x, h, w))
+            crops[s] = _pad(image, h, w, 0)
             if s == 1.0:
-                label = _pad(lab[y : y + h, x : x + w], h, w, 255)
+                label = _pad(lab, h, w, 255)
         assert label is not None  # 1.0 is always a training scale
         return crops, label
 
     def _crops_at_any_scale(self, sample: int, target: int, rng: np.random.Generator) -> tuple[dict, np.ndarray]:
-        """Random scale r drawn from loader.random_scale_range (the paper's 0.5 to 2.0): the image at
-        r is made from the nearest stored level at or above r (area resize down, no detail made up),
-        the crop is cut there, and the other training scales are resizes of that crop with the
-        pyramid's own resize (image_levels), so every level shows exactly the same region."""
+        """Random scale r drawn from loader.random_scale_range (the paper's 0.5 to 2.0): the crop at r
+        is resized from the region under it in the nearest stored level at or above r (area down, no
+        detail made up; 1.0 upsampled above it), and the other training scales are resizes of that
+        crop with the pyramid's own resize (image_levels), so every level shows exactly its region."""
         assert self.cfg.random_scale_range is not None  # this path is taken only when it is set
         low, high = self.cfg.random_scale_range
         r = float(rng.uniform(low, high))
-        above = [s for s in self.reader.scales if s >= r - 1e-9]
-        source = min(above) if above else max(self.reader.scales)
-        image, lab = self.reader.read(self.split, sample, [source])[source]
-        full = self.entries[sample]["levels"][scale_key(1.0)]
-        size = scaled_size((full["height"], full["width"]), r)
-        image, lab = resize_image(image, size), resize_label(lab, size)
-        around = pixel_of_class(lab, target, rng)
-        y, x, h, w = crop_windows(lab.shape, self.crop_size, [1.0], rng, around=around)[1.0]
-        crop = _pad(image[y : y + h, x : x + w], h, w, 0)
-        return image_levels(crop, self.train_scales), _pad(lab[y : y + h, x : x + w], h, w, 255)
+        above = [s for s in self.reader.stored if s >= r - 1e-9]
+        source = min(above) if above else 1.0
+        source_shape = self.reader.size(self.split, sample, source)
+        full = self.reader.size(self.split, sample, 1.0)
+        shape = scaled_size(full, r)
+        around = point_of_class(self.reader, self.split, sample, target, r, rng)
+        y, x, h, w = crop_windows(shape, self.crop_size, [1.0], rng, around=around)[1.0]
+        window = (y, x, max(0, min(h, shape[0] - y)), max(0, min(w, shape[1] - x)))
+        needed = source_window(source_shape, shape, window)
+        image, lab = self.reader.read_window(self.split, sample, source, needed)
+        origin = needed[:2]
+        crop = _pad(resize_window(image, origin, source_shape, shape, window), h, w, 0)
+        label = _pad(label_window(lab, origin, source_shape, shape, window), h, w, 255)
+        return image_levels(crop, self.train_scales), label
 
 
 class PyramidEvalDataset(Dataset):
-    """Whole images of a split at every scale of `scales` (and 1.0): the stored pyramid levels, and
-    the others made from the 1.0 level with the pyramid's own resize (image_levels), so the model
-    sees what `predict` and the served model give it. Yields {"images": {scale: 3xHxW},
-    "label": HxW int64 at 1.0, "index": int}."""
+    """Whole images of a split at every scale of `scales` (and 1.0), all made from the 1.0 level with
+    the pyramid's own resize (image_levels): the pixels a pyramid level has, and what `predict` and the
+    served model give the model. Yields {"images": {scale: 3xHxW}, "label": HxW int64 at 1.0,
+    "index": int}."""
 
     def __init__(self, reader: PyramidReader, split: str, scales: list[float]):
         self.reader, self.split = reader, split
         self.entries = reader.entries(split)
         if not self.entries:
             raise ValueError(f"split {split!r} of the pyramid at {reader.root} is empty")
-        stored = {round(s, 6) for s in reader.scales}
         self.scales = sorted({1.0, *scales})
-        self.stored = [s for s in self.scales if round(s, 6) in stored]
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict:
-        levels = self.reader.read(self.split, index, self.stored)
-        images = {s: levels[s][0] for s in self.stored}
-        missing = [s for s in self.scales if s not in images]
-        images.update(image_levels(images[1.0], missing))
+        image, label = self.reader.read(self.split, index, [1.0])[1.0]
+        images = image_levels(image, self.scales)
         return {
             "images": {s: to_tensor(images[s]) for s in self.scales},
-            "label": torch.from_numpy(levels[1.0][1].astype(np.int64)),
+            "label": torch.from_numpy(label.astype(np.int64)),
             "index": index,
         }

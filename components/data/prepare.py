@@ -20,6 +20,7 @@ from components.atomic import atomic_dir
 from components.data.classes import IGNORE_INDEX
 from components.data.images import MAX_PIXELS, UnsupportedImage, open_image, to_rgb
 from components.data.readers import DatasetReader, RawSample
+from components.parallel import run_jobs
 from components.safe_files import OPEN_ERRORS
 
 FORMAT_VERSION = 1
@@ -104,10 +105,37 @@ def _check_paths(sample: RawSample, root: Path | None, output: Path) -> None:
             raise BadSampleError(f"{sample.image_path}: {what} {name!r} is not a plain file name")
 
 
+def _convert_job(job: tuple) -> tuple[RawSample, str | None, dict[str, str], np.ndarray | None]:
+    """Check, convert and write one sample into the staging folder `tmp`: (sample, why it was
+    skipped or None, checksums of its files, its train pixel counts). Under on_bad_sample=error a
+    bad sample raises here. Runs in a worker process: arguments are plain values."""
+    sample, duplicate, root, output, tmp, lookup, max_pixels, num_classes, on_bad_sample = job
+    try:
+        if duplicate is not None:
+            raise BadSampleError(duplicate)
+        _check_paths(sample, root, output)
+        image, label = convert_sample(sample, lookup, max_pixels)
+    except BadSampleError as err:
+        if on_bad_sample == "error":
+            raise
+        return sample, str(err), {}, None
+    checksums = {}
+    for kind, array in (("images", image), ("labels", label)):
+        path = tmp / kind / sample.split / f"{sample.sample_id}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(path)
+        checksums[path.relative_to(tmp).as_posix()] = _sha256(path)
+    counts = None
+    if sample.split == "train":
+        counts = np.bincount(label[label != IGNORE_INDEX].ravel(), minlength=num_classes)[:num_classes]
+    return sample, None, checksums, counts
+
+
 def prepare_dataset(reader: DatasetReader, output: str | Path, on_bad_sample: str = "error",
                     progress=None, source_info: dict | None = None,
-                    max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
-    """Convert every sample of `reader` into the canonical layout at `output`; returns the manifest."""
+                    max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 1) -> dict:
+    """Convert every sample of `reader` into the canonical layout at `output`, `workers` samples at
+    once (components/parallel.py; the manifest does not depend on it); returns the manifest."""
     if on_bad_sample not in ("error", "skip"):
         raise ValueError(f"prepare.on_bad_sample: expected 'error' or 'skip', got {on_bad_sample!r}")
     if not reader.samples:
@@ -118,28 +146,17 @@ def prepare_dataset(reader: DatasetReader, output: str | Path, on_bad_sample: st
     checksums, skipped = {}, []
     pixel_counts = np.zeros(num_classes, dtype=np.int64)
     with atomic_dir(output, key="prepare.output") as tmp:
-        for index, sample in enumerate(reader.samples):
-            try:
-                if index in duplicates:
-                    raise BadSampleError(duplicates[index])
-                _check_paths(sample, reader.root, Path(output))
-                image, label = convert_sample(sample, reader.lookup, max_pixels)
-            except BadSampleError as err:
-                if on_bad_sample == "error":
-                    raise
-                skipped.append({"sample_id": sample.sample_id, "split": sample.split, "reason": str(err)})
+        jobs = [(sample, duplicates.get(index), reader.root, Path(output), tmp, reader.lookup, max_pixels,
+                 num_classes, on_bad_sample) for index, sample in enumerate(reader.samples)]
+        done = run_jobs(_convert_job, jobs, workers, on_result=lambda _: progress.update(1) if progress else None)
+        for sample, reason, written, counts in done:
+            if reason is not None:
+                skipped.append({"sample_id": sample.sample_id, "split": sample.split, "reason": reason})
                 continue
-            finally:
-                if progress is not None:
-                    progress.update(1)
-            for kind, array in (("images", image), ("labels", label)):
-                path = tmp / kind / sample.split / f"{sample.sample_id}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(array).save(path)
-                checksums[path.relative_to(tmp).as_posix()] = _sha256(path)
+            checksums.update(written)
             splits[sample.split].append(sample.sample_id)
-            if sample.split == "train":
-                pixel_counts += np.bincount(label[label != IGNORE_INDEX].ravel(), minlength=num_classes)[:num_classes]
+            if counts is not None:
+                pixel_counts += counts
         if "train" not in splits:
             raise ValueError(f"{reader.name}: the dataset has no train split (it has {sorted(splits)})")
         empty = [name for name, ids in splits.items() if not ids]

@@ -1,9 +1,21 @@
-"""Scale pyramids: every image and label of a prepared dataset at every configured scale.
+"""Scale pyramids stored for real sizes: tiled, compressed levels that a crop reads a few tiles of.
 
-Images below 1.0 are area-resized (each output pixel averages the pixels it covers, no aliasing),
-above 1.0 bilinear; labels are resized with nearest neighbour. All levels of a sample lie next to
-each other in one shard file (raw uint8, image then label per level), so a loader fetches a whole
-pyramid with one ranged read, locally or from S3. manifest.json indexes every sample.
+Every level s of a sample is `resize_image(image at 1.0, size at s)` (components/data/resize.py:
+area below 1.0, bilinear above, labels by nearest pixel). The pyramid stores only 1.0 and the
+halvings (0.5, 0.25, ...) among `pyramid.scales`; every other configured level (0.75, 1.5, 2.0) is
+made on read from the 1.0 region under the requested window, which gives exactly the pixels the
+whole level would have (resize.py computes any window of a level from its source region alone).
+Levels above 1.0 thus cost no storage, and the stored ones about a third more than 1.0 alone.
+
+Layout of format 2:
+  manifest.json            scales, stored scales, tile size, classes, and per split the samples
+                           (id, shard, position in the shard, 1.0 size, classes present)
+  <split>-<shard>.bin      per sample and stored level, tiles of `tile` x `tile` pixels in row-major
+                           order, each an image PNG then a label PNG
+  <split>-<shard>.json     the shard's index: per sample and stored level, [offset, image bytes,
+                           label bytes] of every tile, and up to POINTS_PER_CLASS pixels of each
+                           class present (at 1.0) for class-uniform crops
+A crop reads the shard index once (cached) and then, per tile row it covers, one ranged read.
 """
 
 from __future__ import annotations
@@ -11,7 +23,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
+import os
+import shutil
 import tempfile
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -24,93 +42,179 @@ from components.atomic import (
     naming_the_output,
     output_lock,
     remove_stale_temporaries,
-    temporary_dir,
 )
 from components.data.prepare import manifest_hash
+from components.data.resize import label_window, resize_image, resize_label, resize_window, source_window
+from components.parallel import run_jobs
 from components.scales import scale_key, scaled_size
-from components.storage import Storage, join
+from components.storage import Storage, is_s3, join
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+POINTS_PER_CLASS = 16  # pixels remembered per class and image: where a class-uniform crop may be placed
+PNG_LEVEL = 1  # zlib level of the tiles: 6 saves about 10% more and builds 4x slower
+READ_CONCURRENCY = 8  # ranged reads of one window in flight at once (S3)
+CACHED_SHARD_INDEXES = 32
+
+__all__ = ["PyramidReader", "build_pyramid", "content_hash", "image_levels", "resize_image", "resize_label",
+           "stored_scales"]
 
 
-def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    h, w = size
-    if (h, w) == image.shape[:2]:
-        return image
-    shrink = h < image.shape[0]
-    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+def stored_scales(scales: list[float]) -> list[float]:
+    """The levels a pyramid of `scales` stores: 1.0 and its halvings among them; the others are made
+    on read from the 1.0 level."""
+    def halving(s: float) -> bool:
+        return 0 < s < 1 and abs(math.log2(1 / s) - round(math.log2(1 / s))) < 1e-9
+    return sorted({1.0, *(float(s) for s in scales if halving(s))})
 
 
 def image_levels(image: np.ndarray, scales: list[float]) -> dict[float, np.ndarray]:
-    """The image (H x W x 3 uint8, its 1.0 level) at each scale exactly as a pyramid stores it: the
-    one resize definition for the pyramid, evaluation's missing levels, predict and the served model."""
+    """The image (H x W x 3 uint8, its 1.0 level) at each scale exactly as a pyramid gives it: the
+    one resize definition for the pyramid, evaluation, predict and the served model."""
     return {s: resize_image(image, scaled_size(image.shape[:2], s)) for s in scales}
 
 
-def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    h, w = size
-    if (h, w) == label.shape[:2]:
-        return label
-    return cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST)
+def _encode(array: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, PNG_LEVEL])
+    if not ok:
+        raise ValueError(f"could not encode a tile of shape {array.shape}")
+    return data.tobytes()
+
+
+def _tile_grid(height: int, width: int, tile: int) -> list[tuple[int, int]]:
+    return [(y, x) for y in range(0, height, tile) for x in range(0, width, tile)]
+
+
+def class_points(label: np.ndarray, classes: list[int], seed: int) -> dict[str, list[list[int]]]:
+    """Up to POINTS_PER_CLASS random (y, x) pixels of each class, drawn reproducibly from `seed`."""
+    rng = np.random.default_rng(seed)
+    points = {}
+    for c in classes:
+        ys, xs = np.nonzero(label == c)
+        picks = rng.choice(len(ys), size=min(POINTS_PER_CLASS, len(ys)), replace=False)
+        points[str(c)] = [[int(ys[i]), int(xs[i])] for i in sorted(picks)]
+    return points
+
+
+def _sample_seed(sample_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "little")
+
+
+def write_shard(prepared_dir: Path, split: str, ids: list[str], stored: list[float], tile: int,
+                num_classes: int, shard_path: Path, progress=None) -> list[dict]:
+    """Write the tiles of `ids` to `shard_path`; returns the shard's index (one entry per sample)."""
+    index = []
+    offset = 0
+    with open(shard_path, "wb") as handle:
+        for sample_id in ids:
+            image = np.asarray(Image.open(prepared_dir / "images" / split / f"{sample_id}.png").convert("RGB"))
+            label = np.asarray(Image.open(prepared_dir / "labels" / split / f"{sample_id}.png"))
+            present = np.unique(label[label < num_classes]).tolist()
+            levels = {}
+            for s in stored:
+                size = scaled_size(label.shape, s)
+                image_s, label_s = resize_image(image, size), resize_label(label, size)
+                tiles = []
+                for y, x in _tile_grid(size[0], size[1], tile):
+                    image_bytes = _encode(np.ascontiguousarray(image_s[y : y + tile, x : x + tile]))
+                    label_bytes = _encode(np.ascontiguousarray(label_s[y : y + tile, x : x + tile]))
+                    handle.write(image_bytes)
+                    handle.write(label_bytes)
+                    tiles.append([offset, len(image_bytes), len(label_bytes)])
+                    offset += len(image_bytes) + len(label_bytes)
+                levels[scale_key(s)] = tiles
+            index.append({"id": sample_id, "levels": levels,
+                          "points": class_points(label, present, _sample_seed(sample_id)),
+                          "height": int(label.shape[0]), "width": int(label.shape[1]), "classes": present})
+            if progress is not None:
+                progress.update(1)
+    return index
 
 
 def build_pyramid(prepared_dir: str | Path, scales: list[float], shard_size: int, storage: Storage,
-                  output: str, progress=None) -> dict:
+                  output: str, progress=None, tile: int = 256, workers: int = 1) -> dict:
     """Write the pyramid of a prepared dataset to `output` (local path or s3://); returns the manifest.
-    A local output is locked while it is written: a second run on it is refused at once."""
-    local = not str(output).startswith("s3://")
+    Shards are built by `workers` processes at once. A local output is locked while it is written (a
+    second run on it is refused at once) and built in a folder named after its inputs, shard by
+    shard: a killed build leaves the previous output whole, and the next run with the same inputs
+    keeps the shards it finished."""
+    local = not is_s3(output)
     with output_lock(output, "pyramid.output") if local else contextlib.nullcontext():
-        return _write_pyramid(prepared_dir, scales, shard_size, storage, output, progress)
+        return _write_pyramid(Path(prepared_dir), scales, shard_size, storage, output, progress, tile, workers)
 
 
-def _write_pyramid(prepared_dir: str | Path, scales: list[float], shard_size: int, storage: Storage,
-                   output: str, progress=None) -> dict:
-    prepared_dir = Path(prepared_dir)
+def _build_key(source: dict, stored: list[float], shard_size: int, tile: int) -> str:
+    """What the shards' bytes depend on: a build folder of another key is another build, never reused."""
+    recipe = json.dumps([FORMAT_VERSION, manifest_hash(source), stored, shard_size, tile, PNG_LEVEL, POINTS_PER_CLASS])
+    return hashlib.sha256(recipe.encode()).hexdigest()[:12]
+
+
+def _build_folder(output: str, key: str) -> Path:
+    """Where a local build is assembled: beside the output, named after the build's key. Folders of
+    other keys are what killed builds of other inputs left: removed."""
+    target = Path(output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = target.parent / f".{target.name}.build-{key}"
+    for other in target.parent.glob(f".{target.name}.build-*"):
+        if other != folder:
+            shutil.rmtree(other, ignore_errors=True)
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def _shard_job(job: tuple) -> tuple[str, list[dict]]:
+    """Build one shard into `folder` unless a finished one is there (its index is renamed into place
+    last); returns its name and index. Runs in a worker process: arguments are plain values."""
+    prepared_dir, split, name, ids, stored, tile, num_classes, folder = job
+    index_path = folder / f"{name}.json"
+    if index_path.is_file():
+        return name, json.loads(index_path.read_text())
+    part, index_part = folder / f"{name}.bin.part", folder / f"{name}.json.part"
+    try:
+        index = write_shard(prepared_dir, split, ids, stored, tile, num_classes, part)
+        part.rename(folder / f"{name}.bin")
+        index_part.write_text(json.dumps(index) + "\n")
+        index_part.rename(index_path)
+    except BaseException:
+        # a failed shard frees its room at once (a full disk); finished shards stay for the rerun
+        part.unlink(missing_ok=True)
+        index_part.unlink(missing_ok=True)
+        raise
+    return name, index
+
+
+def _write_pyramid(prepared_dir: Path, scales: list[float], shard_size: int, storage: Storage,
+                   output: str, progress, tile: int, workers: int) -> dict:
     source_path = prepared_dir / "manifest.json"
     if not source_path.is_file():
         raise FileNotFoundError(f"pyramid.input: {source_path} is missing; run the prepare stage first")
     source = json.loads(source_path.read_text())
     num_classes = len(source["classes"]["names"])
-    local = not str(output).startswith("s3://")
+    stored = stored_scales(scales)
+    local = not is_s3(output)
     if local:
         check_owned(Path(output), "pyramid.output")  # never replace a folder we did not write
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(Path(output))  # what a killed run left: named after the output
-    staging = temporary_dir(Path(output)) if local else Path(tempfile.mkdtemp(prefix=f".{Path(output).name}.tmp-"))
+        folder = _build_folder(output, _build_key(source, stored, shard_size, tile))
+    else:
+        folder = Path(tempfile.mkdtemp(prefix=f".{Path(output).name}.tmp-"))
     try:
         with naming_the_output(output, "pyramid.output"):
-            splits = {}
-            for split, ids in source["splits"].items():
-                entries, shard, handle, offset = [], -1, None, 0
-                for i, sample_id in enumerate(ids):
-                    if i % shard_size == 0:
-                        if handle:
-                            handle.close()
-                        shard, offset = shard + 1, 0
-                        # one shard file open across samples: closed when the next opens, or below
-                        handle = open(staging / f"{split}-{shard:05d}.bin", "wb")  # noqa: SIM115
-                    image = np.asarray(Image.open(prepared_dir / "images" / split / f"{sample_id}.png").convert("RGB"))
-                    label = np.asarray(Image.open(prepared_dir / "labels" / split / f"{sample_id}.png"))
-                    present = np.unique(label[label < num_classes]).tolist()
-                    levels = {}
-                    assert handle is not None  # opened at the first sample of every shard
-                    for s in scales:
-                        size = scaled_size(label.shape, s)
-                        img_s, lab_s = resize_image(image, size), resize_label(label, size)
-                        handle.write(np.ascontiguousarray(img_s).tobytes())
-                        handle.write(np.ascontiguousarray(lab_s).tobytes())
-                        levels[scale_key(s)] = {"offset": offset, "height": size[0], "width": size[1]}
-                        offset += size[0] * size[1] * 4
-                    entries.append({"id": sample_id, "shard": f"{split}-{shard:05d}.bin", "levels": levels,
-                                    "classes": present})
-                    if progress is not None:
-                        progress.update(1)
-                if handle:
-                    handle.close()
-                splits[split] = entries
+            shards = [(split, f"{split}-{shard:05d}", ids[first : first + shard_size])
+                      for split, ids in source["splits"].items()
+                      for shard, first in enumerate(range(0, len(ids), shard_size))]
+            jobs = [(prepared_dir, split, name, ids, stored, tile, num_classes, folder) for split, name, ids in shards]
+            finished = run_jobs(_shard_job, jobs, workers,
+                                on_result=lambda done: progress.update(len(done[1])) if progress else None)
+            indexes = dict(finished)
+            splits: dict[str, list[dict]] = {split: [] for split in source["splits"]}
+            for split, name, _ in shards:
+                splits[split] += [{"id": e["id"], "shard": name, "position": i, "height": e["height"],
+                                   "width": e["width"], "classes": e["classes"]} for i, e in enumerate(indexes[name])]
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "scales": [float(s) for s in scales],
+                "stored_scales": stored,
+                "tile": tile,
                 "classes": source["classes"],
                 "ignore_index": source["ignore_index"],
                 "class_frequencies": source["class_frequencies"],
@@ -118,14 +222,12 @@ def _write_pyramid(prepared_dir: str | Path, scales: list[float], shard_size: in
                 "source_manifest": manifest_hash(source),
                 "splits": splits,
             }
-            (staging / "manifest.json").write_text(json.dumps(manifest) + "\n")
-            (staging / MARKER).write_text("written by the HMSA pipeline\n")
-            storage.publish_dir(staging, output)
+            (folder / "manifest.json").write_text(json.dumps(manifest) + "\n")
+            (folder / MARKER).write_text("written by the HMSA pipeline\n")
+            storage.publish_dir(folder, output)
     finally:
-        if staging.exists():
-            import shutil
-
-            shutil.rmtree(staging, ignore_errors=True)
+        if not local and folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
     return manifest
 
 
@@ -146,8 +248,16 @@ def content_hash(pyramid_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _decode(data: bytes, what: str) -> np.ndarray:
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise ValueError(f"{what}: a tile does not decode (the pyramid is damaged: rebuild it with dvc repro pyramid)")
+    return array
+
+
 class PyramidReader:
-    """Random access to (image, label) of any sample at any pyramid level."""
+    """Random access to any window of (image, label) of any sample at any of the pyramid's scales.
+    `bytes_read` counts the bytes fetched (benchmarks compare it with the crops' own bytes)."""
 
     def __init__(self, root: str, storage: Storage | None = None):
         self.root = str(root)
@@ -157,9 +267,26 @@ class PyramidReader:
             self.manifest = json.loads(self.storage.read_bytes(manifest_uri))
         except FileNotFoundError:
             raise FileNotFoundError(f"{manifest_uri} is missing: build the pyramid first (dvc repro pyramid)") from None
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{manifest_uri}: unsupported pyramid format {self.manifest.get('format_version')!r}")
-        self.scales = self.manifest["scales"]
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{manifest_uri}: pyramid format {version!r} is not the format {FORMAT_VERSION} this "
+                             "code reads; rebuild it: dvc repro --force pyramid")
+        self.scales = [float(s) for s in self.manifest["scales"]]
+        self.stored = [float(s) for s in self.manifest["stored_scales"]]
+        self.tile = int(self.manifest["tile"])
+        self.bytes_read = 0
+        self._indexes: OrderedDict[str, list[dict]] = OrderedDict()
+        self._pool: tuple[int, ThreadPoolExecutor] | None = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:  # loader processes get the manifest, not threads or caches
+        state = dict(self.__dict__)
+        state.update(_indexes=OrderedDict(), _pool=None, _lock=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     @property
     def num_classes(self) -> int:
@@ -171,20 +298,98 @@ class PyramidReader:
             raise KeyError(f"split {split!r} is not in the pyramid at {self.root}; it has {known}")
         return self.manifest["splits"][split]
 
-    def read(self, split: str, index: int, scales: list[float]) -> dict[float, tuple[np.ndarray, np.ndarray]]:
-        """{scale: (image HxWx3 uint8, label HxW uint8)} for one sample, in one ranged read."""
+    def size(self, split: str, index: int, scale: float) -> tuple[int, int]:
         entry = self.entries(split)[index]
-        missing = [s for s in scales if scale_key(s) not in entry["levels"]]
+        return scaled_size((entry["height"], entry["width"]), scale)
+
+    def points(self, split: str, index: int, cls: int) -> list[list[int]]:
+        """Remembered (y, x) pixels at 1.0 of class `cls` in the sample (empty when absent)."""
+        return self._sample_index(split, index)["points"].get(str(cls), [])
+
+    def read(self, split: str, index: int, scales: list[float]) -> dict[float, tuple[np.ndarray, np.ndarray]]:
+        """{scale: (image HxWx3 uint8, label HxW uint8)}: whole levels of one sample."""
+        self._check_scales(scales)
+        out = {}
+        for s in scales:
+            h, w = self.size(split, index, s)
+            out[s] = self.read_window(split, index, s, (0, 0, h, w))
+        return out
+
+    def read_window(self, split: str, index: int, scale: float,
+                    window: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(image, label) of `window` (top, left, height, width) of level `scale`, clipped to the level:
+        a stored level's tiles under it, or the 1.0 region a made level is computed from."""
+        self._check_scales([scale])
+        shape = self.size(split, index, scale)
+        top, left = max(0, window[0]), max(0, window[1])
+        bottom, right = min(shape[0], window[0] + window[2]), min(shape[1], window[1] + window[3])
+        window = (top, left, max(0, bottom - top), max(0, right - left))
+        if not (window[2] and window[3]):
+            return np.zeros((window[2], window[3], 3), np.uint8), np.zeros((window[2], window[3]), np.uint8)
+        if any(abs(scale - s) < 1e-9 for s in self.stored):
+            return self._read_tiles(split, index, scale, shape, window)
+        full = self.size(split, index, 1.0)
+        needed = source_window(full, shape, window)
+        image, label = self._read_tiles(split, index, 1.0, full, needed)
+        origin = (needed[0], needed[1])
+        return (resize_window(image, origin, full, shape, window), label_window(label, origin, full, shape, window))
+
+    def _check_scales(self, scales: list[float]) -> None:
+        missing = [s for s in scales if not any(abs(s - v) < 1e-6 for v in self.scales)]
         if missing:
             raise KeyError(f"scales {missing} are not in the pyramid at {self.root} (it has {self.scales})")
-        levels = [entry["levels"][scale_key(s)] for s in scales]
-        start = min(lv["offset"] for lv in levels)
-        end = max(lv["offset"] + lv["height"] * lv["width"] * 4 for lv in levels)
-        blob = self.storage.read_range(join(self.root, entry["shard"]), start, end - start)
-        out = {}
-        for s, lv in zip(scales, levels, strict=True):
-            h, w, at = lv["height"], lv["width"], lv["offset"] - start
-            image = np.frombuffer(blob, np.uint8, h * w * 3, at).reshape(h, w, 3)
-            label = np.frombuffer(blob, np.uint8, h * w, at + h * w * 3).reshape(h, w)
-            out[s] = (image, label)
-        return out
+
+    def _sample_index(self, split: str, index: int) -> dict:
+        entry = self.entries(split)[index]
+        shard = entry["shard"]
+        with self._lock:
+            if shard in self._indexes:
+                self._indexes.move_to_end(shard)
+                return self._indexes[shard][entry["position"]]
+        data = self.storage.read_bytes(join(self.root, f"{shard}.json"))
+        self.bytes_read += len(data)
+        samples = json.loads(data)
+        with self._lock:
+            self._indexes[shard] = samples
+            while len(self._indexes) > CACHED_SHARD_INDEXES:
+                self._indexes.popitem(last=False)
+        return samples[entry["position"]]
+
+    def _fetch(self, uri: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Ranged reads, several in flight at once on S3 (one thread pool per process)."""
+        if len(ranges) == 1 or not is_s3(self.root):
+            return [self.storage.read_range(uri, start, length) for start, length in ranges]
+        if self._pool is None or self._pool[0] != os.getpid():
+            self._pool = (os.getpid(), ThreadPoolExecutor(READ_CONCURRENCY, thread_name_prefix="pyramid-read"))
+        return list(self._pool[1].map(lambda r: self.storage.read_range(uri, *r), ranges))
+
+    def _read_tiles(self, split: str, index: int, scale: float, shape: tuple[int, int],
+                    window: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+        sample = self._sample_index(split, index)
+        tiles = sample["levels"][scale_key(scale)]
+        top, left, height, width = window
+        per_row = -(-shape[1] // self.tile)
+        rows = range(top // self.tile, (top + height - 1) // self.tile + 1)
+        first_col, last_col = left // self.tile, (left + width - 1) // self.tile
+        ranges = []
+        for r in rows:  # the tiles of one row under the window lie one after another: one read
+            first, last = tiles[r * per_row + first_col], tiles[r * per_row + last_col]
+            ranges.append((first[0], last[0] + last[1] + last[2] - first[0]))
+        shard_uri = join(self.root, f"{self.entries(split)[index]['shard']}.bin")
+        blobs = self._fetch(shard_uri, ranges)
+        self.bytes_read += sum(len(b) for b in blobs)
+        image = np.empty((height, width, 3), np.uint8)
+        label = np.empty((height, width), np.uint8)
+        what = f"{shard_uri} sample {sample['id']} level {scale_key(scale)}"
+        for r, blob, (start, _) in zip(rows, blobs, ranges, strict=True):
+            for c in range(first_col, last_col + 1):
+                at, image_bytes, label_bytes = tiles[r * per_row + c]
+                y, x = r * self.tile, c * self.tile
+                image_tile = _decode(blob[at - start : at - start + image_bytes], what)
+                label_tile = _decode(blob[at - start + image_bytes : at - start + image_bytes + label_bytes], what)
+                # the part of this tile inside the window, in window coordinates
+                y0, x0 = max(y, top), max(x, left)
+                y1, x1 = min(y + image_tile.shape[0], top + height), min(x + image_tile.shape[1], left + width)
+                image[y0 - top : y1 - top, x0 - left : x1 - left] = image_tile[y0 - y : y1 - y, x0 - x : x1 - x]
+                label[y0 - top : y1 - top, x0 - left : x1 - left] = label_tile[y0 - y : y1 - y, x0 - x : x1 - x]
+        return image, label

@@ -215,20 +215,24 @@ def sample_id(split: str, index: int) -> str:
     return f"{CITY}_{SPLIT_CODES[split]:06d}_{index:06d}"
 
 
+def _write_one(job: tuple) -> None:
+    root, split, index, height, width, seed = job
+    image, label = render_scene(seed, split, index, height, width)
+    stem = sample_id(split, index)
+    Image.fromarray(image).save(root / "leftImg8bit" / split / CITY / f"{stem}_leftImg8bit.png")
+    Image.fromarray(label).save(root / "gtFine" / split / CITY / f"{stem}_gtFine_labelIds.png")
+
+
 def write_cityscapes_layout(root: str | Path, splits: dict[str, int], height: int, width: int, seed: int,
-                            progress=None) -> Path:
-    """Write `splits` (name -> image count) under root/leftImg8bit and root/gtFine."""
+                            progress=None, workers: int = 1) -> Path:
+    """Write `splits` (name -> image count) under root/leftImg8bit and root/gtFine, `workers`
+    images at once (each image is a function of its index alone)."""
+    from components.parallel import run_jobs
+
     root = Path(root)
-    for split, count in splits.items():
-        image_dir = root / "leftImg8bit" / split / CITY
-        label_dir = root / "gtFine" / split / CITY
-        image_dir.mkdir(parents=True, exist_ok=True)
-        label_dir.mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            image, label = render_scene(seed, split, i, height, width)
-            stem = sample_id(split, i)
-            Image.fromarray(image).save(image_dir / f"{stem}_leftImg8bit.png")
-            Image.fromarray(label).save(label_dir / f"{stem}_gtFine_labelIds.png")
-            if progress is not None:
-                progress.update(1)
+    for split in splits:
+        (root / "leftImg8bit" / split / CITY).mkdir(parents=True, exist_ok=True)
+        (root / "gtFine" / split / CITY).mkdir(parents=True, exist_ok=True)
+    jobs = [(root, split, i, height, width, seed) for split, count in splits.items() for i in range(count)]
+    run_jobs(_write_one, jobs, workers, on_result=lambda _: progress.update(1) if progress is not None else None)
     return root

@@ -4,6 +4,7 @@ once there is room a rerun finishes the work."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -64,23 +65,31 @@ def test_a_full_disk_during_prepare_and_pyramid_loses_nothing(tmp_path):
         assert_failed_for_space(run("prepare", params, systmp), "prepare.output")
         assert snapshot(disk) == before  # the earlier dataset and pyramid, byte for byte; no temporary
 
-        resize("6m")  # room for the dataset, not for its 13 MB pyramid
+        resize("6m")  # room for the dataset
         assert run("prepare", params, systmp).returncode == 0
+        stats = os.statvfs(disk)
+        used_kb = (stats.f_blocks - stats.f_bfree) * stats.f_frsize // 1024
+        resize(f"{used_kb + 1024}k")  # 1 MB left: less than the new pyramid's 1.8 MB
         raw_now = snapshot(disk / "raw")
         assert_failed_for_space(run("pyramid", params, systmp), "pyramid.output")
         assert {k: v for k, v in snapshot(disk).items() if k.startswith("pyramid")} == \
             {k: v for k, v in before.items() if k.startswith("pyramid")}  # the earlier pyramid, whole
-        assert sorted(p.name for p in disk.iterdir()) == ["pyramid", "raw"] and snapshot(disk / "raw") == raw_now
+        # what is left beside them: the finished shards of the failed build, for its rerun, and no partial one
+        build = [p for p in disk.iterdir() if p.name.startswith(".pyramid.build-")]
+        assert sorted(p.name for p in disk.iterdir() if p not in build) == ["pyramid", "raw"]
+        assert len(build) == 1 and not list(build[0].glob("*.part")) and snapshot(disk / "raw") == raw_now
 
         resize("32m")  # room again: the rerun finishes
         assert run("pyramid", params, systmp).returncode == 0
-        assert (disk / "pyramid" / "manifest.json").is_file()
+        assert (disk / "pyramid" / "manifest.json").is_file() and sorted(p.name for p in disk.iterdir()) == \
+            ["pyramid", "raw"]
     assert not any(systmp.iterdir())  # nor in the system's temporary folder
 
 
 def test_sigkill_of_the_pyramid_stage_keeps_the_earlier_pyramid(tmp_path):
-    """SIGKILL while the pyramid stage writes: the earlier pyramid stays byte for byte, and the rerun
-    completes and removes what the killed run left."""
+    """SIGKILL while the pyramid stage writes (with two shard processes): the earlier pyramid stays
+    byte for byte, its processes end with it (none holds the output), and the rerun completes and
+    removes what the killed run left."""
     import os
     import signal
     import time
@@ -93,19 +102,20 @@ def test_sigkill_of_the_pyramid_stage_keeps_the_earlier_pyramid(tmp_path):
         assert run(stage, params, systmp).returncode == 0
     before = snapshot(out / "pyramid")
     write(params, out, train_images=600)  # seconds of writing, so the signal lands mid-write
+    params.write_text(params.read_text().replace("shard_size: 4", "shard_size: 4\n  workers: 2"))
     assert run("prepare", params, systmp).returncode == 0
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.pyramid", "--params", str(params)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=python_env(TMPDIR=str(systmp)))
     deadline = time.time() + 120
-    while time.time() < deadline and not any(len(list(p.iterdir())) >= 2 for p in out.glob(".pyramid.tmp-*")):
+    while time.time() < deadline and not any(len(list(p.glob("*.json"))) >= 2 for p in out.glob(".pyramid.build-*")):
         time.sleep(0.05)
     assert proc.poll() is None, proc.stderr.read()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert snapshot(out / "pyramid") == before  # never a mix, never empty
     assert run("pyramid", params, systmp).returncode == 0
-    assert (out / "pyramid" / "manifest.json").is_file() and not list(out.glob(".pyramid.tmp-*"))
+    assert (out / "pyramid" / "manifest.json").is_file() and not list(out.glob(".pyramid.*"))
 
 
 @pytest.mark.timeout(600)

@@ -1,0 +1,67 @@
+"""Independent jobs (one per image, one per shard) on several processes of this machine, in order.
+
+The data stages (generating the synthetic set, prepare, pyramid) spend their time in per-image work
+that holds one image at a time: `run_jobs` spreads it over `workers` processes and hands back the
+results in job order, so what the stage writes does not depend on how many processes wrote it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which a container or `taskset` narrows)."""
+    return len(os.sched_getaffinity(0))
+
+
+def _die_with_parent() -> None:
+    """Worker processes end with the stage, even when it is killed (SIGKILL runs no clean-up): an
+    orphan would go on writing, and hold the output's lock, which it inherited."""
+    import ctypes
+    import signal
+
+    import cv2
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before the call above
+        os._exit(1)
+    cv2.setNumThreads(1)  # one core per process: throughput grows with processes, not threads
+
+
+def run_jobs(function: Callable[[Any], Any], jobs: Sequence[Any], workers: int,
+             on_result: Callable[[Any], None] | None = None) -> list:
+    """function(job) for every job, on up to `workers` processes; results in job order. The first
+    failing job (in job order) raises its exception here; `on_result` sees each result as it comes."""
+    results = []
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            results.append(function(job))
+            if on_result is not None:
+                on_result(results[-1])
+        return results
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import cv2
+
+    # fork: a spawned worker re-imports the stage (pydantic, the config) before its first job, which
+    # cost more than a shard of 8 Cityscapes images here. cv2's thread pool does not survive a fork
+    # (a child's first cv2 call hung once the parent had used it), so the parent runs cv2 on one
+    # thread while it forks, and the workers keep to one thread each.
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_die_with_parent) as pool:
+            for result in pool.map(function, jobs):
+                results.append(result)
+                if on_result is not None:
+                    on_result(result)
+    finally:
+        cv2.setNumThreads(threads)
+    return results
