@@ -279,15 +279,21 @@ def test_the_pyramid_stores_1_and_its_halvings_and_makes_the_other_levels_exactl
             assert np.array_equal(got_label, level_label[rows, cols]), (s, top, left)
 
 
-def test_a_crop_reads_only_the_tiles_under_it(tiled):
+def test_a_crop_reads_only_the_tiles_under_it_and_decodes_them_once(tiled):
+    def bytes_read(window: tuple[int, int, int, int]) -> int:
+        reader = PyramidReader(str(tiled / "pyramid"))  # a new process's reader: nothing decoded yet
+        reader.read_window("train", 0, 1.0, (0, 0, 1, 1))  # the shard's index, read once, and one tile
+        before = reader.bytes_read
+        reader.read_window("train", 0, 1.0, window)
+        return reader.bytes_read - before
+
+    whole = bytes_read((0, 0, 64, 96))
+    assert 0 < bytes_read((20, 20, 16, 16)) < whole * 6 / 24  # 2x2 of the 4x6 tiles
     reader = PyramidReader(str(tiled / "pyramid"))
-    reader.read_window("train", 0, 1.0, (0, 0, 1, 1))  # the shard's index, read once
+    first = reader.read_window("train", 1, 0.5, (0, 0, 32, 48))
     before = reader.bytes_read
-    whole = reader.read("train", 0, [1.0])
-    whole_bytes = reader.bytes_read - before
-    before = reader.bytes_read
-    reader.read_window("train", 0, 1.0, (20, 20, 16, 16))  # 2x2 of the 4x6 tiles
-    assert 0 < reader.bytes_read - before < whole_bytes * 6 / 24 and whole[1.0][0].shape == (64, 96, 3)
+    again = reader.read_window("train", 1, 0.5, (3, 5, 20, 30))  # decoded tiles are kept: nothing read
+    assert reader.bytes_read == before and np.array_equal(again[0], first[0][3:23, 5:35])
 
 
 def test_class_points_lie_on_their_class(tiled):

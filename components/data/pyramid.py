@@ -54,6 +54,7 @@ POINTS_PER_CLASS = 16  # pixels remembered per class and image: where a class-un
 PNG_LEVEL = 1  # zlib level of the tiles: 6 saves about 10% more and builds 4x slower
 READ_CONCURRENCY = 8  # ranged reads of one window in flight at once (S3)
 CACHED_SHARD_INDEXES = 32
+DECODED_CACHE_BYTES = 128 << 20  # decoded tiles kept per process (the bundled set fits whole)
 
 __all__ = ["PyramidReader", "build_pyramid", "content_hash", "image_levels", "resize_image", "resize_label",
            "stored_scales"]
@@ -276,12 +277,14 @@ class PyramidReader:
         self.tile = int(self.manifest["tile"])
         self.bytes_read = 0
         self._indexes: OrderedDict[str, list[dict]] = OrderedDict()
+        self._decoded: OrderedDict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._decoded_bytes = 0
         self._pool: tuple[int, ThreadPoolExecutor] | None = None
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:  # loader processes get the manifest, not threads or caches
         state = dict(self.__dict__)
-        state.update(_indexes=OrderedDict(), _pool=None, _lock=None)
+        state.update(_indexes=OrderedDict(), _decoded=OrderedDict(), _decoded_bytes=0, _pool=None, _lock=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -370,26 +373,49 @@ class PyramidReader:
         top, left, height, width = window
         per_row = -(-shape[1] // self.tile)
         rows = range(top // self.tile, (top + height - 1) // self.tile + 1)
-        first_col, last_col = left // self.tile, (left + width - 1) // self.tile
-        ranges = []
-        for r in rows:  # the tiles of one row under the window lie one after another: one read
-            first, last = tiles[r * per_row + first_col], tiles[r * per_row + last_col]
-            ranges.append((first[0], last[0] + last[1] + last[2] - first[0]))
+        cols = range(left // self.tile, (left + width - 1) // self.tile + 1)
         shard_uri = join(self.root, f"{self.entries(split)[index]['shard']}.bin")
-        blobs = self._fetch(shard_uri, ranges)
-        self.bytes_read += sum(len(b) for b in blobs)
+        decoded = self._tiles(shard_uri, tiles, per_row, rows, cols, f"{shard_uri} sample {sample['id']}")
         image = np.empty((height, width, 3), np.uint8)
         label = np.empty((height, width), np.uint8)
-        what = f"{shard_uri} sample {sample['id']} level {scale_key(scale)}"
+        for (r, c), (image_tile, label_tile) in decoded.items():
+            y, x = r * self.tile, c * self.tile
+            # the part of this tile inside the window, in window coordinates
+            y0, x0 = max(y, top), max(x, left)
+            y1, x1 = min(y + image_tile.shape[0], top + height), min(x + image_tile.shape[1], left + width)
+            image[y0 - top : y1 - top, x0 - left : x1 - left] = image_tile[y0 - y : y1 - y, x0 - x : x1 - x]
+            label[y0 - top : y1 - top, x0 - left : x1 - left] = label_tile[y0 - y : y1 - y, x0 - x : x1 - x]
+        return image, label
+
+    def _tiles(self, shard_uri: str, tiles: list, per_row: int, rows: range, cols: range,
+               what: str) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+        """The decoded tiles (row, col) -> (image, label): from this process's cache of recently
+        decoded tiles (a small dataset is decoded once per loader process), else fetched, one ranged
+        read per tile row, and decoded."""
+        keys = {(r, c): (shard_uri, tiles[r * per_row + c][0]) for r in rows for c in cols}
+        if all(key in self._decoded for key in keys.values()):
+            for key in keys.values():
+                self._decoded.move_to_end(key)
+            return {rc: self._decoded[key] for rc, key in keys.items()}
+        ranges = []
+        for r in rows:  # the tiles of one row under the window lie one after another: one read
+            first, last = tiles[r * per_row + cols[0]], tiles[r * per_row + cols[-1]]
+            ranges.append((first[0], last[0] + last[1] + last[2] - first[0]))
+        blobs = self._fetch(shard_uri, ranges)
+        self.bytes_read += sum(len(b) for b in blobs)
+        out = {}
         for r, blob, (start, _) in zip(rows, blobs, ranges, strict=True):
-            for c in range(first_col, last_col + 1):
+            for c in cols:
                 at, image_bytes, label_bytes = tiles[r * per_row + c]
-                y, x = r * self.tile, c * self.tile
                 image_tile = _decode(blob[at - start : at - start + image_bytes], what)
                 label_tile = _decode(blob[at - start + image_bytes : at - start + image_bytes + label_bytes], what)
-                # the part of this tile inside the window, in window coordinates
-                y0, x0 = max(y, top), max(x, left)
-                y1, x1 = min(y + image_tile.shape[0], top + height), min(x + image_tile.shape[1], left + width)
-                image[y0 - top : y1 - top, x0 - left : x1 - left] = image_tile[y0 - y : y1 - y, x0 - x : x1 - x]
-                label[y0 - top : y1 - top, x0 - left : x1 - left] = label_tile[y0 - y : y1 - y, x0 - x : x1 - x]
-        return image, label
+                out[(r, c)] = (image_tile, label_tile)
+                self._remember(keys[(r, c)], out[(r, c)])
+        return out
+
+    def _remember(self, key: tuple[str, int], decoded: tuple[np.ndarray, np.ndarray]) -> None:
+        self._decoded[key] = decoded
+        self._decoded_bytes += decoded[0].nbytes + decoded[1].nbytes
+        while self._decoded_bytes > DECODED_CACHE_BYTES:
+            _, (image, label) = self._decoded.popitem(last=False)
+            self._decoded_bytes -= image.nbytes + label.nbytes
