@@ -15,8 +15,7 @@ from torch.utils.data import Dataset
 
 from components.config import LoaderConfig
 from components.data.pyramid import PyramidReader, image_levels
-from components.data.resize import label_window, resize_window, source_window
-from components.scales import crop_grid_step, scaled_size
+from components.scales import crop_grid_step
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
 STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
@@ -190,18 +189,12 @@ class PyramidTrainDataset(Dataset):
         r = float(rng.uniform(low, high))
         above = [s for s in self.reader.stored if s >= r - 1e-9]
         source = min(above) if above else 1.0
-        source_shape = self.reader.size(self.split, sample, source)
-        full = self.reader.size(self.split, sample, 1.0)
-        shape = scaled_size(full, r)
+        shape = self.reader.size(self.split, sample, r)
         around = point_of_class(self.reader, self.split, sample, target, r, rng)
         y, x, h, w = crop_windows(shape, self.crop_size, [1.0], rng, around=around)[1.0]
         window = (y, x, max(0, min(h, shape[0] - y)), max(0, min(w, shape[1] - x)))
-        needed = source_window(source_shape, shape, window)
-        image, lab = self.reader.read_window(self.split, sample, source, needed)
-        origin = needed[:2]
-        crop = _pad(resize_window(image, origin, source_shape, shape, window), h, w, 0)
-        label = _pad(label_window(lab, origin, source_shape, shape, window), h, w, 255)
-        return image_levels(crop, self.train_scales), label
+        image, lab = self.reader.read_resized(self.split, sample, source, shape, window)
+        return image_levels(_pad(image, h, w, 0), self.train_scales), _pad(lab, h, w, 255)
 
 
 class PyramidEvalDataset(Dataset):

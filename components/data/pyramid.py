@@ -331,11 +331,18 @@ class PyramidReader:
             return np.zeros((window[2], window[3], 3), np.uint8), np.zeros((window[2], window[3]), np.uint8)
         if any(abs(scale - s) < 1e-9 for s in self.stored):
             return self._read_tiles(split, index, scale, shape, window)
-        full = self.size(split, index, 1.0)
-        needed = source_window(full, shape, window)
-        image, label = self._read_tiles(split, index, 1.0, full, needed)
+        return self.read_resized(split, index, 1.0, shape, window)
+
+    def read_resized(self, split: str, index: int, source: float, shape: tuple[int, int],
+                     window: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(image, label) of `window` (inside `shape`) of the stored level `source` resized to `shape`,
+        made from the tiles of the region under it: exactly that window of the whole resized level."""
+        source_shape = self.size(split, index, source)
+        needed = source_window(source_shape, shape, window)
+        image, label = self._read_tiles(split, index, source, source_shape, needed)
         origin = (needed[0], needed[1])
-        return (resize_window(image, origin, full, shape, window), label_window(label, origin, full, shape, window))
+        return (resize_window(image, origin, source_shape, shape, window),
+                label_window(label, origin, source_shape, shape, window))
 
     def _check_scales(self, scales: list[float]) -> None:
         missing = [s for s in scales if not any(abs(s - v) < 1e-6 for v in self.scales)]
