@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 
@@ -18,14 +20,43 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def _die_with_parent() -> None:
+# Ctrl-C (SIGINT) and SIGTERM, which the stages turn into an exception that removes their temporaries.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _stop_signals_deferred() -> Iterator[None]:
+    """Note Ctrl-C and SIGTERM while the workers are forked, and deliver them after. Python runs the
+    handler of a signal that lands during a fork inside an at-fork hook, which prints and swallows
+    its KeyboardInterrupt (the stage then ran to the end and published its output), or raises it
+    half-way through starting a worker (the stage then hung at exit, waiting for that worker).
+    Masking the signal would not do: it is delivered to another thread, and its handler still runs.
+    Off the main thread, no handler can run during the fork, and none can be set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    previous = {number: signal.signal(number, lambda number, _frame: noted.append(number))
+                for number in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if noted:
+            signal.raise_signal(noted[0])
+
+
+def _start_worker() -> None:
     """Worker processes end with the stage, even when it is killed (SIGKILL runs no clean-up): an
     orphan would go on writing, and hold the output's lock, which it inherited."""
     import ctypes
-    import signal
 
     import cv2
 
+    # A worker stops at once on Ctrl-C or SIGTERM: the stage removes what it wrote.
+    for number in _STOP_SIGNALS:
+        signal.signal(number, signal.SIG_DFL)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() == 1:  # the parent died before the call above
@@ -57,8 +88,10 @@ def run_jobs(function: Callable[[Any], Any], jobs: Sequence[Any], workers: int,
     cv2.setNumThreads(1)
     try:
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork"),
-                                 initializer=_die_with_parent) as pool:
-            for result in pool.map(function, jobs):
+                                 initializer=_start_worker) as pool:
+            with _stop_signals_deferred():  # map submits every job, and the first submit forks the workers
+                ordered_results = pool.map(function, jobs)
+            for result in ordered_results:
                 results.append(result)
                 if on_result is not None:
                     on_result(result)
