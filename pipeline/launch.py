@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from components.config import ConfigError, PipelineConfig
-from pipeline import cluster
+from pipeline import cluster, leftovers
 from pipeline.environment import Environment
 
 
@@ -74,22 +74,21 @@ def prepare_launch(cfg: PipelineConfig, env: Environment | None = None, trains: 
         cluster.check_remote_requirements(env)
     pyramid_uri = cluster.place_pyramid(env, cfg.pyramid.output, remote)
     if env.ray_address:
-        _free_leaked_placement_groups()
+        _free_leftovers()
         nodes = cluster.preflight(pyramid_uri, checkpoint_root, env.tracking_uri)
         print(f"pre-flight passed on {nodes} node(s): pyramid readable, storage writable, tracking reachable")
     return Launch(env=env, where=where, use_gpu=use_gpu, remote=remote, pyramid_uri=pyramid_uri,
                   checkpoint_root=checkpoint_root)
 
 
-def _free_leaked_placement_groups() -> None:
-    """A joined cluster may still hold resources for a run that was killed (see
-    `cluster.free_leaked_placement_groups`); a fresh local instance has no earlier jobs.
-    Best effort: the stage goes on either way, and says what it did."""
+def _free_leftovers() -> None:
+    """A joined cluster may still hold resources for runs that were killed or stopped (see
+    `pipeline.leftovers`); a fresh local instance has none. Best effort: the stage goes on either
+    way, and says what it did."""
     try:
-        freed = cluster.free_leaked_placement_groups()
-    except Exception as err:  # noqa: BLE001  (Ray's State API may be unreachable)
-        print(f"could not look for leaked placement groups: {err}")
+        groups, requests = leftovers.free_leftovers()
+    except Exception as err:  # noqa: BLE001  (the GCS may be briefly unreachable)
+        print(f"could not look for leftovers of ended runs: {err}")
     else:
-        if freed:
-            print(f"freed {freed} placement group(s) that ended jobs or dead actors still held "
-                  "(a killed run's leftovers)")
+        if groups or requests:
+            print(leftovers.describe(groups, requests))

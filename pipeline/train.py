@@ -21,7 +21,7 @@ from components.data.pyramid import PyramidReader
 from components.models.build import training_method
 from components.models.saved import CONFIG_FILE, WEIGHTS_FILE, is_saved_model
 from components.redact import redact
-from pipeline import cluster, output_files, tracking
+from pipeline import cluster, leftovers, output_files, tracking
 from pipeline.common import run_stage
 from pipeline.environment import Environment
 from pipeline.launch import prepare_launch
@@ -144,7 +144,8 @@ def main(cfg: PipelineConfig) -> None:
         f"MLflow run {run_id} at {redact(launch.env.tracking_uri)}"
     )
     trainer = build_trainer(cfg, launch, name, mlflow_run_id=run_id)
-    with tracking.run_status(run_id):
+    # An elastic run grows only onto what no request of an ended run reserves (pipeline.leftovers).
+    with tracking.run_status(run_id), leftovers.LeftoverReaper():
         try:
             result = trainer.fit()
         except Exception as err:

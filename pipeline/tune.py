@@ -22,7 +22,7 @@ from components.atomic import atomic_file
 from components.config import PipelineConfig
 from components.data.pyramid import PyramidReader
 from components.flops import train_step_flops
-from pipeline import cluster, output_files, tracking
+from pipeline import cluster, leftovers, output_files, tracking
 from pipeline.common import run_stage
 from pipeline.launch import prepare_launch
 from pipeline.search_space import SEARCHED, check_search_space, search_space, trial_config
@@ -154,9 +154,9 @@ def search(cfg: PipelineConfig) -> list[dict]:
                                       failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures)),
         )
     with tracking.run_status(parent_run_id):
-        # Trials are stopped while their training runs; what a stopped trial's training leaks must
-        # not hold the CPUs the next trials wait for (cluster.free_leaked_placement_groups).
-        with cluster.LeakedPlacementGroupReaper():
+        # Trials are stopped while their training runs; what a stopped trial's training leaves must
+        # not hold the resources the next trials wait for (pipeline.leftovers).
+        with leftovers.LeftoverReaper():
             results = tuner.fit()
         failures = _record_trial_statuses(experiment_id, parent_run_id, results, cfg.tune.epochs)
         rows = [_trial_row(cfg, result, failures.get(_trial_id(result))) for result in results]

@@ -118,6 +118,10 @@ HOSTILE_ENTRIES = ["fifo", "device", "loop", "folder", "sparse"]
 
 
 def write_entry(path: Path, data: bytes | str) -> None:
+    """Put `data` at `path`; a name drawn twice keeps its first entry (writing to a FIFO made by the
+    first would wait for a reader for ever)."""
+    if os.path.lexists(path):
+        return
     if isinstance(data, bytes):
         path.write_bytes(data)
     elif data == "fifo":

@@ -1,7 +1,7 @@
 """A killed run must not leave the cluster unable to run the next one.
 
 A training killed while it starts can leave a placement group that Ray never frees (see
-`pipeline.cluster.free_leaked_placement_groups`); it holds its CPUs for ever, and every later
+`pipeline.leftovers.free_leaked_placement_groups`); it holds its CPUs for ever, and every later
 training on that cluster waits for them. Every stage that joins a cluster frees such groups first,
 and a search frees them while it runs (its stopped trials leave them)."""
 
@@ -39,7 +39,7 @@ def test_a_stage_frees_the_cpus_a_killed_run_left_reserved(tmp_path, own_cluster
     done = run_on_cluster(stage_command("evaluate", params), stage_env(params, **own_cluster.client_env()),
                           timeout=300, cluster=own_cluster)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "freed 1 placement group(s) that ended jobs or dead actors still held" in done.stdout
+    assert "freed 1 placement group(s) that ended runs left reserved" in done.stdout
     assert own_cluster.placement_group_states()[leaked] == "REMOVED"
     assert (tmp_path / "eval" / "metrics.json").is_file()
 
@@ -51,7 +51,7 @@ LIVE_JOB_DRIVER = """
 import json, sys, time
 import ray
 from ray.util.placement_group import placement_group
-from pipeline.cluster import LeakedPlacementGroupReaper
+from pipeline.leftovers import LeftoverReaper
 
 ray.init(logging_level="ERROR")
 
@@ -68,11 +68,11 @@ ray.get(live.ready(), timeout=60)
 print(json.dumps({"job": ray.get_runtime_context().get_job_id(), "actor": controller._actor_id.hex(),
                   "live": live.id.hex()}), flush=True)
 leaked = sys.stdin.readline().strip()
-with LeakedPlacementGroupReaper(interval_s=0.5) as reaper:
+with LeftoverReaper(interval_s=0.5) as reaper:
     deadline = time.monotonic() + 60
     while ray.util.placement_group_table()[leaked]["state"] != "REMOVED" and time.monotonic() < deadline:
         time.sleep(0.5)
-print(json.dumps({"freed": reaper.freed}), flush=True)
+print(json.dumps({"freed": reaper.groups}), flush=True)
 """
 
 
@@ -103,3 +103,54 @@ def test_a_search_frees_what_a_stopped_trials_training_leaked(own_cluster):
     states = own_cluster.placement_group_states()
     assert states[leaked] == "REMOVED"
     assert states[detached] == "CREATED" and states[ids["live"]] in ("CREATED", "REMOVED")  # REMOVED: its job ended
+
+
+# A driver that asks Ray's autoscaling coordinator for resources as Ray Train's controllers do: a
+# request of an ended run (not renewed since), one of a live run (just renewed) and one of Ray Data.
+STALE_REQUEST_DRIVER = """
+import json, time
+import ray
+from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+    ResourceRequestPriority, get_or_create_autoscaling_coordinator)
+from pipeline.leftovers import free_stale_resource_requests
+
+ray.init(logging_level="ERROR")
+coordinator = get_or_create_autoscaling_coordinator()
+
+def request(requester, cpus, priority=ResourceRequestPriority.HIGH):  # HIGH: Ray Train's
+    ray.get(coordinator.request_resources.remote(requester_id=requester, resources=[{"CPU": 1.0}] * cpus,
+                                                 expire_after_s=180, priority=priority))
+
+def reserved(requester):
+    by_node = ray.get(coordinator.get_reserved_resources.remote(requester, recompute=True))
+    return sum(resources.get("CPU", 0) for resources in by_node.values())
+
+request("train-ended", 2)  # every CPU of the cluster
+request("data-pipeline", 1, ResourceRequestPriority.LOW)  # not Ray Train's: kept
+time.sleep(3)
+request("train-new", 2)  # an elastic run that starts now
+before = reserved("train-new")
+withdrawn = free_stale_resource_requests(stale_after_s=2)
+print(json.dumps({"before": before, "after": reserved("train-new"), "withdrawn": withdrawn,
+                  "ended": reserved("train-ended"), "data": reserved("data-pipeline")}))
+"""
+
+
+def test_requests_of_ended_runs_are_withdrawn_and_the_next_run_gets_their_resources(own_cluster):
+    """An elastic run starts with, and grows to, only what no other request reserves; a run whose
+    controller was killed (a stopped trial) kept its reservation for 180 s, and the next elastic
+    trial waited that long with the CPUs idle (and a CI run's elastic training started on 1 of 2
+    nodes). A request not renewed within its renewal interval is withdrawn; others are kept."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.services import python_env
+
+    done = subprocess.run([sys.executable, "-c", STALE_REQUEST_DRIVER], capture_output=True, text=True, timeout=180,
+                          env=python_env(**own_cluster.client_env()))
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    # The ended run's request held both CPUs; withdrawn, they go to the new run.
+    assert seen == {"before": 0, "after": 2, "withdrawn": 1, "ended": 0, "data": 0}
+    # (Ray Data's request is kept, but reserves nothing while Ray Train's, of higher priority, take all.)
