@@ -348,6 +348,28 @@ def allowed_eval_scales_problem(method: str, train_scales: list[float], scales: 
     return None
 
 
+# Settings that say where a run writes, how it survives faults or how fast it loads, never what it
+# computes (the loader seeds every sample, not every loader process). A training's identity
+# (pipeline.cluster.run_key) leaves them out, and so do the params of the training stages in
+# dvc.yaml: editing one reruns no training and no search (tests/test_stage_params.py holds the table).
+OPERATIONAL_KEYS = {
+    "train": ("output", "metrics", "curves", "run_record"),
+    "loader": ("workers",),
+    "ray": ("placement_strategy", "max_failures", "max_start_failures", "checkpoints_to_keep",
+            "elastic_resize_interval_s"),
+    "mlflow": ("experiment",),
+}
+# What of `tune` the search of training settings computes with; the other keys belong to the
+# inference-scale search (eval-scales) and to the train stage.
+SEARCH_KEYS = ("num_samples", "epochs", "steps_per_epoch", "grace_period", "reduction_factor", "seed",
+               "train_scale_sets", "search")
+
+
+def result_settings(cfg: PipelineConfig, section: str) -> dict:
+    """A section's settings without its operational keys (OPERATIONAL_KEYS)."""
+    return getattr(cfg, section).model_dump(mode="json", exclude=set(OPERATIONAL_KEYS.get(section, ())))
+
+
 # Stage outputs: the directories a stage replaces as a whole, and the files and folders it writes.
 DIRECTORY_OUTPUTS = ("prepare.output", "pyramid.output", "train.output", "evaluate.output_dir")
 FILE_OUTPUTS = ("train.metrics", "train.curves", "train.run_record", "register.output", "tune.output_dir",

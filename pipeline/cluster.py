@@ -329,12 +329,13 @@ def code_fingerprint() -> str:
 def run_key(cfg: PipelineConfig, dataset_fingerprint: str) -> str:
     """A stable id for 'this training': same code, config and data, same run (so a restart resumes
     it and a finished one is reused); anything that changes what is computed gives a new id. Where
-    the results are written does not, and methods that train alike (`training_method`) share it."""
+    the results are written, fault tolerance and loader processes do not (OPERATIONAL_KEYS), and
+    methods that train alike (`training_method`) share it."""
+    from components.config import result_settings
     from components.models.build import training_method
 
     model = cfg.model.model_copy(update={"method": training_method(cfg.model)}).model_dump(mode="json")
-    train = cfg.train.model_dump(mode="json", exclude={"output", "metrics", "curves", "run_record"})
-    relevant = {"model": model, "train": train,
-                "loader": cfg.loader.model_dump(mode="json"), "data": dataset_fingerprint,
+    relevant = {"model": model, "train": result_settings(cfg, "train"),
+                "loader": result_settings(cfg, "loader"), "data": dataset_fingerprint,
                 "workers": cfg.ray.model_dump(mode="json")["num_workers"], "code": code_fingerprint()}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]

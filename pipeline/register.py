@@ -109,8 +109,10 @@ def register(cfg: PipelineConfig) -> dict:
             client.set_registered_model_alias(rc.model_name, "challenger", version.version)
         key = scale_set_key(served["scales"], "_")
         with mlflow.start_run(run_id=run["run_id"]):
+            # On the registered version's own logged model (the served one), not the trained one:
+            # a model's page then shows its own figures, not those of the version logged before it.
             mlflow.log_metrics({f"val_miou_{key}": served["miou"], f"gflops_{key}": served["gflops"]},
-                               model_id=run["model_uri"].removeprefix("models:/"))
+                               model_id=_logged_model_id(version))
     except Exception:
         if created:  # leave no version behind that the gate never judged
             client.delete_model_version(rc.model_name, version.version)
@@ -138,6 +140,12 @@ def _served_model(client, cfg: PipelineConfig, run_id: str, scales: list[float],
     with mlflow.start_run(run_id=run_id):
         return tracking.log_saved_model(cfg.train.output, scales, name="served", tags=tags,
                                         max_request_pixels=cfg.register.max_request_pixels)
+
+
+def _logged_model_id(version) -> str:
+    """The logged model a registry version was made from: MLflow 3 names it in the version's source
+    (`models:/<model id>`; the version's own model_id field stays empty for a registered URI)."""
+    return version.model_id or version.source.removeprefix("models:/")
 
 
 def _version_by_alias(client, name: str, alias: str):

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from components.atomic import atomic_file
-from components.config import PipelineConfig
+from components.config import SEARCH_KEYS, PipelineConfig
 from components.data.pyramid import PyramidReader
 from components.flops import train_step_flops
 from pipeline import cluster, leftovers, output_files, tracking
@@ -108,6 +108,14 @@ def _record_trial_statuses(experiment_id: str, parent_run_id: str, results, max_
     return failures
 
 
+def search_key(cfg: PipelineConfig, dataset_fingerprint: str) -> str:
+    """The search's identity: what its trials compute, i.e. the base config under the trial budget
+    (tune.epochs, not train.epochs) and the search's own keys (SEARCH_KEYS; the inference-scale
+    candidates are another stage's). Same key: a finished search is reused, an interrupted one resumed."""
+    searched = cfg.tune.model_dump(mode="json", include=set(SEARCH_KEYS))
+    return cluster.run_key(trial_config(cfg, {}, "budget"), f"{dataset_fingerprint}:tune:{searched!r}")
+
+
 def search(cfg: PipelineConfig) -> list[dict]:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -116,8 +124,7 @@ def search(cfg: PipelineConfig) -> list[dict]:
     check_search_space(cfg)
     manifest = PyramidReader(cfg.pyramid.output).manifest
     launch = prepare_launch(cfg)
-    key = cluster.run_key(cfg, manifest["source_manifest"] + ":tune:" + repr(cfg.tune.model_dump(mode="json")))
-    name = f"tune-{key}"
+    name = f"tune-{search_key(cfg, manifest['source_manifest'])}"
     experiment_id = tracking.setup_experiment(launch.env, cfg.mlflow.experiment)
     finished = tracking.finished_run(experiment_id, name)
     parent_run_id = finished.info.run_id if finished else tracking.find_or_create_run(

@@ -83,6 +83,21 @@ def test_dvc_repro_whole_pipeline_then_experiments_plots_and_a_params_edit(tmp_p
     assert stages_run(again) == []
     commit(repo, "repro")
 
+    # Edits that change no training (fault tolerance, loader processes, the MLflow experiment, an
+    # inference-only key) leave the search and the trainings up to date in DVC's own eyes; a
+    # training setting of the train stage alone reruns that stage (tests/test_stage_params.py).
+    original = (repo / "params.yaml").read_text()
+    edited = yaml.safe_load(original)
+    edited["ray"]["max_failures"] += 1
+    edited["loader"]["workers"] = 1
+    edited["mlflow"]["experiment"] = "elsewhere"
+    edited["tune"]["max_eval_gflops"] = 1000.0
+    edited["train"]["epochs"] += 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
+    stale = set(json.loads(dvc(repo, "status", "--json").stdout))
+    assert "train" in stale and not {stage for stage in stale if stage == "tune" or stage.startswith("ablation")}, stale
+    (repo / "params.yaml").write_text(original)
+
     # Experiments from the reproduced commit: an evaluate setting reruns evaluate alone, and each
     # experiment keeps its own params and metrics.
     runs = {}

@@ -78,6 +78,11 @@ def test_gate_idempotence_and_predict(tmp_path, server):
     assert len(client.search_model_versions("name = 'hmsa'")) == 3
     version = client.get_model_version("hmsa", "3")
     assert version.tags["val_miou"] == "0.4" and version.tags["method"] == "hierarchical"
+    for number in ("1", "2", "3"):  # each version's own model carries its own figures
+        registered = client.get_model_version("hmsa", number)
+        figures = {m.key: m.value for m in client.get_logged_model(registered.source.removeprefix("models:/")).metrics}
+        assert figures == {"val_miou_0.5_1": float(registered.tags["val_miou"]),
+                           "gflops_0.5_1": float(registered.tags["gflops"])}, (number, figures)
     # the served set is the inference-scale search's recommendation, and callers get it by default
     assert version.tags["eval_scales"] == "[0.5, 1.0]" and better["served_scales"] == [0.5, 1.0]
     served = mlflow.pyfunc.load_model("models:/hmsa@champion")
