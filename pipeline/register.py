@@ -5,10 +5,12 @@ The served scale set is register.scale_set: by default the inference-scale searc
 registered model serves that set when a caller passes none, and its mIoU and GFLOPs at that set gate
 promotion: the candidate becomes `champion` only if its mIoU beats the current champion's (at the
 champion's own served set) by more than register.min_delta and its GFLOPs are within
-register.max_gflops; the old champion then keeps the alias `previous`. Otherwise the candidate is
-aliased `challenger`. The same weights with the same served set registered twice reuse their
-version (matched by the SHA-256 of the weights). A failure after a version was created deletes it
-again: no half-registered models.
+register.max_gflops; the old champion then keeps the alias `previous` (and `challenger`, which
+lost to it, is removed). Otherwise the candidate is aliased `challenger`. A candidate of another
+dataset than the champion's, or whose training run is in another tracking store, is refused.
+The same weights with the same served set registered twice reuse their version (matched by the
+SHA-256 of the weights). A failure after a version was created deletes it again: no
+half-registered models.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import yaml
 from components.atomic import atomic_file
 from components.config import PipelineConfig
 from components.models.saved import WEIGHTS_FILE
+from components.redact import redact
 from components.scales import scale_set_key
 from pipeline import output_files, tracking
 from pipeline.common import run_stage
@@ -78,10 +81,14 @@ def register(cfg: PipelineConfig) -> dict:
 
     rc = cfg.register
     run = json.loads(Path(cfg.train.run_record).read_text())
+    env = Environment.from_environ()
+    _check_same_tracking_store(run, env.tracking_uri, cfg.train.run_record)
     served = served_evaluation(cfg)
     weights_sha = hashlib.sha256((Path(cfg.train.output) / WEIGHTS_FILE).read_bytes()).hexdigest()
-    tracking.setup_experiment(Environment.from_environ(), cfg.mlflow.experiment)
+    tracking.setup_experiment(env, cfg.mlflow.experiment)
     client = mlflow.MlflowClient()
+    dataset = client.get_run(run["run_id"]).data.tags.get("dataset_manifest", "")
+    _check_same_dataset(client, rc.model_name, dataset)
     existing = [v for v in client.search_model_versions(f"name = '{rc.model_name}'")
                 if v.tags.get("weights_sha256") == weights_sha and v.tags.get("eval_scales") == str(served["scales"])]
     created = not existing
@@ -91,7 +98,7 @@ def register(cfg: PipelineConfig) -> dict:
         tags = {"weights_sha256": weights_sha, "val_miou": str(served["miou"]), "gflops": str(served["gflops"]),
                 "eval_scales": str(served["scales"]), "method": cfg.model.method,
                 "train_scales": str(cfg.model.train_scales),
-                "dataset_manifest": client.get_run(run["run_id"]).data.tags.get("dataset_manifest", ""),
+                "dataset_manifest": dataset,
                 "git_commit": tracking.git_commit()}
         model_uri = _served_model(client, cfg, run["run_id"], served["scales"],
                                   {"weights_sha256": weights_sha, "eval_scales": str(served["scales"])})
@@ -105,6 +112,9 @@ def register(cfg: PipelineConfig) -> dict:
             if champion is not None:
                 client.set_registered_model_alias(rc.model_name, "previous", champion["version"])
             client.set_registered_model_alias(rc.model_name, "champion", version.version)
+            # A challenger lost to the champion that was just replaced; it names no contender now.
+            if _version_by_alias(client, rc.model_name, "challenger") is not None:
+                client.delete_registered_model_alias(rc.model_name, "challenger")
         elif not (champion and champion["version"] == version.version):
             client.set_registered_model_alias(rc.model_name, "challenger", version.version)
         key = scale_set_key(served["scales"], "_")
@@ -140,6 +150,27 @@ def _served_model(client, cfg: PipelineConfig, run_id: str, scales: list[float],
     with mlflow.start_run(run_id=run_id):
         return tracking.log_saved_model(cfg.train.output, scales, name="served", tags=tags,
                                         max_request_pixels=cfg.register.max_request_pixels)
+
+
+def _check_same_tracking_store(run: dict, tracking_uri: str, record: str) -> None:
+    """The training run lives in the tracking store it was recorded in (train.run_record); after a
+    move to another server, `train` stays cached while its run is not there."""
+    recorded = run.get("tracking_uri")
+    if recorded and recorded != redact(tracking_uri):
+        raise ValueError(f"{record}: training run {run['run_id']} was tracked at {recorded}, but MLFLOW_TRACKING_URI "
+                         f"is now {redact(tracking_uri)}: register it where it was trained (set MLFLOW_TRACKING_URI "
+                         "back), or train it again on the new server (dvc repro --force train)")
+
+
+def _check_same_dataset(client, name: str, dataset: str) -> None:
+    """A registered model's versions are judged against each other, so they must come from one
+    dataset: a champion of the synthetic set would judge a candidate of Cityscapes."""
+    champion = _version_by_alias(client, name, "champion")
+    theirs = champion.tags.get("dataset_manifest", "") if champion is not None else ""
+    if dataset and theirs and dataset != theirs:
+        raise ValueError(f"register.model_name = {name}: its champion v{champion.version} was trained on dataset "
+                         f"{theirs[:12]}, this candidate on {dataset[:12]} (manifest hashes); their mIoU cannot be "
+                         "compared: register this model under another register.model_name")
 
 
 def _logged_model_id(version) -> str:

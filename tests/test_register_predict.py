@@ -27,7 +27,8 @@ from tests.train_helpers import write_params
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leaked_tracking_uri")]
 
 
-def trained_candidate(workdir, server, seed: int, miou: float, gflops: float = 5.0, **register_settings):
+def trained_candidate(workdir, server, seed: int, miou: float, gflops: float = 5.0, dataset: str = "",
+                      **register_settings):
     """A model logged to MLflow as training does, an evaluation file and an inference-scale
     recommendation of [0.5, 1.0] with the given scores (the gate's inputs; the scores are chosen so
     the test knows which candidate is better)."""
@@ -36,9 +37,10 @@ def trained_candidate(workdir, server, seed: int, miou: float, gflops: float = 5
     save_model(build_model(cfg).eval(), cfg, workdir / "model", metadata={"classes": {"colors": [[seed, 0, 0]] * 19}})
     mlflow.set_tracking_uri(server.uri)
     experiment = mlflow.get_experiment_by_name("hmsa") or mlflow.get_experiment(mlflow.create_experiment("hmsa"))
-    with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
+    with mlflow.start_run(experiment_id=experiment.experiment_id, tags={"dataset_manifest": dataset}) as run:
         model_uri = tracking.log_saved_model(workdir / "model", [0.5, 1.0])
-    (workdir / "run.json").write_text(json.dumps({"run_id": run.info.run_id, "model_uri": model_uri}))
+    (workdir / "run.json").write_text(json.dumps({"run_id": run.info.run_id, "model_uri": model_uri,
+                                                  "tracking_uri": server.uri}))
     (workdir / "eval").mkdir()
     (workdir / "eval" / "metrics.json").write_text(json.dumps({"0.5,1,2": {"miou": miou, "gflops": gflops}}))
     (workdir / "tune").mkdir()
@@ -73,7 +75,8 @@ def test_gate_idempotence_and_predict(tmp_path, server):
     assert not worse["promoted"] and worse["aliases"] == {"champion": "1", "challenger": "2"}
 
     better = register(trained_candidate(tmp_path / "c", server, seed=3, miou=0.40), server)
-    assert better["promoted"] and better["aliases"] == {"champion": "3", "challenger": "2", "previous": "1"}
+    # v2 lost to v1, which v3 replaced: no challenger is left standing against v3
+    assert better["promoted"] and better["aliases"] == {"champion": "3", "previous": "1"}
     client = mlflow.MlflowClient(server.uri)
     assert len(client.search_model_versions("name = 'hmsa'")) == 3
     version = client.get_model_version("hmsa", "3")
@@ -127,6 +130,30 @@ def test_gate_idempotence_and_predict(tmp_path, server):
             "--model", str(tmp_path / "c" / "model"), "--output", str(tmp_path / "bad"), str(images / "broken.png")]
     done = subprocess.run(argv, capture_output=True, text=True, env=python_env(MLFLOW_TRACKING_URI=server.uri))
     assert done.returncode == 1 and "broken.png: unreadable image" in done.stderr
+
+
+def test_a_candidate_of_another_dataset_or_tracking_store_is_refused_and_nothing_registered(tmp_path, server):
+    """The gate compares versions of one dataset only (a synthetic-data champion judged a real-data
+    candidate), and a training run recorded in another tracking store (after a move to a team
+    server) is named with what to do, not `Run with id=... not found`."""
+    name = {"model_name": "hmsa-datasets"}
+    assert register(trained_candidate(tmp_path / "a", server, seed=1, miou=0.3, dataset="a" * 64, **name),
+                    server)["promoted"]
+    client = mlflow.MlflowClient(server.uri)
+    other = trained_candidate(tmp_path / "b", server, seed=2, miou=0.9, dataset="b" * 64, **name)
+    done = subprocess.run([sys.executable, "-m", "pipeline.register", "--params", str(other)],
+                          capture_output=True, text=True, env=python_env(MLFLOW_TRACKING_URI=server.uri))
+    assert done.returncode == 1 and "trained on dataset aaaaaaaaaaaa, this candidate on bbbbbbbbbbbb" in done.stderr
+    assert [v.version for v in client.search_model_versions("name = 'hmsa-datasets'")] == ["1"]
+
+    moved = trained_candidate(tmp_path / "c", server, seed=3, miou=0.9, dataset="a" * 64, **name)
+    record = json.loads((tmp_path / "c" / "run.json").read_text())
+    (tmp_path / "c" / "run.json").write_text(json.dumps({**record, "tracking_uri": "http://old-server:5000"}))
+    done = subprocess.run([sys.executable, "-m", "pipeline.register", "--params", str(moved)],
+                          capture_output=True, text=True, env=python_env(MLFLOW_TRACKING_URI=server.uri))
+    assert done.returncode == 1 and "was tracked at http://old-server:5000" in done.stderr, done.stderr[-2000:]
+    assert "dvc repro --force train" in done.stderr
+    assert [v.version for v in client.search_model_versions("name = 'hmsa-datasets'")] == ["1"]
 
 
 def test_decide_respects_the_cost_budget():
