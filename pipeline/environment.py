@@ -42,6 +42,18 @@ FORWARDED_VARIABLES = (
 
 LOCAL_CHECKPOINTS = "ray_results"
 LOCAL_TRACKING = "sqlite:///mlflow.db"
+DVC_EXPERIMENT_WORKSPACES = (".dvc", "tmp", "exps")  # where `dvc exp run --temp` and queued runs happen
+
+
+def checkout_dir(directory: Path) -> Path:
+    """The checkout a stage runs for. DVC runs `dvc exp run --temp` and queued experiments in a copy
+    under <checkout>/.dvc/tmp/exps/ and deletes it afterwards: a relative local tracking store
+    resolves against the checkout itself, so those experiments share its MLflow history."""
+    parts, marker = directory.resolve().parts, DVC_EXPERIMENT_WORKSPACES
+    for start in range(len(parts) - len(marker)):
+        if parts[start:start + len(marker)] == marker:
+            return Path(*parts[:start])
+    return directory
 
 
 @dataclass(frozen=True)
@@ -62,7 +74,7 @@ class Environment:
             split_s3(root)  # names the variable's value when it has no bucket
         uri = env.get("MLFLOW_TRACKING_URI") or LOCAL_TRACKING
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+            uri = "sqlite:///" + str(checkout_dir(Path.cwd()).joinpath(uri[len("sqlite:///"):]).resolve())
         return cls(ray_address=env.get("RAY_ADDRESS") or None, storage_root=root,
                    s3_endpoint=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
                    s3_region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,

@@ -19,6 +19,19 @@ def test_defaults_are_this_machine_only(tmp_path, monkeypatch):
     assert env.ray_storage() == (str(tmp_path / "ray_results"), None)
 
 
+def test_a_dvc_temporary_experiment_tracks_into_its_checkouts_store(tmp_path, monkeypatch):
+    """`dvc exp run --temp` and queued experiments run in <checkout>/.dvc/tmp/exps/<tmp>/, which DVC
+    deletes afterwards: the default SQLite store (and its artifacts) must be the checkout's."""
+    workspace = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpk2x9" / "sub"
+    workspace.mkdir(parents=True)
+    monkeypatch.chdir(workspace)
+    env = Environment.from_environ({})
+    assert env.tracking_uri == f"sqlite:///{tmp_path / 'repo' / 'mlflow.db'}"
+    assert env.local_artifact_location() == (tmp_path / "repo" / "mlartifacts").as_uri()
+    other = Environment.from_environ({"MLFLOW_TRACKING_URI": "sqlite:///runs/mlflow.db"})
+    assert other.tracking_uri == f"sqlite:///{tmp_path / 'repo' / 'runs' / 'mlflow.db'}"
+
+
 def test_s3_storage_builds_one_filesystem_with_endpoint_and_region():
     env = Environment.from_environ({"HMSA_STORAGE": "s3://bucket/team/hmsa", "AWS_DEFAULT_REGION": "eu-west-1",
                                     "AWS_ENDPOINT_URL": "http://127.0.0.1:8333",
