@@ -13,6 +13,8 @@ from components.config import ConfigError, load_config
 from components.redact import redact
 from pipeline.errors import ClusterError
 
+VERBOSE_VARIABLE = "HMSA_VERBOSE"  # "1" (a stage's --verbose): Ray Train's own report and checkpoint lines too
+
 # Errors that are the user's to fix (a key, a path, a cluster setting): one line, no traceback.
 USER_ERRORS = (ConfigError, ClusterError, FileNotFoundError, FileExistsError, ValueError, KeyError,
                ConnectionError)
@@ -27,9 +29,13 @@ def run_stage(main: Callable[..., None], description: str,
     parser.add_argument("--params", default="params.yaml", help="the parameters file (default: params.yaml)")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error that is otherwise reported in one line")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray Train's own line for every report and checkpoint")
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args()
+    if args.verbose:
+        os.environ[VERBOSE_VARIABLE] = "1"
     # SIGTERM (a scheduler, `kill`, Ray job stop) unwinds like Ctrl-C, so MLflow runs end as KILLED.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # Ctrl-C unwinds (temporaries removed, runs marked KILLED) however the stage was started: a

@@ -51,7 +51,7 @@ def free_leaked_placement_groups() -> int:
 
     record = gcs_pb2.PlacementGroupTableData
     alive_states = {record.PENDING, record.PREPARED, record.CREATED, record.RESCHEDULING}
-    ended_jobs = {job["JobID"] for job in ray.state.jobs() if job["IsDead"]}
+    ended_jobs = {job["JobID"] for job in global_state.job_table() if job["IsDead"]}
     gcs = global_state._connect_and_get_accessor()
     actors = [gcs_pb2.ActorTableData.FromString(raw) for raw in gcs.get_actor_table(None, None)]
     dead = gcs_pb2.ActorTableData.DEAD

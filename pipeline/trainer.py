@@ -14,9 +14,13 @@ curve over samples seen as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import resource
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import ray
@@ -39,6 +43,7 @@ from components.training import (
     parameter_digest,
     train_one_epoch,
 )
+from pipeline.common import VERBOSE_VARIABLE
 from pipeline.environment import Environment
 from pipeline.errors import ClusterError, NotRetriedError
 from pipeline.tracking import log_epoch
@@ -88,8 +93,29 @@ def _loaders(cfg: PipelineConfig, rank: int, world: int, pyramid_uri: str):
     return train_set, train_loader, val_loader, reader.manifest["classes"]
 
 
+def _quiet_ray_train() -> None:
+    """Ray Train logs every report (a 700-character line) and checkpoint at INFO; the epoch line
+    says what a person needs, and a stage's `--verbose` brings them back. The report line's logger
+    is named after its module's file, not its module."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    with contextlib.suppress(ImportError):
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def epoch_line(row: dict, epochs: int, seconds: float) -> str:
+    """One line per epoch, from rank 0: what was reached, how fast, and about how long is left."""
+    left = seconds * (epochs - row["epoch"])
+    return (f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f}, val mIoU {row['val_miou']:.4f}, "
+            f"{row['images_per_s']:.1f} images/s on {row['workers']} worker(s), {seconds:.0f} s; "
+            f"about {int(left // 60)} min {int(left % 60)} s left\n")
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = validate_config(loop_config["params"], source="train_loop_config")
+    if not loop_config.get("verbose"):
+        _quiet_ray_train()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -118,6 +144,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     epoch_samples, steps = epoch_plan(len(train_set), cfg.train, cfg.ray.worker_range[1], world)
     total_samples = epoch_samples * cfg.train.epochs
     for epoch in range(state["epoch"], cfg.train.epochs):
+        started = time.monotonic()
         train_set.set_epoch(epoch)
         if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
@@ -154,6 +181,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank != 0:
             ray.train.report(report, checkpoint=None)
             continue
+        sys.__stderr__.write(epoch_line(row, cfg.train.epochs, time.monotonic() - started))
         if loop_config.get("mlflow_run_id"):
             log_epoch(loop_config["mlflow_uri"], loop_config["mlflow_run_id"], row, step=epoch + 1)
         with tempfile.TemporaryDirectory(prefix="hmsa-checkpoint-") as checkpoint_dir:
@@ -212,7 +240,7 @@ def build_trainer(cfg: PipelineConfig, launch, run_name: str, mlflow_run_id: str
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"params": cfg.model_dump(mode="json"), "mlflow_run_id": mlflow_run_id,
-                           **launch.loop_settings()},
+                           "verbose": os.environ.get(VERBOSE_VARIABLE) == "1", **launch.loop_settings()},
         scaling_config=ray.train.ScalingConfig(num_workers=low if low == high else (low, high),
                                                use_gpu=launch.use_gpu, resources_per_worker=resources,
                                                placement_strategy=rc.placement_strategy,

@@ -159,6 +159,9 @@ def test_code_change_trains_again_and_unchanged_rerun_reuses(tmp_path, data, ray
     assert (first.stdout + first.stderr).count("precision auto on cpu: ") == 1, [
         line for line in (first.stdout + first.stderr).splitlines() if "precision" in line
     ]
+    # One line per epoch from the project, none of Ray Train's per-report lines (700 characters each).
+    assert (first.stdout + first.stderr).count("epoch 1/1: loss ") == 1
+    assert "Reporting training result" not in first.stdout + first.stderr
     (tmp_path / "model").rename(tmp_path / "model-first")
 
     again = run_stage("train", params, **ray_head.client_env())
