@@ -108,8 +108,9 @@ def free_leftovers() -> tuple[int, int]:
 
 
 def describe(groups: int, requests: int) -> str:
-    freed = [f"{groups} placement group(s)" if groups else "", f"{requests} resource request(s)" if requests else ""]
-    return f"freed {' and '.join(part for part in freed if part)} that ended runs left reserved"
+    freed = [f"{count} {what}" for count, what in ((groups, "placement group(s)"), (requests, "resource request(s)"))
+             if count]
+    return f"freed {' and '.join(freed)} that ended runs left reserved"
 
 
 class LeftoverReaper:

@@ -51,7 +51,7 @@ def _champion(client, name: str) -> dict | None:
     if version is None:
         return None
     return {"version": version.version, "miou": float(version.tags["val_miou"]),
-            "gflops": float(version.tags["gflops"])}
+            "gflops": float(version.tags["gflops"]), "dataset": version.tags.get("dataset_manifest", "")}
 
 
 def served_evaluation(cfg: PipelineConfig) -> dict:
@@ -88,7 +88,8 @@ def register(cfg: PipelineConfig) -> dict:
     tracking.setup_experiment(env, cfg.mlflow.experiment)
     client = mlflow.MlflowClient()
     dataset = client.get_run(run["run_id"]).data.tags.get("dataset_manifest", "")
-    _check_same_dataset(client, rc.model_name, dataset)
+    champion = _champion(client, rc.model_name)
+    _check_same_dataset(rc.model_name, champion, dataset)
     existing = [v for v in client.search_model_versions(f"name = '{rc.model_name}'")
                 if v.tags.get("weights_sha256") == weights_sha and v.tags.get("eval_scales") == str(served["scales"])]
     created = not existing
@@ -106,7 +107,6 @@ def register(cfg: PipelineConfig) -> dict:
     try:
         candidate = {"version": version.version, "miou": served["miou"], "gflops": served["gflops"],
                      "scales": served["scales"]}
-        champion = _champion(client, rc.model_name)
         promote, reason = decide(candidate, champion, rc.min_delta, rc.max_gflops)
         if promote:
             if champion is not None:
@@ -162,13 +162,12 @@ def _check_same_tracking_store(run: dict, tracking_uri: str, record: str) -> Non
                          "back), or train it again on the new server (dvc repro --force train)")
 
 
-def _check_same_dataset(client, name: str, dataset: str) -> None:
+def _check_same_dataset(name: str, champion: dict | None, dataset: str) -> None:
     """A registered model's versions are judged against each other, so they must come from one
     dataset: a champion of the synthetic set would judge a candidate of Cityscapes."""
-    champion = _version_by_alias(client, name, "champion")
-    theirs = champion.tags.get("dataset_manifest", "") if champion is not None else ""
+    theirs = champion["dataset"] if champion is not None else ""
     if dataset and theirs and dataset != theirs:
-        raise ValueError(f"register.model_name = {name}: its champion v{champion.version} was trained on dataset "
+        raise ValueError(f"register.model_name = {name}: its champion v{champion['version']} was trained on dataset "
                          f"{theirs[:12]}, this candidate on {dataset[:12]} (manifest hashes); their mIoU cannot be "
                          "compared: register this model under another register.model_name")
 

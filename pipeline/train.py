@@ -8,6 +8,7 @@ completed run it reuses that run's result and says so; after any change it train
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import shutil
@@ -144,8 +145,10 @@ def main(cfg: PipelineConfig) -> None:
         f"MLflow run {run_id} at {redact(launch.env.tracking_uri)}"
     )
     trainer = build_trainer(cfg, launch, name, mlflow_run_id=run_id)
-    # An elastic run grows only onto what no request of an ended run reserves (pipeline.leftovers).
-    with tracking.run_status(run_id), leftovers.LeftoverReaper():
+    # On a joined cluster, an elastic run grows only onto what no request of an ended run reserves
+    # (pipeline.leftovers); a local Ray is this stage's own, and holds no other run's leftovers.
+    reaper = leftovers.LeftoverReaper() if launch.env.ray_address else contextlib.nullcontext()
+    with tracking.run_status(run_id), reaper:
         try:
             result = trainer.fit()
         except Exception as err:
