@@ -21,6 +21,7 @@ from components.config import PipelineConfig, RayConfig
 from components.data.pyramid import content_hash
 from components.redact import redact
 from components.storage import is_s3, join
+from pipeline.common import VERBOSE_VARIABLE
 from pipeline.environment import Environment
 from pipeline.errors import ClusterError
 
@@ -143,6 +144,32 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
+# Error-level lines Ray prints on runs that succeed, about its own internals, that no setting of
+# ours or the user's changes. Ray Train starts a preemption watcher per run on a cluster and passes
+# it the workers' handles, which Ray keeps in the object store; Ray then warns that the actor's
+# restart could fail (ray-project/ray#53727), once per worker group, on every run.
+KNOWN_RAY_NOISE = ("Actor with class name: 'PreemptionWatcher'",)
+
+
+def _drop_from_driver_log(known: tuple[str, ...]) -> None:
+    """Leave out of the worker output Ray forwards to this driver the lines that contain any of
+    `known`. Ray has no public filter: its forwarding handler is wrapped where it is registered; if
+    that changes in a Ray release, the lines are shown as before."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+        forward = dict(dispatcher.handlers)["ray_print_logs"]
+    except (ImportError, AttributeError, KeyError, TypeError, ValueError):
+        return
+
+    def forward_all_but_known(data: dict) -> None:
+        lines = [line for line in data.get("lines", []) if not any(text in line for text in known)]
+        if lines:
+            forward({**data, "lines": lines})
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", forward_all_but_known)
+
+
 def connect(env: Environment) -> str:
     """Join the cluster of RAY_ADDRESS, or start a local Ray; returns a description for the log.
 
@@ -157,6 +184,8 @@ def connect(env: Environment) -> str:
         runtime_env = {"working_dir": str(REPO_ROOT), "excludes": WORKING_DIR_EXCLUDES,
                        "env_vars": {**env.worker_variables(), **train_controller_variables()}}
         ray.init(address=env.ray_address, runtime_env=runtime_env, log_to_driver=True)
+        if os.environ.get(VERBOSE_VARIABLE) != "1":
+            _drop_from_driver_log(KNOWN_RAY_NOISE)
         return f"the Ray cluster at {redact(env.ray_address)}"
     # A local instance listens on loopback only: nothing outside this machine needs to reach it.
     # Its processes inherit RAY_API_SERVER_ADDRESS, so Ray Train's placement-group cleaner queries

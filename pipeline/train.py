@@ -25,6 +25,7 @@ from components.redact import redact
 from pipeline import cluster, leftovers, output_files, tracking
 from pipeline.common import run_stage
 from pipeline.environment import Environment
+from pipeline.errors import ClusterError
 from pipeline.launch import prepare_launch
 from pipeline.search_space import apply_best
 from pipeline.trainer import STATE_FILE, build_trainer, not_retried, start_failure, validation_scales
@@ -47,6 +48,23 @@ def _start_tracking(cfg: PipelineConfig, env: Environment, key: str, name: str, 
         params = tracking.flatten(cfg.model_dump(mode="json"))
         client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:500]) for k, v in params.items()])
     return experiment_id, run_id, None
+
+
+def _finished_result(path: str, filesystem, run_id: str):
+    """The Ray Train result of a finished run, which holds its history and best checkpoint."""
+    from pyarrow import fs
+    from ray.train import Result
+
+    missing = (not Path(path).is_dir() if filesystem is None
+               else filesystem.get_file_info(path).type == fs.FileType.NotFound)
+    if missing:
+        # MLflow remembers the run, but its checkpoints are gone: storage cleaned, or HMSA_STORAGE
+        # now points elsewhere than when it trained. Training it again would log a second history
+        # into the same MLflow run, so the user chooses.
+        raise ClusterError(f"the finished run's checkpoints are not at {redact(path)} (cleaned, or HMSA_STORAGE "
+                           f"changed since it trained): point HMSA_STORAGE back to where it trained, or delete "
+                           f"MLflow run {run_id} (`mlflow runs delete --run-id {run_id}`) to train it again")
+    return Result.from_path(path, storage_filesystem=filesystem)
 
 
 def _copy_config_as(source: Path, target: Path, method: str) -> None:
@@ -133,9 +151,7 @@ def main(cfg: PipelineConfig) -> None:
             f"reusing the finished run {name} (MLflow run {run_id}): same code, config and data, "
             f"nothing to train{alike}"
         )
-        from ray.train import Result
-
-        result = Result.from_path(f"{storage_path.rstrip('/')}/{name}", storage_filesystem=storage_filesystem)
+        result = _finished_result(f"{storage_path.rstrip('/')}/{name}", storage_filesystem, run_id)
         _write_outputs(cfg, result, launch.use_gpu)
         _write_record(cfg, run_id, name, finished.data.tags[tracking.MODEL_URI_TAG], launch.env.tracking_uri)
         return

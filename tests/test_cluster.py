@@ -57,20 +57,30 @@ def file_hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=repo, check=True)
+
+
 @pytest.mark.timeout(1800)
-def test_dvc_repro_on_the_cluster_then_fresh_clone_pulls_the_same(tmp_path, stack):
-    """At Cityscapes' size (2048x1024 images, 256x256 crops): prepare -> pyramid -> tune -> train ->
-    evaluate -> register across the namespaced worker nodes, the pyramid read from S3 in tiles."""
+def test_an_experiment_on_the_cluster_reaches_a_teammates_clone(tmp_path, stack):
+    """At Cityscapes' size (2048x1024 images, 256x256 crops): `dvc exp run` of prepare -> pyramid ->
+    tune -> train -> evaluate -> register across the namespaced worker nodes, the pyramid read from S3
+    in tiles; then the README's flow for a teammate: `dvc exp push`, and in a fresh clone `dvc exp
+    pull`, `dvc exp branch` and `dvc pull --allow-missing` give the same pyramid and model."""
     repo = tiny_repo(tmp_path / "repo", ray={"num_workers": 2, "cpus_per_worker": 1,
                                               "placement_strategy": "STRICT_SPREAD"},
                      prepare={"synthetic": {"train_images": 4, "val_images": 2, "height": 1024, "width": 2048}},
                      train={"crop_size": [256, 256]})
     # The DVC remote needs no endpoint of its own: AWS_ENDPOINT_URL reaches it like every client.
     dvc(repo, "remote", "add", "-d", "storage", "s3://hmsa/dvc", env=stack.env)
-    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
-    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny"], cwd=repo, check=True)
+    origin = tmp_path / "origin.git"  # the team's Git server
+    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "tiny")
+    git(repo, "remote", "add", "origin", str(origin))
+    git(repo, "push", "-q", "origin", "HEAD")
 
-    done = dvc(repo, "repro", "register", env=stack.env)
+    done = dvc(repo, "exp", "run", "-n", "on-cluster", "register", env=stack.env)
     output = done.stdout + done.stderr
     assert "pre-flight passed on 3 node(s)" in output
     metrics = read_metrics_at(repo / "results/train/metrics.json")
@@ -90,16 +100,20 @@ def test_dvc_repro_on_the_cluster_then_fresh_clone_pulls_the_same(tmp_path, stac
     assert run.info.status == "FINISHED"
     assert json.loads((repo / "results/register/registration.json").read_text())["aliases"]["champion"]
 
-    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
-    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "repro"], cwd=repo, check=True)
-    dvc(repo, "push", env=stack.env)
+    # The README's flow: the experiment's commit to Git, its outputs to the DVC remote ...
+    dvc(repo, "exp", "push", "origin", "on-cluster", env=stack.env)
     clone = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
-    # --allow-missing: the ablation's outputs do not exist (only `register` ran); everything that
-    # did run is pulled and compared below
+    subprocess.run(["git", "clone", "-q", str(origin), str(clone)], check=True)
+    # ... and a teammate's clone takes both. A branch, not `dvc exp apply`: apply exits non-zero on
+    # the outputs of stages the experiment did not run (the ablation's). --allow-missing for the same.
+    dvc(clone, "exp", "pull", "origin", "on-cluster", env=stack.env)
+    dvc(clone, "exp", "branch", "on-cluster", "from-on-cluster", env=stack.env)
+    git(clone, "checkout", "-q", "from-on-cluster")
     dvc(clone, "pull", "--allow-missing", env=stack.env)
     for path in ("data/pyramid/synthetic", "models/hmsa"):
         assert file_hashes(clone / path) == file_hashes(repo / path), path
+    assert (clone / "results/register/registration.json").read_text() == (
+        repo / "results/register/registration.json").read_text()
 
 
 def read_metrics_at(path: Path) -> dict:

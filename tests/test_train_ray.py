@@ -162,6 +162,8 @@ def test_code_change_trains_again_and_unchanged_rerun_reuses(tmp_path, data, ray
     # One line per epoch from the project, none of Ray Train's per-report lines (700 characters each).
     assert (first.stdout + first.stderr).count("epoch 1/1: loss ") == 1
     assert "Reporting training result" not in first.stdout + first.stderr
+    # Nor Ray's error-level line about its own preemption watcher (pipeline.cluster.KNOWN_RAY_NOISE).
+    assert "PreemptionWatcher" not in first.stdout + first.stderr
     (tmp_path / "model").rename(tmp_path / "model-first")
 
     again = run_stage("train", params, **ray_head.client_env())
@@ -198,6 +200,16 @@ def test_code_change_trains_again_and_unchanged_rerun_reuses(tmp_path, data, ray
     ).read_bytes()
     runs = list((tmp_path / "store" / "ray").glob("train-*"))
     assert len({p.name for p in runs}) == 2  # two runs, one per code version
+
+    # A finished run whose checkpoints are gone (storage cleaned, or HMSA_STORAGE moved): one line
+    # that says where they were looked for and how to train again, and the outputs stay as they were.
+    first_run = next(p for p in runs if p.name in again.stdout)
+    shutil.rmtree(first_run)
+    before = (tmp_path / "model" / "weights.safetensors").read_bytes()
+    gone = run_stage("train", params, **ray_head.client_env())
+    assert gone.returncode != 0 and "Traceback" not in gone.stderr, gone.stderr[-3000:]
+    assert str(first_run) in gone.stderr and "mlflow runs delete --run-id" in gone.stderr, gone.stderr[-3000:]
+    assert (tmp_path / "model" / "weights.safetensors").read_bytes() == before
 
 
 def test_run_is_running_while_training_and_killed_on_sigterm(tmp_path, data, ray_head):

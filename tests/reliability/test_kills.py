@@ -176,7 +176,9 @@ def test_sigkill_of_eval_scales_keeps_whole_files(tmp_path, ray_head):
 @pytest.mark.timeout(1200)
 def test_sigkill_of_an_ablation_method_resumes_at_the_killed_seed(tmp_path, ray_head):
     """Killed while training its second seed, the rerun keeps the first seed's finished training
-    (no second MLflow run for it) and ends with every seed's result."""
+    (no second MLflow run for it) and ends with every seed's result. With room for one training on
+    the cluster, the seeds train one after another (tests/test_ablation_parallel.py: side by side
+    where there is room for two)."""
     data = tiny_pyramid(tmp_path / "data")
     # 2-CPU workers on the 2-CPU cluster: one training at a time (with room, seeds run side by side)
     params = write_params(tmp_path, data, ray={"num_workers": 1, "cpus_per_worker": 2}, ablation={
@@ -210,6 +212,8 @@ def test_sigkill_of_an_ablation_method_resumes_at_the_killed_seed(tmp_path, ray_
     experiment = client.get_experiment_by_name("hmsa-ablation")
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]  # one run per seed, both whole
+    (_, first_end), (second_start, _) = sorted((r.info.start_time, r.info.end_time) for r in runs)
+    assert first_end <= second_start and "trainings at a time" not in done.stdout  # one after another
 
 
 @pytest.mark.timeout(900)
