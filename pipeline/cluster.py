@@ -181,8 +181,10 @@ def connect(env: Environment) -> str:
         return "the Ray instance already running in this process"
     if env.ray_address:
         _check_reachable(env.ray_address)
+        os.environ.update(cluster_only_variables())  # read where a run starts: here, or in a Tune trial
         runtime_env = {"working_dir": str(REPO_ROOT), "excludes": WORKING_DIR_EXCLUDES,
-                       "env_vars": {**env.worker_variables(), **train_controller_variables()}}
+                       "env_vars": {**env.worker_variables(), **train_controller_variables(),
+                                    **cluster_only_variables()}}
         ray.init(address=env.ray_address, runtime_env=runtime_env, log_to_driver=True)
         if os.environ.get(VERBOSE_VARIABLE) != "1":
             _drop_from_driver_log(KNOWN_RAY_NOISE)
@@ -224,6 +226,19 @@ def local_only_variables() -> dict[str, str]:
     on a 2-core machine every process of Ray's that wakes up takes time from the training threads
     (benchmarks.orchestration shows the cores Ray's processes use)."""
     return {PREEMPTION_WATCHER: os.environ.get(PREEMPTION_WATCHER, "0")}
+
+
+STATE_TRACKING = "RAY_TRAIN_ENABLE_STATE_TRACKING"
+
+
+def cluster_only_variables() -> dict[str, str]:
+    """Settings for a cluster this process joins (a user's own value wins).
+
+    Ray Train's record of its runs (a detached actor on the head; also what the dashboard's Train
+    page shows) names each run's controller: with it, the resource request of a run whose
+    controller died (a stopped Tune trial) is withdrawn at once (pipeline.leftovers), not when it
+    goes unrenewed. A local instance lives as long as the stage, and its 2 cores are spared the actor."""
+    return {STATE_TRACKING: os.environ.get(STATE_TRACKING, "1")}
 
 
 def _free_local_port() -> int:

@@ -1,7 +1,7 @@
 """Stage `evaluate`: the val split at every scale set of evaluate.scale_sets.
 
-Writes <output_dir>/metrics.json (per set: mIoU, per-class IoU, thin/small and large mIoU,
-GFLOPs and latency per image), pareto.csv (mIoU against GFLOPs, Pareto front marked),
+Writes <output_dir>/metrics.json (per set: mIoU, thin/small and large mIoU, GFLOPs and latency
+per image), iou_by_class.json (per set: each class's IoU), pareto.csv (mIoU against GFLOPs, Pareto front marked),
 attention_by_class.json (each scale's mean share of the fused prediction per class),
 attention_by_region.json (the same inside regions and on their boundaries), and attention/*.png
 pictures; logs the same to an MLflow run.
@@ -52,7 +52,12 @@ def evaluate_all(cfg: PipelineConfig, model, model_cfg, scale_sets: list[list[fl
 def write_outputs(out: Path, rows: list[dict], model, model_cfg, reader: PyramidReader, pictures: int) -> None:
     classes = reader.manifest["classes"]
     attention = next((r.pop("attention_by_class") for r in rows if "attention_by_class" in r), None)
-    (out / "metrics.json").write_text(json.dumps({scale_set_key(r["scales"]): r for r in rows}, indent=2) + "\n")
+    # Per-class IoU in a file of its own: `dvc exp show` shows every value of a metrics file as a
+    # column, and 19 classes per scale set buried the figures a person compares.
+    summary = {scale_set_key(r["scales"]): {k: v for k, v in r.items() if k != "iou"} for r in rows}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    by_class = {scale_set_key(r["scales"]): r["iou"] for r in rows}
+    (out / "iou_by_class.json").write_text(json.dumps(by_class, indent=2) + "\n")
     with open(out / "pareto.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["scales", "gflops", "miou", "thin_miou", "large_miou", "latency_ms", "pareto"])

@@ -7,7 +7,8 @@ Two kinds of leftovers held the resources of a cluster after the run that made t
   resources: an elastic run starts with (and grows to) only what no other request reserves. A run
   that ends normally withdraws its request; one whose controller is killed (a Tune trial that is
   stopped, a driver killed) leaves it reserved for 180 s, and the next elastic trial waited that
-  long with the CPUs idle: `free_stale_resource_requests`.
+  long with the CPUs idle: `free_stale_resource_requests` withdraws it as soon as the controller is
+  dead.
 
 Every stage that joins a cluster frees both first (`free_leftovers`), and `LeftoverReaper` frees them
 every few seconds while a search or a training runs. Both read the GCS directly, so they work on a
@@ -73,33 +74,60 @@ def free_leaked_placement_groups() -> int:
     return freed
 
 
-def _withdraw_stale_requests(coordinator, stale_after_s: float, lifetime_s: float) -> list[str]:
+def _withdraw_requests(coordinator, ended: set[str], stale_after_s: float, lifetime_s: float) -> list[str]:
     """Runs inside Ray's autoscaling coordinator actor (`__ray_call__`): withdraws the Ray Train
-    requests last renewed more than `stale_after_s` ago and returns their requesters."""
+    requests of `ended` requesters and those last renewed more than `stale_after_s` ago; returns
+    their requesters."""
     now = coordinator._get_current_time()
     with coordinator._lock:
-        stale = [requester for requester, request in coordinator._ongoing_reqs.items()
-                 if requester.startswith("train-") and now - (request.expiration_time - lifetime_s) > stale_after_s]
-    for requester in stale:
+        withdrawn = [requester for requester, request in coordinator._ongoing_reqs.items()
+                     if requester.startswith("train-") and (
+                         requester in ended or now - (request.expiration_time - lifetime_s) > stale_after_s)]
+    for requester in withdrawn:
         coordinator.cancel_request(requester)
-    return stale
+    return withdrawn
+
+
+def _requesters_of_ended_runs(dead_actors: set[str]) -> set[str]:
+    """The coordinator's names (`train-<run id>`) for the Ray Train runs whose controller is dead,
+    from Ray Train's own record of its runs (none recorded: an empty set)."""
+    import ray
+    from ray.train.v2._internal.state.state_actor import get_state_actor
+
+    records = get_state_actor()
+    if records is None:
+        return set()
+    runs = ray.get(records.get_train_runs.remote(), timeout=30)
+    return {f"train-{run_id}" for run_id, run in runs.items() if run.controller_actor_id in dead_actors}
 
 
 def free_stale_resource_requests(stale_after_s: float = STALE_REQUEST_AFTER_S) -> int:
     """Withdraw the resource reservations of Ray Train runs whose controller is gone; returns how many.
 
-    The coordinator says neither who made a request nor whether its maker lives, but a live
-    controller renews its request every 20 s: one not renewed for `stale_after_s` is withdrawn (a
-    live controller that was merely late renews it again, and nothing else changes for it)."""
+    The coordinator says neither who made a request nor whether its maker lives. Ray Train's record
+    of its runs names each run's controller: a request of a run whose controller is dead is withdrawn
+    at once. A live controller renews its request every 20 s: one not renewed for `stale_after_s`
+    (a run Ray Train did not record) is withdrawn too (a live controller that was merely late renews
+    it again, and nothing else changes for it)."""
     import ray
 
     try:
         coordinator = ray.get_actor(*COORDINATOR)
     except ValueError:  # no Ray Train run has asked for resources on this cluster yet
         return 0
-    withdrawn = ray.get(coordinator.__ray_call__.remote(_withdraw_stale_requests, stale_after_s,
+    ended = _requesters_of_ended_runs(_dead_actors())
+    withdrawn = ray.get(coordinator.__ray_call__.remote(_withdraw_requests, ended, stale_after_s,
                                                         REQUEST_LIFETIME_S), timeout=30)
     return len(withdrawn)
+
+
+def _dead_actors() -> set[str]:
+    from ray._private.state import state as global_state
+    from ray.core.generated import gcs_pb2
+
+    gcs = global_state._connect_and_get_accessor()
+    actors = (gcs_pb2.ActorTableData.FromString(raw) for raw in gcs.get_actor_table(None, None))
+    return {actor.actor_id.hex() for actor in actors if actor.state == gcs_pb2.ActorTableData.DEAD}
 
 
 def free_leftovers() -> tuple[int, int]:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR
@@ -50,7 +51,7 @@ class MultiScaleSegmentationModel(PythonModel):
         # models logged before the bound was part of serving.json get its default
         self.max_request_pixels = int(config.get("max_request_pixels") or RegisterConfig().max_request_pixels)
 
-    def predict(self, context, model_input, params: dict | None = None) -> list[np.ndarray]:
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[np.ndarray]:
         try:
             scales = self.model.check_scales(_requested_scales((params or {}).get("scales"), self.scales))
             encoded = [bytes(data) for data in _image_column(model_input)]

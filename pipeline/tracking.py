@@ -106,13 +106,15 @@ def log_saved_model(model_dir: str | Path, default_scales: list[float], name: st
     import tempfile
 
     import mlflow
+    import numpy as np
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     root = Path(__file__).resolve().parent.parent
     default_scales = [float(s) for s in default_scales]
     signature = ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),  # encoded images; base64 in JSON requests
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1), "labels")]),  # one H x W map per image
         params=ParamSchema([ParamSpec("scales", "double", default_scales, shape=(-1,))]),
     )
     with tempfile.TemporaryDirectory(prefix="hmsa-serving-") as folder:
@@ -125,11 +127,37 @@ def log_saved_model(model_dir: str | Path, default_scales: list[float], name: st
             artifacts={"model_dir": str(model_dir), "serving_defaults": str(defaults)},
             code_paths=[str(root / "components")],
             signature=signature,
+            # MLflow predicts on the example when it logs the model: a model that cannot load or
+            # answer fails here, not when it is first served
+            input_example=_input_example(),
+            metadata=_model_metadata(model_dir),
             tags=tags,
             pip_requirements=["torch==2.13.0", "safetensors", "pydantic>=2", "numpy", "pyyaml", "pillow",
                               "albumentations", "opencv-python-headless", "pandas"],
         )
     return info.model_uri
+
+
+def _input_example():
+    """A request of one 64x64 PNG (a colour ramp), what a caller of the served model sends."""
+    import cv2
+    import numpy as np
+    import pandas as pd
+
+    ramp = np.linspace(0, 255, 64, dtype=np.uint8)
+    image = np.stack([np.tile(ramp, (64, 1)), np.tile(ramp[:, None], (1, 64)), np.full((64, 64), 128, np.uint8)], -1)
+    return pd.DataFrame({"image": [cv2.imencode(".png", image)[1].tobytes()]})
+
+
+def _model_metadata(model_dir: str | Path) -> dict:
+    """What a caller needs to read the label maps: the class of each index, and the method and
+    scales it was trained with (from the saved model's config.json)."""
+    from components.models.saved import CONFIG_FILE
+
+    saved = json.loads((Path(model_dir) / CONFIG_FILE).read_text())
+    classes = (saved.get("metadata") or {}).get("classes") or {}
+    return {"method": saved["model"]["method"], "train_scales": saved["model"]["train_scales"],
+            "num_classes": saved["model"]["num_classes"], "class_names": classes.get("names")}
 
 
 @contextlib.contextmanager

@@ -118,6 +118,10 @@ def _write_outputs(cfg: PipelineConfig, result, use_gpu: bool) -> dict:
         "worker_nodes": sorted({n for r in history for n in r["nodes"]}),
         "device": "gpu" if use_gpu else "cpu",
         "validation_scales": validation_scales(cfg),
+        # what the search may set (tune.apply_to_train), as trained: `dvc exp show` shows these columns
+        "trained_with": {"method": cfg.model.method, "train_scales": list(cfg.model.train_scales),
+                         "lr": cfg.train.lr, "crop_size": list(cfg.train.crop_size),
+                         "aux_scale_weight": cfg.model.aux_scale_weight},
     }
     with atomic_file(cfg.train.metrics, output_files.TRAINING_METRICS) as handle:
         json.dump(metrics, handle, indent=2)

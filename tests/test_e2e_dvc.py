@@ -113,6 +113,10 @@ def test_dvc_repro_whole_pipeline_then_experiments_plots_and_a_params_edit(tmp_p
         assert set(metric(data, "results/eval/metrics.json")) == {"1", widest}
         assert 0 <= metric(data, "results/eval/metrics.json", widest, "miou") <= 1
         assert 0 <= metric(data, "results/train/metrics.json", "best_val_miou") <= 1
+        # the settings the search chose, as trained, are columns; per-class IoU is not
+        tuned = yaml.safe_load((repo / "results/tune/best.yaml").read_text())["settings"]
+        assert metric(data, "results/train/metrics.json", "trained_with", "lr") == tuned["lr"]
+        assert "iou" not in metric(data, "results/eval/metrics.json", widest)
     table = dvc(repo, "exp", "show", "--no-pager", "--md").stdout
     assert "pair" in table and "best_val_miou" in table
     plots = dvc(repo, "plots", "show", "--json").stdout

@@ -58,6 +58,10 @@ def test_hierarchical_on_unseen_scale_sets(tmp_path, data, local_ray):
     write_outputs(tmp_path / "out", rows, model, model_cfg, PyramidReader(cfg.pyramid.output), pictures=2)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert set(metrics) == {"1", "0.25,0.5,1,2", "0.75,1,1.5"}
+    # per-class IoU in its own file, so that `dvc exp show` has a column per figure, not per class
+    by_class = json.loads((tmp_path / "out" / "iou_by_class.json").read_text())
+    assert set(by_class) == set(metrics) and all("iou" not in row for row in metrics.values())
+    assert by_class["1"] == rows[0]["iou"] and metrics["1"]["miou"] == rows[0]["miou"]
     attention = json.loads((tmp_path / "out" / "attention_by_class.json").read_text())
     # every scale's mean share of the fused prediction, the top one's included; per class they sum to 1
     assert set(attention) == {"0.25", "0.5", "1", "2"} and 0 <= attention["0.5"]["road"] <= 1

@@ -27,6 +27,9 @@ from tests.train_helpers import write_params
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leaked_tracking_uri")]
 
 
+CLASS_NAMES = [f"class {index}" for index in range(19)]
+
+
 def trained_candidate(workdir, server, seed: int, miou: float, gflops: float = 5.0, dataset: str = "",
                       **register_settings):
     """A model logged to MLflow as training does, an evaluation file and an inference-scale
@@ -34,7 +37,8 @@ def trained_candidate(workdir, server, seed: int, miou: float, gflops: float = 5
     the test knows which candidate is better)."""
     torch.manual_seed(seed)
     cfg = tiny_model_config(num_classes=19)
-    save_model(build_model(cfg).eval(), cfg, workdir / "model", metadata={"classes": {"colors": [[seed, 0, 0]] * 19}})
+    save_model(build_model(cfg).eval(), cfg, workdir / "model",
+               metadata={"classes": {"names": CLASS_NAMES, "colors": [[seed, 0, 0]] * 19}})
     mlflow.set_tracking_uri(server.uri)
     experiment = mlflow.get_experiment_by_name("hmsa") or mlflow.get_experiment(mlflow.create_experiment("hmsa"))
     with mlflow.start_run(experiment_id=experiment.experiment_id, tags={"dataset_manifest": dataset}) as run:
@@ -91,6 +95,13 @@ def test_gate_idempotence_and_predict(tmp_path, server):
     served = mlflow.pyfunc.load_model("models:/hmsa@champion")
     assert served.metadata.get_params_schema().params[0].default == [0.5, 1.0]
     assert served.unwrap_python_model().scales == [0.5, 1.0]
+    # What a caller needs without our code: the class of each label, what the output is, and a
+    # request that works (MLflow predicted on it when it logged the model).
+    assert served.metadata.metadata["class_names"] == CLASS_NAMES
+    assert served.metadata.metadata["method"] == "hierarchical"
+    assert served.metadata.get_output_schema().inputs[0].name == "labels"
+    (labels,) = served.predict(served.input_example)
+    assert labels.shape == (64, 64) and labels.dtype == np.uint8 and int(labels.max()) < 19
 
     # an explicit evaluated set instead: the same weights serving another set are another version
     explicit = register(trained_candidate(tmp_path / "d", server, seed=3, miou=0.40, scale_set=[0.5, 1.0, 2.0]),

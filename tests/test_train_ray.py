@@ -164,6 +164,9 @@ def test_code_change_trains_again_and_unchanged_rerun_reuses(tmp_path, data, ray
     assert "Reporting training result" not in first.stdout + first.stderr
     # Nor Ray's error-level line about its own preemption watcher (pipeline.cluster.KNOWN_RAY_NOISE).
     assert "PreemptionWatcher" not in first.stdout + first.stderr
+    # The logged model carries an input example and typed input: none of MLflow's warnings on it.
+    for warning in ("An input example was not provided", "Add type hints to the `predict` method"):
+        assert warning not in first.stdout + first.stderr, warning
     (tmp_path / "model").rename(tmp_path / "model-first")
 
     again = run_stage("train", params, **ray_head.client_env())

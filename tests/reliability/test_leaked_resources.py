@@ -154,3 +154,71 @@ def test_requests_of_ended_runs_are_withdrawn_and_the_next_run_gets_their_resour
     # The ended run's request held both CPUs; withdrawn, they go to the new run.
     assert seen == {"before": 0, "after": 2, "withdrawn": 1, "ended": 0, "data": 0}
     # (Ray Data's request is kept, but reserves nothing while Ray Train's, of higher priority, take all.)
+
+
+
+# A driver whose Ray Train run is stopped as a Tune trial's is: its controller is killed while the
+# run waits for a worker that cannot be placed (it asks for more CPUs than the cluster has), its
+# request to the coordinator still in place. The cleanup then runs with a staleness bound that no
+# request reaches in this test: only a dead controller can get a request withdrawn.
+DEAD_CONTROLLER_DRIVER = """
+import json, os, signal, threading, time
+import ray
+from ray.core.generated import gcs_pb2
+from ray._private.state import state as global_state
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from pipeline.cluster import connect
+from pipeline.environment import Environment
+from pipeline.leftovers import COORDINATOR, free_stale_resource_requests
+
+connect(Environment.from_environ())  # joins the cluster as every stage does
+
+def train_requests():
+    try:
+        coordinator = ray.get_actor(*COORDINATOR)
+    except ValueError:
+        return []
+    return ray.get(coordinator.__ray_call__.remote(
+        lambda c: sorted(r for r in c._ongoing_reqs if r.startswith("train-"))))
+
+def controllers(state):
+    gcs = global_state._connect_and_get_accessor()
+    actors = (gcs_pb2.ActorTableData.FromString(raw) for raw in gcs.get_actor_table(None, None))
+    return [a for a in actors if a.class_name == "TrainController" and a.state == state]
+
+def wait_for(check, what):
+    deadline = time.monotonic() + 120
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+trainer = TorchTrainer(lambda: None, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 8}),
+                       run_config=RunConfig(storage_path=os.environ["STORE"], name="stopped-trial"))
+threading.Thread(target=trainer.fit, daemon=True).start()
+wait_for(lambda: train_requests() and controllers(gcs_pb2.ActorTableData.ALIVE), "the run's request")
+(controller,) = controllers(gcs_pb2.ActorTableData.ALIVE)
+os.kill(controller.pid, signal.SIGKILL)
+wait_for(lambda: controllers(gcs_pb2.ActorTableData.DEAD), "the controller's death")
+before = train_requests()
+withdrawn = free_stale_resource_requests(stale_after_s=3600)
+print("RESULT", json.dumps({"before": len(before), "withdrawn": withdrawn, "after": len(train_requests())}),
+      flush=True)
+"""
+
+
+def test_the_request_of_a_run_whose_controller_died_is_withdrawn_at_once(tmp_path, own_cluster):
+    """A request is withdrawn as soon as its run's controller is dead (Ray Train's record of its
+    runs names the controller), not after it goes unrenewed: the next trial of a search starts
+    within the reaper's interval, not 25 s later."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.services import python_env
+
+    done = subprocess.run([sys.executable, "-c", DEAD_CONTROLLER_DRIVER], capture_output=True, text=True,
+                          timeout=300, env=python_env(**own_cluster.client_env(), STORE=str(tmp_path / "store")))
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = [line.removeprefix("RESULT ") for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert json.loads(result) == {"before": 1, "withdrawn": 1, "after": 0}
