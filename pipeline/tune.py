@@ -47,8 +47,16 @@ def driver(settings: dict, base: PipelineConfig, setup: dict) -> None:
                                          {"mlflow.parentRunId": setup["parent_run_id"], TRIAL_TAG: trial_id,
                                           "method": cfg.model.method, "train_scales": str(cfg.model.train_scales)})
     mlflow.MlflowClient().log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in settings.items()])
+    class NumbersToTune(TuneReportCallback):
+        """Tune's loggers (TensorBoard's among them) take numbers: a list in a report (the nodes an
+        epoch trained on) warned on every epoch. The lists stay in Ray Train's own results."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            numbers = [{k: v for k, v in m.items() if not isinstance(v, (list, tuple, dict))} for m in metrics]
+            super().after_report(run_context, numbers, checkpoint)
+
     trainer = build_trainer(cfg, launch, f"{setup['name']}-{trial_id}", mlflow_run_id=run_id,
-                            callbacks=[TuneReportCallback()])
+                            callbacks=[NumbersToTune()])
     try:
         trainer.fit()
     except Exception as err:
