@@ -54,7 +54,7 @@ def free_leaked_placement_groups() -> int:
     alive_states = {record.PENDING, record.PREPARED, record.CREATED, record.RESCHEDULING}
     ended_jobs = {job["JobID"] for job in global_state.job_table() if job["IsDead"]}
     gcs = global_state._connect_and_get_accessor()
-    actors = [gcs_pb2.ActorTableData.FromString(raw) for raw in gcs.get_actor_table(None, None)]
+    actors = _actor_records()
     dead = gcs_pb2.ActorTableData.DEAD
     dead_actors = {actor.actor_id.hex() for actor in actors if actor.state == dead}
     in_use = {actor.placement_group_id.hex() for actor in actors if actor.state != dead}
@@ -121,13 +121,19 @@ def free_stale_resource_requests(stale_after_s: float = STALE_REQUEST_AFTER_S) -
     return len(withdrawn)
 
 
-def _dead_actors() -> set[str]:
+def _actor_records() -> list:
+    """The GCS records of every actor of the cluster (state, placement group, ...)."""
     from ray._private.state import state as global_state
     from ray.core.generated import gcs_pb2
 
     gcs = global_state._connect_and_get_accessor()
-    actors = (gcs_pb2.ActorTableData.FromString(raw) for raw in gcs.get_actor_table(None, None))
-    return {actor.actor_id.hex() for actor in actors if actor.state == gcs_pb2.ActorTableData.DEAD}
+    return [gcs_pb2.ActorTableData.FromString(raw) for raw in gcs.get_actor_table(None, None)]
+
+
+def _dead_actors() -> set[str]:
+    from ray.core.generated import gcs_pb2
+
+    return {actor.actor_id.hex() for actor in _actor_records() if actor.state == gcs_pb2.ActorTableData.DEAD}
 
 
 def free_leftovers() -> tuple[int, int]:
