@@ -49,8 +49,20 @@ def run_stage(main: Callable[..., None], description: str,
     except Exception as err:
         if args.debug or not is_user_error(err):
             raise  # our own bug: the traceback is what it takes to fix it
+        stop_forwarding_ray_output()
         print(f"error: {redact(err)}", file=sys.stderr)
         sys.exit(1)
+
+
+def stop_forwarding_ray_output() -> None:
+    """Disconnect from Ray, if this process is connected, before the error line is printed.
+
+    Ray forwards its processes' output to the driver some moments after they write it (a controller's
+    last state change comes after the driver already holds the result). Disconnecting prints what has
+    arrived and stops the rest, so the error line stays the last line the user sees."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def move_uri_credentials(environ=None) -> None:

@@ -173,3 +173,50 @@ def test_a_training_stopped_by_storage_is_one_line_naming_it():
     assert found is not None and str(found).startswith("HMSA_STORAGE = s3://runs/hmsa/ray: training stopped because")
     assert "NETWORK_CONNECTION" in str(found) and "run the stage again" in str(found)
     assert storage_failure(ValueError("a bug of ours"), "s3://runs/hmsa/ray") is None
+
+
+# A stage that fails while a Ray process is still writing: the line arrives at the driver after the
+# error unless the stage stops Ray's forwarding first. The exit handler stands for the work a real stage
+# does on its way out (MLflow ends its run, temporaries are removed) while Ray keeps forwarding.
+FAILS_WHILE_RAY_WRITES = """
+import atexit, sys, time
+import ray
+from pipeline.common import run_stage
+
+@ray.remote(num_cpus=0)
+class Chatty:
+    def start(self):
+        import threading
+        def chatter():
+            while True:
+                print("a Ray process still writing", file=sys.stderr, flush=True)
+                time.sleep(0.05)
+        threading.Thread(target=chatter, daemon=True).start()
+        return True
+
+def main(cfg):
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=True)
+    chatty = Chatty.remote()
+    ray.get(chatty.start.remote())
+    time.sleep(2)  # the chatter is on its way to the driver
+    atexit.register(time.sleep, 2)
+    raise ValueError("train.output = /nowhere: the named problem")
+
+run_stage(main, "fails while a Ray process writes")
+"""
+
+
+@pytest.mark.integration
+def test_the_error_line_is_the_last_line_whatever_ray_still_forwards(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.services import python_env
+
+    (tmp_path / "params.yaml").write_text("{}\n")
+    done = subprocess.run([sys.executable, "-c", FAILS_WHILE_RAY_WRITES], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env=python_env())
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "a Ray process still writing" in done.stderr  # the forwarding was on
+    assert lines[-1] == "error: train.output = /nowhere: the named problem", lines[-5:]
