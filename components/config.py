@@ -114,6 +114,8 @@ class RayConfig(Section):
     max_start_failures: int = Field(5, ge=0)
     checkpoints_to_keep: int = Field(2, gt=0)
     elastic_resize_interval_s: float = Field(60.0, gt=0)  # elastic runs: how often to look for more workers
+    # how long a launch waits for an autoscaling cluster to add the nodes its workers need (0: not at all)
+    scale_up_timeout_s: float = Field(600.0, ge=0)
 
     @field_validator("num_workers")
     @classmethod
@@ -356,7 +358,7 @@ OPERATIONAL_KEYS = {
     "train": ("output", "metrics", "curves", "run_record"),
     "loader": ("workers",),
     "ray": ("placement_strategy", "max_failures", "max_start_failures", "checkpoints_to_keep",
-            "elastic_resize_interval_s"),
+            "elastic_resize_interval_s", "scale_up_timeout_s"),
     "mlflow": ("experiment",),
 }
 # What of `tune` the search of training settings computes with; the other keys belong to the

@@ -17,7 +17,7 @@ import socket
 import uuid
 from pathlib import Path
 
-from components.config import PipelineConfig, RayConfig
+from components.config import PipelineConfig
 from components.data.pyramid import content_hash
 from components.redact import redact
 from components.storage import is_s3, join
@@ -253,31 +253,6 @@ def workers_may_be_remote() -> bool:
 
     here = ray.get_runtime_context().get_node_id()
     return any(node["Alive"] and node["NodeID"] != here for node in ray.nodes())
-
-
-def decide_gpu(cfg: RayConfig) -> bool:
-    """Whether workers use GPUs; raises when the request cannot be placed on this cluster."""
-    import ray
-
-    resources = ray.cluster_resources()
-    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
-    use_gpu = gpus > 0 if cfg.use_gpu == "auto" else cfg.use_gpu
-    if use_gpu and gpus == 0:
-        raise ClusterError("ray.use_gpu = true, but the cluster has no GPU: set ray.use_gpu to auto or false")
-    # Elastic runs start as soon as their minimum fits; fixed runs need all their workers.
-    needed = cfg.worker_range[0]
-    need_cpu = needed * cfg.cpus_per_worker
-    if need_cpu > cpus:
-        raise ClusterError(
-            f"ray.num_workers = {cfg.num_workers} x ray.cpus_per_worker = {cfg.cpus_per_worker} needs "
-            f"{need_cpu:g} CPUs, but the cluster has {cpus:g}: lower ray.num_workers or ray.cpus_per_worker"
-        )
-    if use_gpu and needed * cfg.gpus_per_worker > gpus:
-        raise ClusterError(
-            f"ray.num_workers = {cfg.num_workers} x ray.gpus_per_worker = {cfg.gpus_per_worker} needs "
-            f"{needed * cfg.gpus_per_worker:g} GPUs, but the cluster has {gpus:g}: lower ray.num_workers"
-        )
-    return use_gpu
 
 
 def check_remote_requirements(env: Environment) -> None:

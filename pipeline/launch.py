@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from components.config import ConfigError, PipelineConfig
-from pipeline import cluster, leftovers
+from pipeline import capacity, cluster, leftovers
 from pipeline.environment import Environment
 
 
@@ -68,7 +68,7 @@ def prepare_launch(cfg: PipelineConfig, env: Environment | None = None, trains: 
     cluster.check_tracking(env)
     checkpoint_root = cluster.check_storage(env)
     where = cluster.connect(env)
-    use_gpu = cluster.decide_gpu(cfg.ray)
+    use_gpu = capacity.provide(cfg.ray, cfg.ray.scale_up_timeout_s)
     remote = cluster.workers_may_be_remote()
     if remote:
         cluster.check_remote_requirements(env)

@@ -10,7 +10,9 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 from benchmarks import process_cpu
 
@@ -316,3 +318,20 @@ class MlflowServer:
 
     def stop(self) -> None:
         stop(self.proc)
+
+
+STACK = str(Path(__file__).resolve().parents[1] / "infra" / "local" / "stack.py")
+
+
+@contextmanager
+def local_stack(state: Path, *flags: str):
+    """infra/local/stack.py started with `flags` (state in `state`), stopped after: its variables,
+    and an environment for the pipeline's processes that joins it."""
+    done = subprocess.run([sys.executable, STACK, "start", "--state", str(state), "--free-ports", "--json", *flags],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    variables = json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        yield SimpleNamespace(state=state, variables=variables, env=python_env(**variables))
+    finally:
+        subprocess.run([sys.executable, STACK, "stop", "--state", str(state)], capture_output=True, timeout=120)

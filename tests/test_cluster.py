@@ -2,122 +2,27 @@
 server with S3 artifacts, a Ray head and two worker nodes in their own mount namespaces, where the
 repository and /tmp are empty. A driver path that leaks into a worker fails here as on a cluster."""
 
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlflow
 import pytest
 
 from components.config import load_config
-from components.data.pyramid import content_hash
 from components.training import poly_lr
-from tests.dvc_helpers import ROOT, dvc, tiny_repo
-from tests.services import python_env, wait_until
+from tests.dvc_helpers import ROOT
+from tests.services import STACK, local_stack, wait_until
 from tests.train_helpers import read_metrics, stage_command, tiny_pyramid, write_params
 
 pytestmark = pytest.mark.integration
-STACK = str(ROOT / "infra" / "local" / "stack.py")
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    state = tmp_path_factory.mktemp("stack")
-    done = subprocess.run([sys.executable, STACK, "start", "--state", str(state), "--free-ports", "--json"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    variables = json.loads(done.stdout.strip().splitlines()[-1])
-    yield SimpleNamespace(state=state, variables=variables, env=python_env(**variables))
-    subprocess.run([sys.executable, STACK, "stop", "--state", str(state)], capture_output=True, timeout=120)
-
-
-def bucket_keys(stack, prefix: str) -> list[str]:
-    import boto3
-
-    v = stack.variables
-    client = boto3.session.Session().client("s3", endpoint_url=v["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                                            aws_access_key_id=v["AWS_ACCESS_KEY_ID"],
-                                            aws_secret_access_key=v["AWS_SECRET_ACCESS_KEY"])
-    keys, token = [], {}
-    while True:
-        page = client.list_objects_v2(Bucket="hmsa", Prefix=prefix, **token)
-        keys += [item["Key"] for item in page.get("Contents", [])]
-        if not page.get("IsTruncated"):
-            return keys
-        token = {"ContinuationToken": page["NextContinuationToken"]}
-
-
-def file_hashes(root: Path) -> dict[str, str]:
-    import hashlib
-
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=repo, check=True)
-
-
-@pytest.mark.timeout(1800)
-def test_an_experiment_on_the_cluster_reaches_a_teammates_clone(tmp_path, stack):
-    """At Cityscapes' size (2048x1024 images, 256x256 crops): `dvc exp run` of prepare -> pyramid ->
-    tune -> train -> evaluate -> register across the namespaced worker nodes, the pyramid read from S3
-    in tiles; then the README's flow for a teammate: `dvc exp push`, and in a fresh clone `dvc exp
-    pull`, `dvc exp branch` and `dvc pull --allow-missing` give the same pyramid and model."""
-    repo = tiny_repo(tmp_path / "repo", ray={"num_workers": 2, "cpus_per_worker": 1,
-                                              "placement_strategy": "STRICT_SPREAD"},
-                     prepare={"synthetic": {"train_images": 4, "val_images": 2, "height": 1024, "width": 2048}},
-                     train={"crop_size": [256, 256]})
-    # The DVC remote needs no endpoint of its own: AWS_ENDPOINT_URL reaches it like every client.
-    dvc(repo, "remote", "add", "-d", "storage", "s3://hmsa/dvc", env=stack.env)
-    origin = tmp_path / "origin.git"  # the team's Git server
-    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "tiny")
-    git(repo, "remote", "add", "origin", str(origin))
-    git(repo, "push", "-q", "origin", "HEAD")
-
-    done = dvc(repo, "exp", "run", "-n", "on-cluster", "register", env=stack.env)
-    output = done.stdout + done.stderr
-    assert "pre-flight passed on 3 node(s)" in output
-    metrics = read_metrics_at(repo / "results/train/metrics.json")
-    assert metrics["num_workers"] == 2 and len(metrics["worker_nodes"]) == 2  # one worker on each node
-    manifest = json.loads((repo / "data/pyramid/synthetic/manifest.json").read_text())
-    assert manifest["format_version"] == 2 and manifest["splits"]["val"][0]["width"] == 2048
-
-    # Workers read the pyramid from the bucket, under its content hash; checkpoints and MLflow
-    # artifacts are in the bucket too.
-    digest = content_hash(repo / "data/pyramid/synthetic")
-    assert f"s3://hmsa/pipeline/pyramids/{digest}" in output
-    assert f"pipeline/pyramids/{digest}/manifest.json" in bucket_keys(stack, "pipeline/pyramids/")
-    assert any("/checkpoint_" in key for key in bucket_keys(stack, "pipeline/ray/train-"))
-    assert any(key.endswith("weights.safetensors") for key in bucket_keys(stack, "mlartifacts/"))
-    record = json.loads((repo / "results/train/run.json").read_text())
-    run = mlflow.MlflowClient(stack.variables["MLFLOW_TRACKING_URI"]).get_run(record["run_id"])
-    assert run.info.status == "FINISHED"
-    assert json.loads((repo / "results/register/registration.json").read_text())["aliases"]["champion"]
-
-    # The README's flow: the experiment's commit to Git, its outputs to the DVC remote ...
-    dvc(repo, "exp", "push", "origin", "on-cluster", env=stack.env)
-    clone = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", str(origin), str(clone)], check=True)
-    # ... and a teammate's clone takes both. A branch, not `dvc exp apply`: apply exits non-zero on
-    # the outputs of stages the experiment did not run (the ablation's). --allow-missing for the same.
-    dvc(clone, "exp", "pull", "origin", "on-cluster", env=stack.env)
-    dvc(clone, "exp", "branch", "on-cluster", "from-on-cluster", env=stack.env)
-    git(clone, "checkout", "-q", "from-on-cluster")
-    dvc(clone, "pull", "--allow-missing", env=stack.env)
-    for path in ("data/pyramid/synthetic", "models/hmsa"):
-        assert file_hashes(clone / path) == file_hashes(repo / path), path
-    assert (clone / "results/register/registration.json").read_text() == (
-        repo / "results/register/registration.json").read_text()
-
-
-def read_metrics_at(path: Path) -> dict:
-    return json.loads(path.read_text())
+    with local_stack(tmp_path_factory.mktemp("stack")) as started:
+        yield started
 
 
 def _metric_values(client, run_id: str, key: str) -> list[float]:

@@ -50,6 +50,7 @@ RERUNS: dict[str, set[str]] = {
     "ray.checkpoints_to_keep": set(),
     "ray.placement_strategy": set(),
     "ray.elastic_resize_interval_s": set(),
+    "ray.scale_up_timeout_s": set(),
     "loader.workers": set(),
     "mlflow.experiment": set(),
     # inference only: the inference-scale search, evaluation and registration rerun, no training

@@ -5,6 +5,7 @@ driver's files, so a driver path that leaks into a worker fails here as on a rea
     .venv/bin/python infra/local/stack.py stop
     .venv/bin/python infra/local/stack.py stop-node 2 / start-node 2   # take a worker node away / back
     .venv/bin/python infra/local/stack.py start --services-only   # S3 and MLflow, beside your own Ray
+    .venv/bin/python infra/local/stack.py start --autoscale       # no worker node until work asks
 
 What it starts (state, logs and pids in --state, default .local-stack/):
   - SeaweedFS with its S3 gateway and an identities file (credentials are checked), bucket `hmsa`
@@ -15,6 +16,11 @@ What it starts (state, logs and pids in --state, default .local-stack/):
     Workers get the code from the job's runtime_env and the data from S3, or they fail.
 With --services-only, only the first two: no Ray at all (a second Ray on the machine would make
 Ray's own tools fail to choose between them), and no RAY_ADDRESS among the variables.
+With --autoscale, the cluster starts as a real autoscaled one does, with the head alone: Ray's own
+autoscaler (its fake multi-node provider, which launches nodes as processes on this machine) adds
+worker nodes of --cpus-per-node CPUs, up to --workers of them, when work asks for them, and removes
+them after a minute idle. The head and everything the autoscaler launches run in one mount
+namespace where the repository and /tmp are empty, as the worker nodes above do.
 """
 
 from __future__ import annotations
@@ -94,6 +100,46 @@ def kill_groups(pidfiles: list[Path], sig=signal.SIGTERM, grace: float = 10) -> 
 
 
 
+def hidden_from_the_driver(command: list[str], name: str) -> list[str]:
+    """`command` in a mount namespace of its own where the repository and /tmp are empty: only the
+    Python environment stays visible, as on another machine."""
+    lines = ["set -e", "mount --make-rprivate /"]
+    hold = Path(f"/run/hmsa-stack-{name}")
+    venv_hidden = REPO in VENV.parents or Path("/tmp") in VENV.parents
+    if venv_hidden:  # bind the Python environment elsewhere, hide the rest, then bind it back
+        hold.mkdir(parents=True, exist_ok=True)
+        lines.append(f"mount --bind '{VENV}' '{hold}'")
+    lines.append("mount -t tmpfs hmsa-hidden /tmp")
+    if Path("/tmp") not in REPO.parents:  # a checkout under /tmp is hidden already
+        lines.append(f"mount -t tmpfs hmsa-hidden '{REPO}'")
+    if venv_hidden:
+        lines += [f"mkdir -p '{VENV}'", f"mount --bind '{hold}' '{VENV}'"]
+    lines += ["cd /", "exec " + " ".join(f"'{a}'" for a in command)]
+    return ["unshare", "-m", "--propagation", "private", "bash", "-c", "\n".join(lines)]
+
+
+def autoscaling_config(gcs_port: int, max_workers: int, cpus_per_node: int) -> dict:
+    """Ray's fake multi-node provider (the one behind ray.cluster_utils.AutoscalingCluster, whose
+    example config the pip wheel lacks): worker nodes are processes on this machine. The provider
+    must be told this cluster's GCS port, or it joins its nodes to a Ray on the default 6379."""
+    return {
+        "cluster_name": "hmsa-local", "max_workers": max_workers, "idle_timeout_minutes": 1, "upscaling_speed": 1.0,
+        "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{gcs_port}", "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True},
+        "auth": {},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            "cpu-node": {"resources": {"CPU": cpus_per_node}, "node_config": {}, "min_workers": 0,
+                         "max_workers": max_workers},
+        },
+        "head_node_type": "ray.head.default",
+        **{key: [] for key in ("cluster_synced_files", "rsync_exclude", "rsync_filter", "initialization_commands",
+                               "setup_commands", "head_setup_commands", "worker_setup_commands",
+                               "head_start_ray_commands", "worker_start_ray_commands")},
+        "file_mounts": {}, "file_mounts_sync_continuously": False,
+    }
+
+
 class Stack:
     def __init__(self, state: Path):
         self.state = state.resolve()
@@ -104,7 +150,8 @@ class Stack:
         return json.loads(self.settings_file.read_text())
 
     # --- start -------------------------------------------------------------------------------
-    def start(self, workers: int, cpus_per_node: int, free_ports: bool, services_only: bool = False) -> dict:
+    def start(self, workers: int, cpus_per_node: int, free_ports: bool, services_only: bool = False,
+              autoscale: bool = False) -> dict:
         if self.settings_file.exists():
             raise SystemExit(f"a stack is already running from {self.state}: stop it first")
         self.state.mkdir(parents=True, exist_ok=True)
@@ -112,13 +159,16 @@ class Stack:
         key, secret = os.environ.get("AWS_ACCESS_KEY_ID") or "hmsa-local", secrets.token_hex(16)
         settings = {"ports": ports, "access_key": key, "secret_key": secret, "workers": 0 if services_only else workers,
                     "cpus_per_node": cpus_per_node, "token": secrets.token_hex(16), "free_ports": free_ports,
-                    "services_only": services_only}
+                    "services_only": services_only, "autoscale": autoscale}
         self.settings_file.write_text(json.dumps(settings))
         self.settings_file.chmod(0o600)
         try:
             self._start_s3(settings)
             self._start_mlflow(settings)
-            if not services_only:
+            if autoscale:
+                self._start_autoscaling_head(settings)
+                self._wait_for_nodes(1, marker=" ray.head.default")
+            elif not services_only:
                 self._start_head(settings)
                 for node in range(1, workers + 1):
                     self.start_node(node)
@@ -216,30 +266,38 @@ class Stack:
         ray_args = [str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{s['ports']['ray']}",
                     f"--num-cpus={s['cpus_per_node']}", "--num-gpus=0", "--node-ip-address=127.0.0.1",
                     "--disable-usage-stats", *self._node_ports(30000 + 500 * node)]
-        hold = Path(f"/run/hmsa-stack-{os.getpid()}-{node}")
-        lines = ["set -e", "mount --make-rprivate /"]
-        venv_hidden = REPO in VENV.parents or Path("/tmp") in VENV.parents
-        if venv_hidden:  # keep the Python environment, hide everything else of the checkout and /tmp
-            hold.mkdir(parents=True, exist_ok=True)
-            lines.append(f"mount --bind '{VENV}' '{hold}'")
-        lines.append("mount -t tmpfs hmsa-hidden /tmp")
-        if Path("/tmp") not in REPO.parents:  # a checkout under /tmp is hidden already
-            lines.append(f"mount -t tmpfs hmsa-hidden '{REPO}'")
-        if venv_hidden:
-            lines += [f"mkdir -p '{VENV}'", f"mount --bind '{hold}' '{VENV}'"]
-        lines += ["cd /", "exec " + " ".join(f"'{a}'" for a in ray_args)]
-        spawn(["unshare", "-m", "--propagation", "private", "bash", "-c", "\n".join(lines)],
-              self.state / f"ray-node-{node}.log", self._ray_env(), self.state / f"ray-node-{node}.pid")
+        spawn(hidden_from_the_driver(ray_args, f"{os.getpid()}-{node}"), self.state / f"ray-node-{node}.log",
+              self._ray_env(), self.state / f"ray-node-{node}.pid")
+
+    def _start_autoscaling_head(self, s: dict) -> None:
+        """A head with no CPUs and Ray's autoscaler, in a mount namespace that hides the driver's
+        files: every node the autoscaler launches is a process of that namespace too. Ray's session
+        folder is under /run, which stays shared: the driver on this machine reaches the head's
+        sockets there, as a driver on the head of a real cluster does."""
+        temp = Path(f"/run/hmsa-ray-{s['ports']['ray']}")  # Ray's socket paths must stay short
+        temp.mkdir(parents=True, exist_ok=True)
+        config = temp / "autoscaling.json"  # where the head, in its namespace, can read it
+        config.write_text(json.dumps(autoscaling_config(s["ports"]["ray"], s["workers"], s["cpus_per_node"])))
+        env = {**self._ray_env(), "RAY_FAKE_CLUSTER": "1",  # the fake provider's own switch
+               "AUTOSCALER_UPDATE_INTERVAL_S": "1",  # a round a second (real clusters: 5 s)
+               "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+        args = [str(BIN / "ray"), "start", "--head", "--block", f"--port={s['ports']['ray']}", "--num-cpus=0",
+                "--num-gpus=0", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+                f"--autoscaling-config={config}", f"--dashboard-port={s['ports']['dashboard']}",
+                f"--ray-client-server-port={free_port()}", f"--temp-dir={temp}", *self._node_ports(30000)]
+        spawn(hidden_from_the_driver(args, f"{os.getpid()}-head"), self.state / "ray-head.log", env,
+              self.state / "ray-head.pid")
 
     def stop_node(self, node: int) -> None:
         """The node goes away at once, as a preempted machine does (SIGKILL, no clean shutdown)."""
         kill_groups([self.state / f"ray-node-{node}.pid"], signal.SIGKILL)
 
-    def _wait_for_nodes(self, count: int) -> None:
+    def _wait_for_nodes(self, count: int, marker: str = "node_") -> None:
+        """Until `ray status` lists `count` nodes (an autoscaled cluster lists them by node type)."""
         def enough() -> bool:
             done = subprocess.run([str(BIN / "ray"), "status", f"--address=127.0.0.1:{self.settings['ports']['ray']}"],
                                   capture_output=True, text=True, env=self._ray_env(), timeout=30)
-            return done.returncode == 0 and done.stdout.count("node_") >= count
+            return done.returncode == 0 and done.stdout.count(marker) >= count
         wait_for(enough, f"a Ray cluster of {count} nodes", 180, self.state / "ray-head.log")
 
     # --- variables and stop ------------------------------------------------------------------
@@ -259,7 +317,8 @@ class Stack:
             with contextlib.suppress(OSError):
                 hold.rmdir()
         if self.settings_file.exists():
-            shutil.rmtree(Path(f"/tmp/ray-head-{self.settings['ports']['ray']}"), ignore_errors=True)
+            for temp in ("/tmp/ray-head-{}", "/run/hmsa-ray-{}"):
+                shutil.rmtree(Path(temp.format(self.settings["ports"]["ray"])), ignore_errors=True)
             self.settings_file.unlink()
 
 
@@ -274,6 +333,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the variables as JSON")
     parser.add_argument("--services-only", action="store_true",
                         help="S3 and MLflow only, no Ray: for use beside a Ray cluster of your own")
+    parser.add_argument("--autoscale", action="store_true",
+                        help="start with the head alone; Ray's autoscaler adds up to --workers nodes on demand")
     args = parser.parse_args()
     stack = Stack(Path(args.state))
     if args.command == "stop":
@@ -282,14 +343,15 @@ def main() -> None:
     if args.command in ("stop-node", "start-node"):
         if args.node is None:
             parser.error(f"{args.command} needs the node number")
-        if not stack.settings_file.exists() or stack.settings.get("services_only"):
+        if not stack.settings_file.exists() or stack.settings.get("services_only") or stack.settings.get("autoscale"):
             raise SystemExit(f"{args.command}: no stack with Ray nodes is running from {stack.state}")
         stack.stop_node(args.node) if args.command == "stop-node" else stack.start_node(args.node)
         return
     if args.command == "start":
         if os.geteuid() != 0 and not args.services_only and args.workers > 0:
             raise SystemExit("worker nodes need their own mount namespaces (unshare -m): run as root")
-        stack.start(args.workers, args.cpus_per_node, args.free_ports, services_only=args.services_only)
+        stack.start(args.workers, args.cpus_per_node, args.free_ports, services_only=args.services_only,
+                    autoscale=args.autoscale)
     variables = stack.variables()
     if args.json:
         print(json.dumps(variables))
