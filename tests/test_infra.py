@@ -11,6 +11,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 from packaging.requirements import Requirement
@@ -153,6 +154,22 @@ def test_rayjob_runs_the_whole_pipeline_on_the_cluster():
         assert step in text, f"{script.name} does not run {step}"
     assert (ROOT / "pipeline/save_results.py").is_file()
     assert dockerfile_workdir() == "/home/ray/hmsa"
+    # `kubectl create` makes a run of its own each time; a named RayJob that has finished is not
+    # run again when it is applied again
+    assert "generateName" in job["metadata"] and "name" not in job["metadata"]
+
+
+def test_the_cluster_keeps_everything_in_its_own_bucket():
+    """Checkpoints, MLflow artifacts and the DVC remote in one bucket of the cluster's: the image's
+    .dvc/config names the local stack's, so the job points DVC at the cluster's own."""
+    variables = kuberay("ConfigMap")["data"]
+    buckets = {key: urlsplit(variables[key]).netloc for key in ("HMSA_STORAGE", "MLFLOW_ARTIFACTS_DESTINATION",
+                                                                 "DVC_REMOTE_URL")}
+    assert len(set(buckets.values())) == 1, buckets
+    remote = re.search(r'\[core\]\s+remote = (\S+)', (ROOT / ".dvc/config").read_text()).group(1)
+    script = (INFRA / "scripts/cluster_job.sh").read_text()
+    assert f'dvc remote modify --local {remote} url "$DVC_REMOTE_URL"' in script
+    assert script.index("DVC_REMOTE_URL") < script.index("dvc pull")
 
 
 def dockerfile_workdir() -> str:

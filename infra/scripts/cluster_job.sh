@@ -8,6 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 : "${HMSA_STORAGE:?set HMSA_STORAGE=s3://bucket/prefix (shared storage of the cluster)}"
 : "${MLFLOW_TRACKING_URI:?set MLFLOW_TRACKING_URI to the MLflow server}"
+# The DVC remote of this cluster (.dvc/config names the local stack's bucket): a setting of this
+# checkout only (--local), so the repository's own stays as it is.
+if [ -n "${DVC_REMOTE_URL:-}" ]; then dvc remote modify --local storage url "$DVC_REMOTE_URL"; fi
 dvc pull --allow-missing     # what an earlier run pushed; nothing on a first run
 dvc repro "$@"
 dvc push
