@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from components.config import ConfigError, load_config
@@ -46,12 +48,67 @@ def run_stage(main: Callable[..., None], description: str,
     try:
         cfg = load_config(args.params)
         main(cfg, args) if add_arguments is not None else main(cfg)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        # What the stage started has been unwound on the way here (runs marked KILLED, temporaries
+        # removed); a local Ray it started stops at exit. Where it was stopped is no one's bug.
+        stop_forwarding_ray_output()
+        print("interrupted: the stage stopped; its outputs are as they were before it ran (run it again to go on)",
+              file=sys.stderr)
+        sys.exit(130)
     except Exception as err:
         if args.debug or not is_user_error(err):
             raise  # our own bug: the traceback is what it takes to fix it
         stop_forwarding_ray_output()
         print(f"error: {redact(err)}", file=sys.stderr)
         sys.exit(1)
+
+
+@contextlib.contextmanager
+def ctrl_c_stays_an_interrupt():
+    """Around Ray's `fit()` (a training's or a search's) in the main thread: Ctrl-C stops the stage
+    as it does anywhere else.
+
+    Ray puts its own SIGINT handler in place while it fits. Ray Train's aborts the run's controller
+    and ends the process with `sys.exit`, which unwound the stage with exit status 1 and no word;
+    Ray Tune's stops the search and fit() returns what the trials reached, which the stage took
+    for a finished search (and, all trials cut short, failed with a traceback). Here both become
+    the KeyboardInterrupt they stand for: MLflow runs are marked KILLED, run_stage says
+    "interrupted" and exits 130, and the next run of the stage resumes. The stage's own handler
+    comes back after fit. The signals that arrived are read from Python's wakeup file descriptor,
+    which sees every signal whichever handler is in place. In another thread (the ablation's seeds
+    side by side) Ray installs no handler, and Ctrl-C reaches the main thread as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    ours = signal.getsignal(signal.SIGINT)
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    os.set_blocking(write_end, False)
+    previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    try:
+        yield
+    except SystemExit:
+        if signal.SIGINT not in _signals_received(read_end):
+            raise
+        raise KeyboardInterrupt from None
+    else:
+        if signal.SIGINT in _signals_received(read_end):
+            raise KeyboardInterrupt
+    finally:
+        signal.set_wakeup_fd(previous)
+        signal.signal(signal.SIGINT, ours)
+        os.close(read_end)
+        os.close(write_end)
+
+
+def _signals_received(read_end: int) -> set[int]:
+    received = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(read_end, 512):
+            received += chunk
+    return set(received)
 
 
 def stop_forwarding_ray_output() -> None:

@@ -23,7 +23,7 @@ from components.models.build import training_method
 from components.models.saved import CONFIG_FILE, WEIGHTS_FILE, is_saved_model
 from components.redact import redact
 from pipeline import cluster, leftovers, output_files, tracking
-from pipeline.common import run_stage
+from pipeline.common import ctrl_c_stays_an_interrupt, run_stage
 from pipeline.environment import Environment
 from pipeline.errors import ClusterError
 from pipeline.launch import prepare_launch
@@ -170,7 +170,8 @@ def main(cfg: PipelineConfig) -> None:
     reaper = leftovers.LeftoverReaper() if launch.env.ray_address else contextlib.nullcontext()
     with tracking.run_status(run_id), reaper:
         try:
-            result = trainer.fit()
+            with ctrl_c_stays_an_interrupt():
+                result = trainer.fit()
         except Exception as err:
             failure = (not_retried(err) or start_failure(err, cfg.ray)
                        or cluster.storage_failure(err, launch.env.checkpoint_root()))

@@ -23,7 +23,7 @@ from components.config import SEARCH_KEYS, PipelineConfig
 from components.data.pyramid import PyramidReader
 from components.flops import train_step_flops
 from pipeline import cluster, leftovers, output_files, tracking
-from pipeline.common import run_stage
+from pipeline.common import ctrl_c_stays_an_interrupt, run_stage
 from pipeline.launch import prepare_launch
 from pipeline.search_space import SEARCHED, check_search_space, search_space, trial_config
 
@@ -171,14 +171,28 @@ def search(cfg: PipelineConfig) -> list[dict]:
     with tracking.run_status(parent_run_id):
         # Trials are stopped while their training runs; what a stopped trial's training leaves must
         # not hold the resources the next trials wait for (pipeline.leftovers).
-        with leftovers.LeftoverReaper():
-            results = tuner.fit()
+        try:
+            with leftovers.LeftoverReaper(), ctrl_c_stays_an_interrupt():
+                results = tuner.fit()
+        except KeyboardInterrupt:  # the search resumes on the next run; its trials stopped now
+            _mark_running_trials_killed(experiment_id, parent_run_id)
+            raise
         failures = _record_trial_statuses(experiment_id, parent_run_id, results, cfg.tune.epochs)
         rows = [_trial_row(cfg, result, failures.get(_trial_id(result))) for result in results]
         from mlflow import MlflowClient
 
         MlflowClient().set_tag(parent_run_id, tracking.COMPLETE_TAG, "true")
     return rows
+
+
+def _mark_running_trials_killed(experiment_id: str, parent_run_id: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    running = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
+                                                                "and attributes.status = 'RUNNING'")
+    for run in running:
+        client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def _trial_row(cfg: PipelineConfig, result, failure: str | None) -> dict:

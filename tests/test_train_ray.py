@@ -215,17 +215,24 @@ def test_code_change_trains_again_and_unchanged_rerun_reuses(tmp_path, data, ray
     assert (tmp_path / "model" / "weights.safetensors").read_bytes() == before
 
 
-def test_run_is_running_while_training_and_killed_on_sigterm(tmp_path, data, ray_head):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_run_is_running_while_training_and_killed_on_sigterm_or_ctrl_c(tmp_path, data, ray_head, stop):
     """The MLflow run is RUNNING while training (not ended before it starts) and KILLED when the
-    stage is stopped with SIGTERM, as a scheduler or `kill` would."""
+    stage is stopped with SIGTERM, as a scheduler or `kill` would, or with Ctrl-C. Ray Train's own
+    Ctrl-C handler, in place while a run fits, ended the stage with status 1 and not a word."""
     _params, proc = _start_training(tmp_path, data, ray_head, epochs=50)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("hmsa")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "RUNNING"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(stop)
     proc.wait(timeout=120)
-    assert proc.returncode != 0, (tmp_path / "stage.log").read_text()[-2000:]
+    log = (tmp_path / "stage.log").read_text()
+    assert proc.returncode != 0, log[-2000:]
+    if stop == signal.SIGINT:
+        assert proc.returncode == 130, log[-2000:]
+        assert log.strip().splitlines()[-1].startswith("interrupted: the stage stopped"), log[-2000:]
+        assert "Traceback" not in log
     assert client.get_run(run.info.run_id).info.status == "KILLED"
     assert not (tmp_path / "model").exists()
 

@@ -116,3 +116,27 @@ def test_search_asha_mlflow_best_drives_train_and_resume(tmp_path, ray_head, ano
     done = run_stage("train", tuned, **ray_head.client_env())
     assert done.returncode == 0, done.stderr[-3000:]
     assert "training the tuned settings" in done.stdout and "lr 0.1," in done.stdout
+
+
+def test_ctrl_c_stops_the_search_in_one_line_and_its_trials_as_killed(tmp_path, ray_head):
+    """Ray Tune's own Ctrl-C handler stops the search and returns what the trials reached: the stage
+    took that for a finished search whose trials had all failed (a traceback, exit 1, the trials'
+    MLflow runs left RUNNING). Now it is an interrupt: one line, exit 130, runs KILLED."""
+    data = tiny_pyramid(tmp_path / "data", train_images=16)
+    params = search_params(tmp_path, data)
+    env = stage_env(params, **ray_head.client_env())
+    log_path = tmp_path / "stage.log"
+    with open(log_path, "w") as log:  # a file: a pipe nobody reads while the test waits would block the stage
+        proc = subprocess.Popen(stage_command("tune", params), stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env=env)
+    store = tmp_path / "store" / "ray"
+    wait_until(lambda: any(store.glob("tune-*/*/result.json")), 300, "a first trial's report", proc, log_path)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    output = log_path.read_text()
+    assert proc.returncode == 130, output[-3000:]
+    assert output.strip().splitlines()[-1].startswith("interrupted: the stage stopped"), output[-3000:]
+    assert "Traceback" not in output and not (tmp_path / "tune" / "best.yaml").exists()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("hmsa").experiment_id])
+    assert runs and {run.info.status for run in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
