@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -197,6 +198,10 @@ def connect(env: Environment) -> str:
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
     os.environ.update(train_controller_variables())  # the local Ray's processes inherit them
     os.environ.update(local_only_variables())
+    if os.environ.get(VERBOSE_VARIABLE) != "1":
+        # Ray turns token authentication on for a local instance and says so in a warning on every
+        # start; this one is the stage's own, on loopback, and ends with it.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(_node_ip_address="127.0.0.1", dashboard_port=dashboard)
     return "a local Ray instance"
 
