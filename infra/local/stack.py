@@ -18,7 +18,8 @@ With --services-only, only the first two: no Ray at all (a second Ray on the mac
 Ray's own tools fail to choose between them), and no RAY_ADDRESS among the variables.
 With --autoscale, the cluster starts as a real autoscaled one does, with the head alone: Ray's own
 autoscaler (its fake multi-node provider, which launches nodes as processes on this machine) adds
-worker nodes of --cpus-per-node CPUs, up to --workers of them, when work asks for them, and removes
+worker nodes of --cpus-per-node CPUs (and --fake-gpus-per-node GPUs, declared only: for rehearsing
+`ray.use_gpu: auto`; nothing can compute on them), up to --workers of them, when work asks for them, and removes
 them after a minute idle. The head and everything the autoscaler launches run in one mount
 namespace where the repository and /tmp are empty, as the worker nodes above do.
 """
@@ -118,7 +119,7 @@ def hidden_from_the_driver(command: list[str], name: str) -> list[str]:
     return ["unshare", "-m", "--propagation", "private", "bash", "-c", "\n".join(lines)]
 
 
-def autoscaling_config(gcs_port: int, max_workers: int, cpus_per_node: int) -> dict:
+def autoscaling_config(gcs_port: int, max_workers: int, cpus_per_node: int, fake_gpus_per_node: int = 0) -> dict:
     """Ray's fake multi-node provider (the one behind ray.cluster_utils.AutoscalingCluster, whose
     example config the pip wheel lacks): worker nodes are processes on this machine. The provider
     must be told this cluster's GCS port, or it joins its nodes to a Ray on the default 6379."""
@@ -129,8 +130,9 @@ def autoscaling_config(gcs_port: int, max_workers: int, cpus_per_node: int) -> d
         "auth": {},
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
-            "cpu-node": {"resources": {"CPU": cpus_per_node}, "node_config": {}, "min_workers": 0,
-                         "max_workers": max_workers},
+            "worker-node": {"resources": {"CPU": cpus_per_node, **({"GPU": fake_gpus_per_node} if fake_gpus_per_node
+                                                                    else {})},
+                            "node_config": {}, "min_workers": 0, "max_workers": max_workers},
         },
         "head_node_type": "ray.head.default",
         **{key: [] for key in ("cluster_synced_files", "rsync_exclude", "rsync_filter", "initialization_commands",
@@ -151,7 +153,7 @@ class Stack:
 
     # --- start -------------------------------------------------------------------------------
     def start(self, workers: int, cpus_per_node: int, free_ports: bool, services_only: bool = False,
-              autoscale: bool = False) -> dict:
+              autoscale: bool = False, fake_gpus_per_node: int = 0) -> dict:
         if self.settings_file.exists():
             raise SystemExit(f"a stack is already running from {self.state}: stop it first")
         self.state.mkdir(parents=True, exist_ok=True)
@@ -159,7 +161,7 @@ class Stack:
         key, secret = os.environ.get("AWS_ACCESS_KEY_ID") or "hmsa-local", secrets.token_hex(16)
         settings = {"ports": ports, "access_key": key, "secret_key": secret, "workers": 0 if services_only else workers,
                     "cpus_per_node": cpus_per_node, "token": secrets.token_hex(16), "free_ports": free_ports,
-                    "services_only": services_only, "autoscale": autoscale}
+                    "services_only": services_only, "autoscale": autoscale, "fake_gpus_per_node": fake_gpus_per_node}
         self.settings_file.write_text(json.dumps(settings))
         self.settings_file.chmod(0o600)
         try:
@@ -277,7 +279,8 @@ class Stack:
         temp = Path(f"/run/hmsa-ray-{s['ports']['ray']}")  # Ray's socket paths must stay short
         temp.mkdir(parents=True, exist_ok=True)
         config = temp / "autoscaling.json"  # where the head, in its namespace, can read it
-        config.write_text(json.dumps(autoscaling_config(s["ports"]["ray"], s["workers"], s["cpus_per_node"])))
+        config.write_text(json.dumps(autoscaling_config(s["ports"]["ray"], s["workers"], s["cpus_per_node"],
+                                                        s["fake_gpus_per_node"])))
         env = {**self._ray_env(), "RAY_FAKE_CLUSTER": "1",  # the fake provider's own switch
                "AUTOSCALER_UPDATE_INTERVAL_S": "1",  # a round a second (real clusters: 5 s)
                "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
@@ -329,6 +332,8 @@ def main() -> None:
     parser.add_argument("--state", default=str(REPO / ".local-stack"), help="state folder (default .local-stack)")
     parser.add_argument("--workers", type=int, default=2, help="worker nodes (default 2)")
     parser.add_argument("--cpus-per-node", type=int, default=1)
+    parser.add_argument("--fake-gpus-per-node", type=int, default=0,
+                        help="--autoscale: GPUs each node declares without having them (rehearses use_gpu: auto)")
     parser.add_argument("--free-ports", action="store_true", help="any free ports instead of 6379/5000/8333")
     parser.add_argument("--json", action="store_true", help="print the variables as JSON")
     parser.add_argument("--services-only", action="store_true",
@@ -350,8 +355,10 @@ def main() -> None:
     if args.command == "start":
         if os.geteuid() != 0 and not args.services_only and args.workers > 0:
             raise SystemExit("worker nodes need their own mount namespaces (unshare -m): run as root")
+        if args.fake_gpus_per_node and not args.autoscale:
+            parser.error("--fake-gpus-per-node goes with --autoscale")
         stack.start(args.workers, args.cpus_per_node, args.free_ports, services_only=args.services_only,
-                    autoscale=args.autoscale)
+                    autoscale=args.autoscale, fake_gpus_per_node=args.fake_gpus_per_node)
     variables = stack.variables()
     if args.json:
         print(json.dumps(variables))
