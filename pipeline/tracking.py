@@ -152,12 +152,11 @@ def _input_example():
 def _model_metadata(model_dir: str | Path) -> dict:
     """What a caller needs to read the label maps: the class of each index, and the method and
     scales it was trained with (from the saved model's config.json)."""
-    from components.models.saved import CONFIG_FILE
+    from components.models.saved import read_saved_config
 
-    saved = json.loads((Path(model_dir) / CONFIG_FILE).read_text())
-    classes = (saved.get("metadata") or {}).get("classes") or {}
-    return {"method": saved["model"]["method"], "train_scales": saved["model"]["train_scales"],
-            "num_classes": saved["model"]["num_classes"], "class_names": classes.get("names")}
+    model_cfg, metadata = read_saved_config(model_dir)
+    return {"method": model_cfg.method, "train_scales": list(model_cfg.train_scales),
+            "num_classes": model_cfg.num_classes, "class_names": (metadata.get("classes") or {}).get("names")}
 
 
 @contextlib.contextmanager

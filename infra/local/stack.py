@@ -251,15 +251,19 @@ class Stack:
             args.append(f"--{flag}={free_port()}")
         return args
 
-    def _start_head(self, s: dict) -> None:
-        temp = Path(f"/tmp/ray-head-{s['ports']['ray']}")  # Ray's socket paths must stay short
+    def _head(self, s: dict, temp: Path, *extra: str) -> tuple[list[str], dict]:
+        """The command and environment of a head with no CPUs (it schedules; it trains nothing)."""
         # A lost node is declared dead after about 3 s (Ray's default is about 15 s on real clusters),
         # so an elastic run on this stand-in shrinks and grows within seconds.
         env = {**self._ray_env(), "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
         args = [str(BIN / "ray"), "start", "--head", "--block", f"--port={s['ports']['ray']}", "--num-cpus=0",
-                "--num-gpus=0", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+                "--num-gpus=0", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *extra,
                 f"--dashboard-port={s['ports']['dashboard']}", f"--ray-client-server-port={free_port()}",
                 f"--temp-dir={temp}", *self._node_ports(30000)]
+        return args, env
+
+    def _start_head(self, s: dict) -> None:
+        args, env = self._head(s, Path(f"/tmp/ray-head-{s['ports']['ray']}"))  # Ray's socket paths must stay short
         spawn(args, self.state / "ray-head.log", env, self.state / "ray-head.pid")
 
     def start_node(self, node: int) -> None:
@@ -281,13 +285,9 @@ class Stack:
         config = temp / "autoscaling.json"  # where the head, in its namespace, can read it
         config.write_text(json.dumps(autoscaling_config(s["ports"]["ray"], s["workers"], s["cpus_per_node"],
                                                         s["fake_gpus_per_node"])))
-        env = {**self._ray_env(), "RAY_FAKE_CLUSTER": "1",  # the fake provider's own switch
-               "AUTOSCALER_UPDATE_INTERVAL_S": "1",  # a round a second (real clusters: 5 s)
-               "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
-        args = [str(BIN / "ray"), "start", "--head", "--block", f"--port={s['ports']['ray']}", "--num-cpus=0",
-                "--num-gpus=0", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-                f"--autoscaling-config={config}", f"--dashboard-port={s['ports']['dashboard']}",
-                f"--ray-client-server-port={free_port()}", f"--temp-dir={temp}", *self._node_ports(30000)]
+        args, env = self._head(s, temp, f"--autoscaling-config={config}")
+        env.update({"RAY_FAKE_CLUSTER": "1",  # the fake provider's own switch
+                    "AUTOSCALER_UPDATE_INTERVAL_S": "1"})  # a round a second (real clusters: 5 s)
         spawn(hidden_from_the_driver(args, f"{os.getpid()}-head"), self.state / "ray-head.log", env,
               self.state / "ray-head.pid")
 
