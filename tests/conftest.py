@@ -11,10 +11,13 @@ os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", tempfile.mkdtemp(prefix="h
 from components.config import ModelConfig
 
 # The longest modules first: `make test` runs whole modules in two pytest-xdist processes, and a long
-# module started last would run alone at the end. (Heaviest first by their durations on 2 cores.)
-LONGEST_FIRST = ["test_cluster.py", "test_e2e_dvc.py", "test_train_ray.py", "test_service_faults.py",
-                 "test_kills.py", "test_ablation_parallel.py", "test_tune.py", "test_secrets.py", "test_faults.py",
-                 "test_register_predict.py", "test_train_controller.py", "test_leaked_resources.py"]
+# module started last would run alone at the end. (Ordered by their durations in one `make test` on
+# 2 cores; a module not listed runs after these.)
+LONGEST_FIRST = ["test_e2e_dvc.py", "test_autoscaling.py", "test_train_ray.py", "test_kills.py", "test_tune.py",
+                 "test_cluster.py", "test_service_faults.py", "test_faults.py", "test_register_predict.py",
+                 "test_leaked_resources.py", "test_autoscaling_gpu.py", "test_train_controller.py",
+                 "test_ablation_parallel.py", "test_secrets.py", "test_data_bad_input.py", "test_predict.py",
+                 "test_stack.py", "test_evaluate.py", "test_environment.py"]
 
 
 def pytest_collection_modifyitems(items):

@@ -1,18 +1,18 @@
 """On a cluster that starts empty and autoscales, as KubeRay's does: infra/local/stack.py --autoscale
 starts the services and a Ray head alone, and Ray's own autoscaler (its fake multi-node provider)
 launches worker nodes of one CPU when work asks for them, in a mount namespace where the repository
-and /tmp are empty. The waiting rules themselves are in tests/test_capacity.py."""
+and /tmp are empty. The waiting rules themselves are in tests/test_capacity.py, GPU nodes that the
+autoscaler launches in tests/test_autoscaling_gpu.py."""
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 
 from components.data.pyramid import content_hash
-from tests.dvc_helpers import ROOT, dvc, tiny_repo
+from tests.dvc_helpers import dvc, tiny_repo
 from tests.services import local_stack
 
 pytestmark = pytest.mark.integration
@@ -110,24 +110,3 @@ def test_an_experiment_on_an_empty_autoscaling_cluster_reaches_a_teammates_clone
         assert file_hashes(clone / path) == file_hashes(repo / path), path
     assert (clone / "results/register/registration.json").read_text() == (
         repo / "results/register/registration.json").read_text()
-
-
-DECIDE_ON_GPUS = """
-import os, ray
-from components.config import RayConfig
-from pipeline import capacity
-ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR")
-use_gpu = capacity.provide(RayConfig(num_workers=1, cpus_per_worker=1, use_gpu="auto"), 120)
-print("RESULT", use_gpu, ray.cluster_resources().get("GPU", 0))
-"""
-
-
-def test_auto_takes_the_gpu_nodes_the_autoscaler_launches(tmp_path):
-    """use_gpu: auto on a cluster with no GPU up whose autoscaler can launch GPU nodes: GPU workers
-    (the nodes declare GPUs they do not have: the decision is what is checked, nothing trains)."""
-    with local_stack(tmp_path / "stack", "--autoscale", "--workers", "1", "--fake-gpus-per-node", "1") as gpu_stack:
-        done = subprocess.run([sys.executable, "-c", DECIDE_ON_GPUS], capture_output=True, text=True, timeout=300,
-                              env=gpu_stack.env, cwd=ROOT)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    assert "ray.use_gpu = auto: the autoscaler provided 1 worker(s) of 1 CPU + 1 GPU" in done.stdout, done.stdout
-    assert "RESULT True 1.0" in done.stdout.splitlines()  # GPU workers, and the GPU node is up
