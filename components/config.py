@@ -257,7 +257,10 @@ class RegisterConfig(Section):
     # the served scale set, whose mIoU and GFLOPs gate promotion and which callers get by default:
     # "recommended" (the eval-scales stage's recommendation) or a set among evaluate.scale_sets
     scale_set: Literal["recommended"] | ScaleSet = "recommended"
-    min_delta: float = Field(0.0, ge=0)  # the candidate must beat the champion's mIoU by more than this
+    # the candidate's mIoU minus the champion's must lie above this over the 95% interval of a
+    # paired bootstrap over the val images, of bootstrap_rounds rounds
+    min_delta: float = Field(0.0, ge=0)
+    bootstrap_rounds: int = Field(2000, ge=100, le=1_000_000)
     max_gflops: float | None = Field(None, gt=0)  # a candidate above this cost is never champion
     # the served model's bound on one request's work: its images' pixels x the sum of its squared
     # scales (a 2048x1024 image at [0.5, 1.0, 2.0] is 11 million); larger requests are answered 400

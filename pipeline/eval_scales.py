@@ -2,14 +2,18 @@
 
 No retraining: hierarchical attention is learned between adjacent scales, so any set containing
 1.0 can be evaluated with the weights as they are. Writes eval_scales.csv (mIoU and GFLOPs per
-set, Pareto front marked) and eval_scales.yaml (the best mIoU within tune.max_eval_gflops).
+set, Pareto front marked), eval_scales_images.npz (per set, one confusion matrix per val image: the
+registry gate's evidence) and, last, eval_scales.yaml (the best mIoU within tune.max_eval_gflops,
+and the SHA-256 of the .npz it goes with).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from components.atomic import atomic_file
@@ -30,11 +34,15 @@ def search_eval_scales(cfg: PipelineConfig) -> dict:
     output_files.check_files(output_files.eval_scales_files(cfg))  # a refusal now, not after the evaluations
     model, model_cfg = load_model(cfg.evaluate.model or cfg.train.output, cfg)
     names = list(cfg.tune.eval_scale_sets)
-    rows = evaluate_all(cfg, model, model_cfg, [cfg.tune.eval_scale_sets[n] for n in names], flip=False)
+    rows = evaluate_all(cfg, model, model_cfg, [cfg.tune.eval_scale_sets[n] for n in names], flip=False,
+                        per_image=True)
     for name, row in zip(names, rows, strict=True):
         row["name"] = name
     best = recommend(rows, cfg.tune.max_eval_gflops)
     out = Path(cfg.tune.output_dir)
+    images = out / output_files.EVAL_SCALES_IMAGES
+    with atomic_file(images, output_files.NUMPY_ARCHIVE, "wb") as handle:
+        np.savez_compressed(handle, **{r["name"]: r.pop("image_matrices") for r in rows})
     with atomic_file(out / "eval_scales.csv", output_files.EVAL_SCALES_TABLE) as handle:
         writer = csv.writer(handle)
         writer.writerow(["name", "scales", "gflops", "miou", "thin_miou", "large_miou", "latency_ms", "pareto"])
@@ -46,6 +54,9 @@ def search_eval_scales(cfg: PipelineConfig) -> dict:
         "recommended": None if best is None else {"name": best["name"], "scales": best["scales"],
                                                   "miou": best["miou"], "gflops": best["gflops"]},
         "pareto_front": [r["name"] for r in rows if r["pareto"]],
+        # written last, naming the per-image file it goes with: a kill between the two writes is
+        # then seen by the gate instead of judging with another run's matrices
+        "per_image": {"file": images.name, "sha256": hashlib.sha256(images.read_bytes()).hexdigest()},
     }
     if best is None:
         document["reason"] = f"no candidate is within tune.max_eval_gflops = {cfg.tune.max_eval_gflops}"

@@ -1,7 +1,8 @@
 """Stage `evaluate`: the val split at every scale set of evaluate.scale_sets.
 
 Writes <output_dir>/metrics.json (per set: mIoU, thin/small and large mIoU, GFLOPs and latency
-per image), iou_by_class.json (per set: each class's IoU), pareto.csv (mIoU against GFLOPs, Pareto front marked),
+per image), iou_by_class.json (per set: each class's IoU), image_matrices.npz (per set, one
+confusion matrix per val image: the registry gate's evidence), pareto.csv (mIoU against GFLOPs, Pareto front marked),
 attention_by_class.json (each scale's mean share of the fused prediction per class),
 attention_by_region.json (the same inside regions and on their boundaries), and attention/*.png
 pictures; logs the same to an MLflow run.
@@ -25,7 +26,7 @@ from components.data.pyramid import PyramidReader
 from components.evaluation import pareto_front
 from components.scales import scale_set_key
 from components.viz import attention_figure
-from pipeline import cluster, tracking
+from pipeline import cluster, output_files, tracking
 from pipeline.common import run_stage
 from pipeline.environment import Environment
 from pipeline.eval_workers import evaluate_on_ray
@@ -51,6 +52,8 @@ def evaluate_all(cfg: PipelineConfig, model, model_cfg, scale_sets: list[list[fl
 
 def write_outputs(out: Path, rows: list[dict], model, model_cfg, reader: PyramidReader, pictures: int) -> None:
     classes = reader.manifest["classes"]
+    with open(out / output_files.EVALUATE_IMAGES, "wb") as handle:
+        np.savez_compressed(handle, **{scale_set_key(r["scales"]): r.pop("image_matrices") for r in rows})
     attention = next((r.pop("attention_by_class") for r in rows if "attention_by_class" in r), None)
     # Per-class IoU in a file of its own: `dvc exp show` shows every value of a metrics file as a
     # column, and 19 classes per scale set buried the figures a person compares.
@@ -136,7 +139,8 @@ def main(cfg: PipelineConfig) -> None:
     model, model_cfg = load_model(source, cfg)
     reader = PyramidReader(cfg.pyramid.output)
     torch.set_grad_enabled(False)
-    rows = evaluate_all(cfg, model, model_cfg, cfg.evaluate.scale_sets, cfg.evaluate.flip, attention=True)
+    rows = evaluate_all(cfg, model, model_cfg, cfg.evaluate.scale_sets, cfg.evaluate.flip, attention=True,
+                        per_image=True)
     with atomic_dir(cfg.evaluate.output_dir, key="evaluate.output_dir") as out:
         write_outputs(out, rows, model, model_cfg, reader, cfg.evaluate.pictures)
     _log_to_mlflow(cfg, source, model, model_cfg, rows, reader)

@@ -27,9 +27,17 @@ METHOD_RESULT = json_with("method", "seeds")
 ABLATION_TABLE = starting_with(b"| method |")
 ABLATION_ROWS = json_with("method", "fusion")
 NUMPY_ARRAY = starting_with(b"\x93NUMPY")
+NUMPY_ARCHIVE = starting_with(b"PK\x03\x04")  # numpy's .npz: a zip of arrays
 PNG_IMAGE = starting_with(b"\x89PNG\r\n\x1a\n")
 BENCHMARK_RESULT = json_with()  # any JSON object: benchmarks/ writes into a folder of its own
 MARKDOWN_SUMMARY = starting_with(b"#")
+
+
+# Per val image confusion matrices, one array per scale set (.npz): the registry gate's evidence
+# (pipeline/register.py). eval-scales writes the first beside eval_scales.yaml, evaluate the second
+# in its output folder.
+EVAL_SCALES_IMAGES = "eval_scales_images.npz"
+EVALUATE_IMAGES = "image_matrices.npz"
 
 
 class OutputFile(NamedTuple):
@@ -54,7 +62,8 @@ def tune_files(cfg: PipelineConfig) -> list[OutputFile]:
 def eval_scales_files(cfg: PipelineConfig) -> list[OutputFile]:
     out = Path(cfg.tune.output_dir)
     return [OutputFile("tune.output_dir", out / "eval_scales.csv", EVAL_SCALES_TABLE),
-            OutputFile("tune.output_dir", out / "eval_scales.yaml", EVAL_SCALES_CHOICE)]
+            OutputFile("tune.output_dir", out / "eval_scales.yaml", EVAL_SCALES_CHOICE),
+            OutputFile("tune.output_dir", out / EVAL_SCALES_IMAGES, NUMPY_ARCHIVE)]
 
 
 def check_files(files: list[OutputFile]) -> None:

@@ -3,10 +3,14 @@
 The served scale set is register.scale_set: by default the inference-scale search's recommendation
 (`eval_scales.yaml` of the eval-scales stage), else an explicit set among evaluate.scale_sets. The
 registered model serves that set when a caller passes none, and its mIoU and GFLOPs at that set gate
-promotion: the candidate becomes `champion` only if its mIoU beats the current champion's (at the
-champion's own served set) by more than register.min_delta and its GFLOPs are within
-register.max_gflops; the old champion then keeps the alias `previous` (and `challenger`, which
-lost to it, is removed). Otherwise the candidate is aliased `challenger`. A candidate of another
+promotion: the candidate becomes `champion` only if its GFLOPs are within register.max_gflops and
+its mIoU beats the current champion's (at the champion's own served set) beyond the noise of the val
+images: a paired bootstrap over the images (components.significance, register.bootstrap_rounds
+rounds) of both models' per-image confusion matrices, whose 95% interval of the mIoU difference
+must lie above register.min_delta. The interval is reported with the decision. Each version keeps
+its per-image matrices as an artifact of its training run (tag `gate_images`), to judge the next
+candidate. The old champion then keeps the alias `previous` (and `challenger`, which lost to it, is
+removed). Otherwise the candidate is aliased `challenger`. A candidate of another
 dataset than the champion's, or whose training run is in another tracking store, is refused.
 The same weights with the same served set registered twice reuse their version (matched by the
 SHA-256 of the weights). A failure after a version was created deletes it again: no
@@ -17,8 +21,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from components.atomic import atomic_file
@@ -26,24 +32,48 @@ from components.config import PipelineConfig
 from components.models.saved import WEIGHTS_FILE
 from components.redact import redact
 from components.scales import scale_set_key
+from components.significance import paired_bootstrap
 from pipeline import output_files, tracking
 from pipeline.common import run_stage
 from pipeline.environment import Environment
 
 
-def decide(candidate: dict, champion: dict | None, min_delta: float, max_gflops: float | None) -> tuple[bool, str]:
-    """(promote?, reason) for a candidate {version, miou, gflops} against the champion (or None)."""
+def decide(candidate: dict, champion: dict | None, min_delta: float, max_gflops: float | None,
+           noise: dict | None = None) -> tuple[bool, str]:
+    """(promote?, reason) for a candidate {version, miou, gflops} against the champion (or None).
+    `noise` is the paired bootstrap of candidate minus champion over the val images (noise_bound);
+    None only for a champion registered without its per-image matrices, and the reason says so."""
     if max_gflops is not None and candidate["gflops"] > max_gflops:
         return False, f"{candidate['gflops']:.2f} GFLOPs exceeds register.max_gflops = {max_gflops}"
     if champion is None:
         return True, "no champion yet"
     if champion["version"] == candidate["version"]:
         return False, "this version is already the champion"
-    if candidate["miou"] > champion["miou"] + min_delta:
-        return True, (f"mIoU {candidate['miou']:.4f} beats champion v{champion['version']} "
-                      f"({champion['miou']:.4f}) by more than {min_delta}")
-    return False, (f"mIoU {candidate['miou']:.4f} does not beat champion v{champion['version']} "
-                   f"({champion['miou']:.4f}) by more than {min_delta}")
+    versus = f"mIoU {candidate['miou']:.4f} against champion v{champion['version']} ({champion['miou']:.4f})"
+    if noise is None:
+        unbounded = f"; v{champion['version']} has no per-image evaluation, so no noise bound: mean mIoU only"
+        if candidate["miou"] > champion["miou"] + min_delta:
+            return True, f"{versus}: better by more than {min_delta}{unbounded}"
+        return False, f"{versus}: not better by more than {min_delta}{unbounded}"
+    low, high = noise["ci95"]
+    evidence = (f"{versus}: difference {noise['difference']:+.4f}, 95% interval [{low:+.4f}, {high:+.4f}] "
+                f"over {noise['images']} val images")
+    if low > min_delta:
+        return True, f"{evidence}, above min_delta = {min_delta}"
+    noise_note = " (within the noise of the val images)" if low <= 0 < noise["difference"] else ""
+    return False, f"{evidence}, not above min_delta = {min_delta}{noise_note}"
+
+
+def noise_bound(candidate: np.ndarray, champion: np.ndarray, rounds: int) -> dict:
+    """The paired bootstrap over val images of mIoU(candidate) - mIoU(champion), from each model's
+    per-image confusion matrices (images, C, C) on the same images in the same order."""
+    if candidate.shape != champion.shape:
+        raise ValueError(f"the champion was evaluated on {champion.shape[0]} val images of {champion.shape[1]} "
+                         f"classes, this candidate on {candidate.shape[0]} of {candidate.shape[1]}: not the same "
+                         "val set, so their mIoU cannot be compared: register this model under another "
+                         "register.model_name")
+    result = paired_bootstrap(candidate[None], champion[None], rounds=rounds)
+    return {**result, "images": int(candidate.shape[0])}
 
 
 def _champion(client, name: str) -> dict | None:
@@ -51,29 +81,71 @@ def _champion(client, name: str) -> dict | None:
     if version is None:
         return None
     return {"version": version.version, "miou": float(version.tags["val_miou"]),
-            "gflops": float(version.tags["gflops"]), "dataset": version.tags.get("dataset_manifest", "")}
+            "gflops": float(version.tags["gflops"]), "dataset": version.tags.get("dataset_manifest", ""),
+            "run_id": version.run_id, "gate_images": version.tags.get("gate_images")}
+
+
+def _champion_matrices(champion: dict) -> np.ndarray | None:
+    """The champion's per-image confusion matrices, from its training run's artifacts (None for a
+    version registered before versions kept them)."""
+    import mlflow
+
+    if not champion.get("gate_images"):
+        return None
+    with tempfile.TemporaryDirectory(prefix="hmsa-gate-") as directory:
+        local = mlflow.artifacts.download_artifacts(run_id=champion["run_id"], artifact_path=champion["gate_images"],
+                                                    dst_path=directory)
+        return np.load(local)
 
 
 def served_evaluation(cfg: PipelineConfig) -> dict:
-    """{scales, miou, gflops, source} of the scale set the registered model will serve."""
+    """{scales, miou, gflops, source, image_matrices} of the scale set the registered model will
+    serve; image_matrices are its per-image confusion matrices (images, C, C)."""
     rc = cfg.register
     if rc.scale_set == "recommended":
         path = Path(cfg.tune.output_dir) / "eval_scales.yaml"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no inference-scale search to take register.scale_set = recommended "
                                     "from (run the eval-scales stage, or set register.scale_set to a list)")
-        recommended = (yaml.safe_load(path.read_text()) or {}).get("recommended")
+        document = yaml.safe_load(path.read_text()) or {}
+        recommended = document.get("recommended")
         if not recommended:
             raise ValueError(f"{path}: no recommended scale set (none is within tune.max_eval_gflops); raise "
                              "that limit or set register.scale_set to a list")
         return {"scales": [float(s) for s in recommended["scales"]], "miou": float(recommended["miou"]),
-                "gflops": float(recommended["gflops"]), "source": str(path)}
+                "gflops": float(recommended["gflops"]), "source": str(path),
+                "image_matrices": _recommended_matrices(path, document, recommended["name"])}
     path = Path(cfg.evaluate.output_dir) / "metrics.json"
-    evaluation = json.loads(path.read_text()).get(scale_set_key(rc.scale_set))
+    key = scale_set_key(rc.scale_set)
+    evaluation = json.loads(path.read_text()).get(key)
     if evaluation is None:
         raise KeyError(f"{path} has no evaluation at register.scale_set = {rc.scale_set} (rerun evaluate)")
     return {"scales": list(rc.scale_set), "miou": float(evaluation["miou"]), "gflops": float(evaluation["gflops"]),
-            "source": str(path)}
+            "source": str(path), "image_matrices": _archived(path.parent / output_files.EVALUATE_IMAGES, key,
+                                                             "rerun evaluate")}
+
+
+def _recommended_matrices(path: Path, document: dict, name: str) -> np.ndarray:
+    """The recommended set's per-image matrices, from the .npz that eval_scales.yaml names, checked
+    to be the one written with it (a kill between the two writes leaves another run's)."""
+    named = document.get("per_image") or {}
+    if not named.get("file"):
+        raise ValueError(f"{path} names no per-image evaluation (written by an older eval-scales): rerun "
+                         "eval-scales")
+    archive = path.parent / named["file"]
+    if not archive.is_file() or hashlib.sha256(archive.read_bytes()).hexdigest() != named.get("sha256"):
+        raise ValueError(f"{archive} is not the file {path} was written with (an interrupted eval-scales?): "
+                         "rerun eval-scales")
+    return _archived(archive, name, "rerun eval-scales")
+
+
+def _archived(archive: Path, key: str, remedy: str) -> np.ndarray:
+    if not archive.is_file():
+        raise FileNotFoundError(f"{archive}: no per-image evaluation for the registry gate ({remedy})")
+    with np.load(archive) as arrays:
+        if key not in arrays.files:
+            raise KeyError(f"{archive} has no per-image evaluation of {key} ({remedy})")
+        return arrays[key]
 
 
 def register(cfg: PipelineConfig) -> dict:
@@ -93,6 +165,11 @@ def register(cfg: PipelineConfig) -> dict:
     existing = [v for v in client.search_model_versions(f"name = '{rc.model_name}'")
                 if v.tags.get("weights_sha256") == weights_sha and v.tags.get("eval_scales") == str(served["scales"])]
     created = not existing
+    noise = None
+    if champion is not None and not any(v.version == champion["version"] for v in existing):
+        matrices = _champion_matrices(champion)
+        if matrices is not None:
+            noise = noise_bound(served["image_matrices"], matrices, rc.bootstrap_rounds)
     if existing:
         version = existing[0]
     else:
@@ -100,6 +177,7 @@ def register(cfg: PipelineConfig) -> dict:
                 "eval_scales": str(served["scales"]), "method": cfg.model.method,
                 "train_scales": str(cfg.model.train_scales),
                 "dataset_manifest": dataset,
+                "gate_images": _log_matrices(client, run["run_id"], weights_sha, served),
                 "git_commit": tracking.git_commit()}
         model_uri = _served_model(client, cfg, run["run_id"], served["scales"],
                                   {"weights_sha256": weights_sha, "eval_scales": str(served["scales"])})
@@ -107,7 +185,7 @@ def register(cfg: PipelineConfig) -> dict:
     try:
         candidate = {"version": version.version, "miou": served["miou"], "gflops": served["gflops"],
                      "scales": served["scales"]}
-        promote, reason = decide(candidate, champion, rc.min_delta, rc.max_gflops)
+        promote, reason = decide(candidate, champion, rc.min_delta, rc.max_gflops, noise)
         if promote:
             if champion is not None:
                 client.set_registered_model_alias(rc.model_name, "previous", champion["version"])
@@ -131,8 +209,20 @@ def register(cfg: PipelineConfig) -> dict:
     aliases = {a: v.version for a, v in found.items() if v is not None}
     return {"model_name": rc.model_name, "version": version.version, "created_version": created,
             "promoted": promote, "reason": reason, "candidate": candidate, "previous_champion": champion,
+            "noise_bound": noise,
             "served_scales": served["scales"], "gate_source": served["source"],
             "aliases": aliases, "run_id": run["run_id"]}
+
+
+def _log_matrices(client, run_id: str, weights_sha: str, served: dict) -> str:
+    """The served set's per-image matrices as an artifact of the training run, at a path of these
+    weights and this set (a rerun after a kill writes the same file again); returns that path."""
+    folder = f"gate/{weights_sha[:16]}-{scale_set_key(served['scales'], '_')}"
+    with tempfile.TemporaryDirectory(prefix="hmsa-gate-") as directory:
+        local = Path(directory) / "val_image_matrices.npy"
+        np.save(local, served["image_matrices"])
+        client.log_artifact(run_id, str(local), artifact_path=folder)
+    return f"{folder}/{local.name}"
 
 
 def _served_model(client, cfg: PipelineConfig, run_id: str, scales: list[float], tags: dict[str, str]) -> str:

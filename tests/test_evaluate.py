@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +11,7 @@ from components.data.dataset import PyramidEvalDataset
 from components.data.pyramid import PyramidReader
 from components.evaluation import AttentionSums, attention_means, evaluate_scale_set, interior_mask, pareto_front
 from components.models import build_model
+from components.significance import miou_of
 from pipeline.environment import Environment
 from pipeline.evaluate import evaluate_all, write_outputs
 from pipeline.launch import Launch
@@ -47,7 +49,7 @@ def test_hierarchical_on_unseen_scale_sets(tmp_path, data, local_ray):
     model_cfg = tiny_model_config(num_classes=19, train_scales=[0.5, 1.0])
     model = build_model(model_cfg).eval()
     sets = [[1.0], [0.25, 0.5, 1.0, 2.0], [0.75, 1.0, 1.5]]  # 0.75 and 1.5 are not even in the pyramid
-    rows = evaluate_all(cfg, model, model_cfg, sets, flip=True, launch=launch, attention=True)
+    rows = evaluate_all(cfg, model, model_cfg, sets, flip=True, launch=launch, attention=True, per_image=True)
     assert [r["scales"] for r in rows] == sets
     for r in rows:
         assert 0 <= r["miou"] <= 1 and r["latency_ms"] > 0 and set(r["iou"]) >= {"road", "pole"}
@@ -62,6 +64,13 @@ def test_hierarchical_on_unseen_scale_sets(tmp_path, data, local_ray):
     by_class = json.loads((tmp_path / "out" / "iou_by_class.json").read_text())
     assert set(by_class) == set(metrics) and all("iou" not in row for row in metrics.values())
     assert by_class["1"] == rows[0]["iou"] and metrics["1"]["miou"] == rows[0]["miou"]
+    # the registry gate's evidence: per set, one confusion matrix per val image, which sum to the
+    # evaluation's own figures
+    with np.load(tmp_path / "out" / "image_matrices.npz") as archive:
+        assert set(archive.files) == set(metrics)
+        for key, figures in metrics.items():
+            assert archive[key].shape[0] == 5  # the val images, in order
+            assert miou_of(archive[key].sum(0)) == pytest.approx(figures["miou"], abs=1e-9)
     attention = json.loads((tmp_path / "out" / "attention_by_class.json").read_text())
     # every scale's mean share of the fused prediction, the top one's included; per class they sum to 1
     assert set(attention) == {"0.25", "0.5", "1", "2"} and 0 <= attention["0.5"]["road"] <= 1

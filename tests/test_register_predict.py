@@ -2,6 +2,7 @@
 champion served over HTTP by a real `mlflow models serve` process."""
 
 import base64
+import hashlib
 import io
 import json
 import subprocess
@@ -22,6 +23,7 @@ from pipeline import tracking
 from pipeline.register import decide
 from tests.conftest import tiny_model_config
 from tests.services import free_port, python_env
+from tests.test_significance import uniform_image_matrices
 from tests.train_helpers import write_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leaked_tracking_uri")]
@@ -30,11 +32,25 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("no_leaked_tracki
 CLASS_NAMES = [f"class {index}" for index in range(19)]
 
 
+def write_evaluations(workdir: Path, miou: float, gflops: float, per_image: np.ndarray) -> None:
+    """The gate's inputs as evaluate and eval-scales write them: scores, and per-image matrices."""
+    (workdir / "eval").mkdir()
+    (workdir / "eval" / "metrics.json").write_text(json.dumps({"0.5,1,2": {"miou": miou, "gflops": gflops}}))
+    np.savez_compressed(workdir / "eval" / "image_matrices.npz", **{"0.5,1,2": per_image})
+    (workdir / "tune").mkdir()
+    archive = workdir / "tune" / "eval_scales_images.npz"
+    np.savez_compressed(archive, s05_10=per_image)
+    (workdir / "tune" / "eval_scales.yaml").write_text(json.dumps(
+        {"recommended": {"name": "s05_10", "scales": [0.5, 1.0], "miou": miou, "gflops": gflops},
+         "per_image": {"file": archive.name, "sha256": hashlib.sha256(archive.read_bytes()).hexdigest()}}))
+
+
 def trained_candidate(workdir, server, seed: int, miou: float, gflops: float = 5.0, dataset: str = "",
-                      **register_settings):
+                      per_image: np.ndarray | None = None, **register_settings):
     """A model logged to MLflow as training does, an evaluation file and an inference-scale
     recommendation of [0.5, 1.0] with the given scores (the gate's inputs; the scores are chosen so
-    the test knows which candidate is better)."""
+    the test knows which candidate is better). Unless given, every val image scores `miou`: no
+    noise, so the gate follows the scores."""
     torch.manual_seed(seed)
     cfg = tiny_model_config(num_classes=19)
     save_model(build_model(cfg).eval(), cfg, workdir / "model",
@@ -45,11 +61,7 @@ def trained_candidate(workdir, server, seed: int, miou: float, gflops: float = 5
         model_uri = tracking.log_saved_model(workdir / "model", [0.5, 1.0])
     (workdir / "run.json").write_text(json.dumps({"run_id": run.info.run_id, "model_uri": model_uri,
                                                   "tracking_uri": server.uri}))
-    (workdir / "eval").mkdir()
-    (workdir / "eval" / "metrics.json").write_text(json.dumps({"0.5,1,2": {"miou": miou, "gflops": gflops}}))
-    (workdir / "tune").mkdir()
-    (workdir / "tune" / "eval_scales.yaml").write_text(json.dumps(
-        {"recommended": {"name": "s05_10", "scales": [0.5, 1.0], "miou": miou, "gflops": gflops}}))
+    write_evaluations(workdir, miou, gflops, uniform_image_matrices([miou] * 6) if per_image is None else per_image)
     return write_params(workdir, workdir, model=cfg.model_dump(mode="json"),
                         train={"output": str(workdir / "model"), "run_record": str(workdir / "run.json")},
                         evaluate={"output_dir": str(workdir / "eval")},
@@ -77,10 +89,15 @@ def test_gate_idempotence_and_predict(tmp_path, server):
 
     worse = register(trained_candidate(tmp_path / "b", server, seed=2, miou=0.305), server)  # not by more than 0.01
     assert not worse["promoted"] and worse["aliases"] == {"champion": "1", "challenger": "2"}
+    assert "not above min_delta = 0.01" in worse["reason"]
 
     better = register(trained_candidate(tmp_path / "c", server, seed=3, miou=0.40), server)
     # v2 lost to v1, which v3 replaced: no challenger is left standing against v3
     assert better["promoted"] and better["aliases"] == {"champion": "3", "previous": "1"}
+    # judged on both versions' per-image matrices (v1's from its training run's artifacts), with
+    # the interval reported
+    assert better["noise_bound"]["images"] == 6 and better["noise_bound"]["ci95"][0] == pytest.approx(0.1, abs=1e-3)
+    assert "95% interval [+0.1000, +0.1000] over 6 val images" in better["reason"]
     client = mlflow.MlflowClient(server.uri)
     assert len(client.search_model_versions("name = 'hmsa'")) == 3
     version = client.get_model_version("hmsa", "3")
@@ -176,18 +193,24 @@ def test_decide_respects_the_cost_budget():
     assert decide(candidate, None, 0.0, None) == (True, "no champion yet")
 
 
-def test_register_refuses_a_missing_recommendation(tmp_path, server):
+def test_register_refuses_a_missing_recommendation_or_another_runs_evidence(tmp_path, server):
+    """No recommendation, or per-image matrices that are not the ones eval_scales.yaml was written
+    with (eval-scales killed between its two writes): one line naming the file, nothing registered."""
     params = trained_candidate(tmp_path / "a", server, seed=4, miou=0.3)
     versions = len(mlflow.MlflowClient(server.uri).search_model_versions("name = 'hmsa'"))
-    (tmp_path / "a" / "tune" / "eval_scales.yaml").write_text(json.dumps({"recommended": None}))
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline.register", "--params", str(params)],
-        capture_output=True,
-        text=True,
-        env=python_env(MLFLOW_TRACKING_URI=server.uri),
-    )
-    assert done.returncode == 1 and "eval_scales.yaml: no recommended scale set" in done.stderr, done.stderr
-    assert len(mlflow.MlflowClient(server.uri).search_model_versions("name = 'hmsa'")) == versions
+    choice = tmp_path / "a" / "tune" / "eval_scales.yaml"
+    written = choice.read_text()
+    archive = tmp_path / "a" / "tune" / "eval_scales_images.npz"
+    for tampered, message in ((lambda: choice.write_text(json.dumps({"recommended": None})),
+                               "eval_scales.yaml: no recommended scale set"),
+                              (lambda: (choice.write_text(written),
+                                        np.savez_compressed(archive, s05_10=uniform_image_matrices([0.9] * 6))),
+                               f"{archive} is not the file {choice} was written with")):
+        tampered()
+        done = subprocess.run([sys.executable, "-m", "pipeline.register", "--params", str(params)],
+                              capture_output=True, text=True, env=python_env(MLFLOW_TRACKING_URI=server.uri))
+        assert done.returncode == 1 and message in done.stderr, done.stderr
+        assert len(mlflow.MlflowClient(server.uri).search_model_versions("name = 'hmsa'")) == versions
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:

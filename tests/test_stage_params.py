@@ -58,6 +58,7 @@ RERUNS: dict[str, set[str]] = {
     "tune.max_eval_gflops": set(),
     "evaluate.scale_sets": set(),
     "register.min_delta": set(),
+    "register.bootstrap_rounds": set(),
 }
 
 

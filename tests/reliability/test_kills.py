@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import yaml
 
@@ -166,9 +167,11 @@ def test_sigkill_of_eval_scales_keeps_whole_files(tmp_path, ray_head):
         text = (out / name).read_text()
         assert text.endswith("\n") and (yaml.safe_load(text) if name.endswith("yaml")
                                         else len(text.splitlines()) == len(content.splitlines()))
+    with np.load(out / "eval_scales_images.npz") as archive:  # the gate's per-image evidence, whole too
+        assert len(archive.files) == len(before["eval_scales.csv"].splitlines()) - 1
     # A kill between a temporary's creation and its rename leaves it; the next run removes it.
     assert run_stage("eval_scales", params, **ray_head.client_env()).returncode == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*before, "eval_scales_images.npz"])
     assert yaml.safe_load((out / "eval_scales.yaml").read_text())["recommended"]["name"] in \
         [row[0] for row in csv.reader((out / "eval_scales.csv").read_text().splitlines()[1:])]
 
