@@ -7,8 +7,8 @@ launch asks the autoscaler for the run's workers and waits for them, saying what
     waiting for the autoscaler: 2 worker(s) of 1 CPU + 1 GPU (0/2 up, 40 s of 600 s)
 
 The wait is bounded (`ray.scale_up_timeout_s`), and it ends early, with the reason, when the
-autoscaler launches nothing for the request in a few of its rounds (no node type holds such a
-worker, or the cluster is at its maximum size). `ray.use_gpu: auto` means GPU workers when the
+autoscaler launches nothing for the request in a few of its rounds that saw it (no node type holds
+such a worker, or the cluster is at its maximum size). `ray.use_gpu: auto` means GPU workers when the
 cluster has GPUs or its autoscaler launches a node for a GPU worker.
 
 The request goes through Ray's autoscaling coordinator, as Ray Train's own do: the coordinator
@@ -23,7 +23,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from components.config import RayConfig
 from pipeline.errors import ClusterError
@@ -87,6 +87,9 @@ class AutoscalerView:
     nodes: list[dict]
     round_time: float | None  # when the autoscaler last reported
     launching: bool  # nodes requested from the cloud and not up yet
+    # the bundles of the resource requests the autoscaler saw in that round (request_resources, as
+    # the autoscaling coordinator forwards them on its own ticks, some seconds after a request)
+    requested: list[dict] = field(default_factory=list)
 
 
 def look() -> AutoscalerView:
@@ -102,7 +105,16 @@ def look() -> AutoscalerView:
     if all(kind == f"node_{node_id}" for node_id, kind in types.items()):
         return AutoscalerView(ray.nodes(), None, False)
     launching = bool(report.get("pending_launches") or report.get("pending_nodes"))
-    return AutoscalerView(ray.nodes(), float(status.get("time", 0.0)), launching)
+    demand = (status.get("load_metrics_report") or {}).get("request_demand") or []
+    requested = [bundle for bundle, _count in demand]
+    return AutoscalerView(ray.nodes(), float(status.get("time", 0.0)), launching, requested)
+
+
+def _same_bundle(a: dict[str, float], b: dict[str, float]) -> bool:
+    def nonzero(bundle: dict[str, float]) -> dict[str, float]:
+        return {name: float(amount) for name, amount in bundle.items() if amount}
+
+    return nonzero(a) == nonzero(b)
 
 
 def autoscales(view: AutoscalerView) -> bool:
@@ -147,7 +159,9 @@ def wait_for(wanted: Need, timeout_s: float, looker: Callable[[], AutoscalerView
         raise NotProvided(wanted, workers_up(wanted.bundle, view.nodes), "and no autoscaler can add nodes to it")
     request = requester(wanted)
     start, asked_at = time.monotonic(), time.time()
-    rounds_seen: set[float] = set()  # the autoscaler's rounds since it last had a node on the way
+    # the autoscaler's rounds that saw the request, since it last had a node on the way (a round
+    # before the request reached it launched nothing for it, and says nothing about it)
+    rounds_seen: set[float] = set()
     last_said = -PROGRESS_EVERY_S
     try:
         while True:
@@ -161,7 +175,8 @@ def wait_for(wanted: Need, timeout_s: float, looker: Callable[[], AutoscalerView
             if waited >= timeout_s:
                 raise NotProvided(wanted, up, f"and the autoscaler did not provide them in {timeout_s:g} s "
                                               "(ray.scale_up_timeout_s)")
-            if view.round_time is not None and view.round_time > asked_at:
+            seen = any(_same_bundle(wanted.bundle, bundle) for bundle in view.requested)
+            if view.round_time is not None and view.round_time > asked_at and seen:
                 rounds_seen.add(view.round_time)
             if view.launching:
                 rounds_seen.clear()  # nodes are on their way: wait for them

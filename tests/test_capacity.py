@@ -18,9 +18,10 @@ def node(cpus: float = 0, gpus: float = 0, alive: bool = True) -> dict:
 class Cluster:
     """Nodes that come up after some looks; an autoscaler (or none) that reports a round per look."""
 
-    def __init__(self, nodes=(), autoscaler=True, arrive_after=None, arriving=(), launching=False):
+    def __init__(self, nodes=(), autoscaler=True, arrive_after=None, arriving=(), launching=False, sees_after=0):
         self.nodes, self.autoscaler = list(nodes), autoscaler
         self.arrive_after, self.arriving, self.launching = arrive_after, list(arriving), launching
+        self.sees_after = sees_after  # looks before the autoscaler's rounds show the request
         self.looks, self.requests, self.withdrawn = 0, [], 0
 
     def look(self) -> AutoscalerView:
@@ -28,8 +29,10 @@ class Cluster:
         if self.arrive_after is not None and self.looks > self.arrive_after:
             self.nodes += self.arriving
             self.arriving = []
-        launching = self.launching and bool(self.arriving)
-        return AutoscalerView(list(self.nodes), time.time() + self.looks if self.autoscaler else None, launching)
+        requested = [dict(wanted.bundle) for wanted in self.requests] if self.looks > self.sees_after else []
+        launching = self.launching and bool(self.arriving) and bool(requested)
+        return AutoscalerView(list(self.nodes), time.time() + self.looks if self.autoscaler else None, launching,
+                              requested)
 
     def requester(self, wanted):
         cluster = self
@@ -95,6 +98,15 @@ def test_a_request_the_autoscaler_launches_nothing_for_fails_in_a_few_rounds():
     with pytest.raises(NotProvided, match="launched no node for them in 3 rounds"):
         provide(cluster, num_workers=1, cpus_per_worker=64, use_gpu=False)
     assert cluster.looks <= 6 and cluster.withdrawn == 1
+
+
+def test_rounds_before_the_request_reached_the_autoscaler_do_not_count():
+    """The coordinator forwards a request on its own ticks: on a busy head the autoscaler ran 6
+    rounds before it saw the request, and launched the GPU node in the next. Those rounds are not
+    rounds that launched nothing for it."""
+    cluster = Cluster([node()], arrive_after=9, arriving=[node(cpus=1, gpus=1)], launching=True, sees_after=6)
+    use_gpu, said = provide(cluster, num_workers=1, cpus_per_worker=1, use_gpu="auto")
+    assert use_gpu is True and "ray.use_gpu = auto: the autoscaler provided 1 worker(s) of 1 CPU + 1 GPU" in said[-1]
 
 
 def test_the_wait_is_bounded_by_scale_up_timeout():
