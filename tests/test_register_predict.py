@@ -203,6 +203,8 @@ def test_register_refuses_a_missing_recommendation_or_another_runs_evidence(tmp_
     archive = tmp_path / "a" / "tune" / "eval_scales_images.npz"
     for tampered, message in ((lambda: choice.write_text(json.dumps({"recommended": None})),
                                "eval_scales.yaml: no recommended scale set"),
+                              (lambda: choice.write_text(json.dumps({**json.loads(written), "per_image": None})),
+                               f"{choice} names no per-image evaluation (written by an older eval-scales)"),
                               (lambda: (choice.write_text(written),
                                         np.savez_compressed(archive, s05_10=uniform_image_matrices([0.9] * 6))),
                                f"{archive} is not the file {choice} was written with")):
