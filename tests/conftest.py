@@ -16,7 +16,7 @@ from components.config import ModelConfig
 LONGEST_FIRST = ["test_e2e_dvc.py", "test_autoscaling.py", "test_train_ray.py", "test_kills.py", "test_tune.py",
                  "test_cluster.py", "test_service_faults.py", "test_faults.py", "test_register_predict.py",
                  "test_leaked_resources.py", "test_autoscaling_gpu.py", "test_train_controller.py",
-                 "test_ablation_parallel.py", "test_secrets.py", "test_data_bad_input.py", "test_predict.py",
+                 "test_data_bad_input.py", "test_predict.py",
                  "test_stack.py", "test_evaluate.py", "test_environment.py"]
 
 

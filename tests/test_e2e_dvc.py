@@ -72,6 +72,35 @@ def check_whole_pipeline_outputs(repo) -> None:
     assert json.loads((repo / "results/eval/metrics.json").read_text())["0.5,1,2"]["miou"] >= 0
 
 
+def check_ablation_seeds_side_by_side_and_shared_trainings(repo, output: str) -> None:
+    """The stage's local Ray (2 CPUs, 1 per worker in the tiny params) has room for two trainings:
+    a method's seeds train side by side (one after another where there is room for one:
+    tests/reliability/test_kills.py). Average and max pooling train exactly what single scale
+    trains: they reuse its runs and evaluate the same weights with their own fusion."""
+    import mlflow
+    from safetensors.torch import load_file
+
+    assert "ablation single: 2 seeds, 2 trainings at a time" in output, output[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("hmsa-ablation")
+    single = client.search_runs([experiment.experiment_id], filter_string="tags.method = 'single'")
+    assert [r.info.status for r in single] == ["FINISHED", "FINISHED"]  # two trainings (one per seed), not six
+    (_first_start, first_end), (second_start, _second_end) = sorted((r.info.start_time, r.info.end_time)
+                                                                    for r in single)
+    assert second_start < first_end  # side by side
+    assert output.count("reusing the finished run train-single-") == 4  # per seed, by avgpool and maxpool
+    for pooling in ("avgpool", "maxpool"):
+        for seed in (0, 1):
+            folders = {m: repo / "results/ablation" / m / f"seed-{seed}" for m in (pooling, "single")}
+            models = {m: json.loads((f / "model" / "config.json").read_text())["model"] for m, f in folders.items()}
+            assert {m: c["method"] for m, c in models.items()} == {pooling: pooling, "single": "single"}
+            weights = [load_file(f / "model" / "weights.safetensors") for f in folders.values()]
+            assert weights[0].keys() == weights[1].keys() and all(weights[0][k].equal(weights[1][k])
+                                                                  for k in weights[0])
+            results = {m: json.loads((f / "result.json").read_text()) for m, f in folders.items()}
+            assert results[pooling]["eval_scales"] == [0.5, 1.0, 2.0] and results["single"]["eval_scales"] == [1.0]
+
+
 @pytest.mark.timeout(1500)
 def test_dvc_repro_whole_pipeline_then_experiments_plots_and_a_params_edit(tmp_path):
     repo = tiny_repo(tmp_path)
@@ -79,6 +108,8 @@ def test_dvc_repro_whole_pipeline_then_experiments_plots_and_a_params_edit(tmp_p
 
     done = dvc(repo, "repro")
     check_whole_pipeline_outputs(repo)
+    check_ablation_seeds_side_by_side_and_shared_trainings(repo, done.stdout)
+    assert "training the tuned settings" in done.stdout  # train took the search's best.yaml (lr below)
     # Ray's warning that it turned token authentication on, on every start of a stage's own local
     # instance (loopback only, ended with the stage), is left out of the log
     assert "Token authentication is enabled" not in done.stdout + done.stderr
@@ -101,23 +132,20 @@ def test_dvc_repro_whole_pipeline_then_experiments_plots_and_a_params_edit(tmp_p
     assert "train" in stale and not {stage for stage in stale if stage == "tune" or stage.startswith("ablation")}, stale
     (repo / "params.yaml").write_text(original)
 
-    # Experiments from the reproduced commit: an evaluate setting reruns evaluate alone, and each
-    # experiment keeps its own params and metrics.
-    runs = {}
-    for name, scale_sets in (("pair", "[[1.0],[0.5,1.0]]"), ("triple", "[[1.0],[0.5,1.0,2.0]]")):
-        runs[name] = dvc(repo, "exp", "run", "-n", name, "-S", f"evaluate.scale_sets={scale_sets}", "evaluate")
-        assert stages_run(runs[name]) == ["evaluate"], runs[name].stdout[-2000:]
-    shown = experiments(json.loads(dvc(repo, "exp", "show", "--json").stdout))
-    assert {"pair", "triple"} <= set(shown), sorted(shown)
-    for name, widest in (("pair", "0.5,1"), ("triple", "0.5,1,2")):
-        data = shown[name]
+    # An experiment from the reproduced commit: an evaluate setting reruns evaluate alone, and the
+    # experiment and the commit it started from each keep their own params and metrics.
+    pair = dvc(repo, "exp", "run", "-n", "pair", "-S", "evaluate.scale_sets=[[1.0],[0.5,1.0]]", "evaluate")
+    assert stages_run(pair) == ["evaluate"], pair.stdout[-2000:]
+    shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
+    (baseline,) = [entry["data"] for entry in shown if "pair" in experiments([entry])]
+    tuned = yaml.safe_load((repo / "results/tune/best.yaml").read_text())["settings"]
+    for data, widest in ((experiments(shown)["pair"], "0.5,1"), (baseline, "0.5,1,2")):
         assert data["params"]["params.yaml"]["data"]["evaluate"]["scale_sets"][-1] == [float(s) for s in
                                                                                        widest.split(",")]
-        assert set(metric(data, "results/eval/metrics.json")) == {"1", widest}
+        assert set(metric(data, "results/eval/metrics.json")) == {"1", "0.5,1", widest}
         assert 0 <= metric(data, "results/eval/metrics.json", widest, "miou") <= 1
         assert 0 <= metric(data, "results/train/metrics.json", "best_val_miou") <= 1
         # the settings the search chose, as trained, are columns; per-class IoU is not
-        tuned = yaml.safe_load((repo / "results/tune/best.yaml").read_text())["settings"]
         assert metric(data, "results/train/metrics.json", "trained_with", "lr") == tuned["lr"]
         assert "iou" not in metric(data, "results/eval/metrics.json", widest)
     table = dvc(repo, "exp", "show", "--no-pager", "--md").stdout

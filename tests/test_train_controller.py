@@ -34,10 +34,6 @@ def seen_by_a_worker(tmp_path, **env) -> str | None:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_a_local_ray_polls_train_workers_often(tmp_path):
-    assert seen_by_a_worker(tmp_path, RAY_ADDRESS="") == TRAIN_POLL_INTERVAL_S
-
-
 def test_a_joined_cluster_polls_train_workers_often_unless_the_user_says_otherwise(tmp_path):
     head = RayHead(num_cpus=1)
     try:
@@ -49,7 +45,8 @@ def test_a_joined_cluster_polls_train_workers_often_unless_the_user_says_otherwi
 
 # Two fits on the local Ray a stage starts: as configured, then with the user's own setting. Each
 # training loop lists the live actors of the job for a few seconds (Ray Train starts its helpers
-# next to the first steps) into a file of the driver's disk (one machine).
+# next to the first steps), and the poll interval its worker process sees, into a file of the
+# driver's disk (one machine).
 ACTORS_DURING_TRAINING = """
 import json, os, sys, tempfile
 import ray.train
@@ -59,14 +56,14 @@ from pipeline.environment import Environment
 cluster.connect(Environment.from_environ())
 
 def loop(config):
-    import time
+    import os, time
     from ray.util.state import list_actors
     seen = set()
     for _ in range(12):
         seen |= {actor.class_name for actor in list_actors(filters=[("state", "=", "ALIVE")])}
         time.sleep(0.5)
     with open(config["out"], "w") as out:
-        json.dump(sorted(seen), out)
+        json.dump({"actors": sorted(seen), "poll": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}, out)
 
 seen = []
 for setting in (None, "1"):
@@ -82,14 +79,16 @@ print(json.dumps(seen))
 """
 
 
-def test_a_local_ray_runs_no_preemption_watcher_unless_the_user_asks(tmp_path):
-    """Nothing drains the node of a local instance, so Ray Train's preemption watcher (an actor
-    polling for drained nodes, one more process taking time from training on a small machine)
-    is not started; a user who sets RAY_TRAIN_ENABLE_PREEMPTION_WATCHER gets what they set."""
+def test_a_local_ray_polls_often_and_runs_no_preemption_watcher_unless_the_user_asks(tmp_path):
+    """A local instance's Train workers are polled often. Nothing drains its node, so Ray Train's
+    preemption watcher (an actor polling for drained nodes, one more process taking time from
+    training on a small machine) is not started; a user who sets RAY_TRAIN_ENABLE_PREEMPTION_WATCHER
+    gets what they set."""
     done = subprocess.run([sys.executable, "-c", ACTORS_DURING_TRAINING], capture_output=True, text=True, check=False,
                           timeout=600, env=python_env(RAY_ADDRESS="", HMSA_STORAGE=str(tmp_path / "store")))
     assert done.returncode == 0, done.stderr[-3000:]
     as_configured, as_the_user_asks = json.loads(done.stdout.strip().splitlines()[-1])
-    assert "RayTrainWorker" in as_configured and "TrainController" in as_configured
-    assert "PreemptionWatcher" not in as_configured
-    assert "PreemptionWatcher" in as_the_user_asks
+    assert as_configured["poll"] == TRAIN_POLL_INTERVAL_S
+    assert "RayTrainWorker" in as_configured["actors"] and "TrainController" in as_configured["actors"]
+    assert "PreemptionWatcher" not in as_configured["actors"]
+    assert "PreemptionWatcher" in as_the_user_asks["actors"]

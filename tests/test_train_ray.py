@@ -45,18 +45,6 @@ def registered_epochs(workdir) -> list[int]:
     return []
 
 
-def test_two_workers_ddp_replicas_agree(tmp_path, data, ray_head):
-    params = write_params(tmp_path, data, ray={"num_workers": 2}, train={"epochs": 2})
-    done = run_stage("train", params, **ray_head.client_env())
-    assert done.returncode == 0, done.stderr[-3000:]
-    metrics = read_metrics(tmp_path)
-    assert metrics["num_workers"] == 2 and metrics["epochs"] == 2
-    # The SHA-256 of every parameter matched across both ranks after every epoch.
-    assert metrics["replicas_in_sync"] is True
-    _model, cfg = load_saved_model(tmp_path / "model")
-    assert cfg.method == "hierarchical"
-
-
 def _start_training(tmp_path, data, ray_head, epochs, env=None, **sections):
     params = write_params(tmp_path, data, train={"epochs": epochs, "crop_size": [96, 96], "batch_size": 2},
                           model={"trunk": "resnet18", "decoder_channels": 32, "attention_channels": 32},
@@ -149,12 +137,19 @@ def test_bad_cluster_configuration_fails_fast(tmp_path, data, ray_head, sections
     assert not (tmp_path / "model").exists()
 
 
-def test_code_change_trains_again_and_unchanged_rerun_reuses(tmp_path, data, ray_head):
-    """Same code, config and data: the finished run is reused (nothing trained, and it says so).
-    A code change: a new run that trains from scratch, never a 'resume' into zero epochs."""
-    params = write_params(tmp_path, data, train={"epochs": 1})
+def test_ddp_code_change_trains_again_and_unchanged_rerun_reuses(tmp_path, data, ray_head):
+    """Two DDP workers keep one model. Same code, config and data: the finished run is reused
+    (nothing trained, and it says so). A code change: a new run that trains from scratch, never a
+    'resume' into zero epochs."""
+    params = write_params(tmp_path, data, train={"epochs": 1}, ray={"num_workers": 2})
     first = run_stage("train", params, **ray_head.client_env())
     assert first.returncode == 0, first.stderr[-3000:]
+    metrics = read_metrics(tmp_path)
+    assert metrics["num_workers"] == 2 and metrics["epochs"] == 1
+    # The SHA-256 of every parameter matched across both ranks after every epoch.
+    assert metrics["replicas_in_sync"] is True
+    _model, cfg = load_saved_model(tmp_path / "model")
+    assert cfg.method == "hierarchical"
     # The first worker says once what precision auto chose (Ray Train echoes a worker's stdout twice).
     assert (first.stdout + first.stderr).count("precision auto on cpu: ") == 1, [
         line for line in (first.stdout + first.stderr).splitlines() if "precision" in line

@@ -118,39 +118,6 @@ def test_sigkill_of_the_pyramid_stage_keeps_the_earlier_pyramid(tmp_path):
     assert (out / "pyramid" / "manifest.json").is_file() and not list(out.glob(".pyramid.*"))
 
 
-@pytest.mark.timeout(600)
-def test_evaluate_again_or_after_a_kill_records_one_run(tmp_path):
-    """The evaluate stage twice, the second time after its MLflow run was left RUNNING (what a
-    SIGKILL during logging leaves): one evaluation run, FINISHED, never a duplicate."""
-    import mlflow
-
-    from components.models import build_model, save_model
-    from tests.conftest import tiny_model_config
-    from tests.train_helpers import run_stage, tiny_pyramid, write_params
-
-    data = tiny_pyramid(tmp_path / "data")
-    cfg = tiny_model_config(num_classes=19)
-    save_model(build_model(cfg).eval(), cfg, tmp_path / "model")
-    params = write_params(tmp_path, data, evaluate={"model": str(tmp_path / "model"), "pictures": 1,
-                                                    "output_dir": str(tmp_path / "eval"),
-                                                    "scale_sets": [[1.0], [0.5, 1.0]]})
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-
-    def evaluation_runs():
-        experiment = client.get_experiment_by_name("hmsa")
-        return client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'evaluate'")
-
-    first = run_stage("evaluate", params)
-    assert first.returncode == 0, first.stderr[-3000:]
-    (run,) = evaluation_runs()
-    client.update_run(run.info.run_id, status="RUNNING")  # as a kill mid-logging leaves it
-    again = run_stage("evaluate", params)
-    assert again.returncode == 0, again.stderr[-3000:]
-    runs = evaluation_runs()
-    assert [(r.info.run_id, r.info.status) for r in runs] == [(run.info.run_id, "FINISHED")]
-    assert runs[0].data.metrics["miou_0.5_1"] >= 0 and (tmp_path / "eval" / "metrics.json").is_file()
-
-
 @pytest.mark.timeout(900)
 def test_a_full_disk_under_the_training_outputs_is_one_line_and_the_rerun_finishes(tmp_path, ray_head):
     """train.output, metrics and curves on a 64 KB tmpfs: the training runs, writing its outputs
