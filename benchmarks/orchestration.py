@@ -14,7 +14,7 @@ loop, Ray Train with one worker, plain loop (Ray started and stopped within the 
 plain loop runs without it): each round's Ray epochs over the mean of the plain runs around them,
 the median over rounds reported, and the second plain run over the first as the control that
 shows the noise of one comparison. Ray is started as the pipeline starts a local instance
-(pipeline.cluster.connect). Each run also says where the machine's cores went over the steady
+(pipeline.ray_session.connect). Each run also says where the machine's cores went over the steady
 epochs, from /proc: to the training process and its loader workers, and to every other process
 of the job (under Ray: its daemons, dashboard, controller and helper actors), which shows the
 overhead without the machine's drift in it.
@@ -34,7 +34,7 @@ import torch
 from benchmarks import process_cpu
 from benchmarks.steps import in_fresh_process, median
 from components.config import PipelineConfig, load_config
-from pipeline import cluster
+from pipeline import ray_session
 from pipeline.environment import Environment
 
 
@@ -134,7 +134,7 @@ def _ray_session():
     (the dashboard among them), so that the overhead measured is the pipeline's."""
     import ray
 
-    cluster.connect(Environment.from_environ({}))  # local, whatever RAY_ADDRESS says
+    ray_session.connect(Environment.from_environ({}))  # local, whatever RAY_ADDRESS says
     return ray
 
 

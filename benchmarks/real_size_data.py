@@ -5,11 +5,13 @@
 
 Generates a synthetic set at 2048x1024 (processes in parallel), prepares it, and measures in one run:
   - pyramid bytes over prepared bytes (target: at most 2x);
-  - pyramid build images/s with 1 and with 2 worker processes (target: 2 at least 1.7x one, given 2 cores);
+  - pyramid build images/s with 1 and with 2 worker processes (target: 2 at least 1.7x one, given 2 cores),
+    and with the tiles cut by Ray tasks on a local Ray of 1 and of 2 CPUs (what a cluster's nodes run; the
+    bytes must equal the processes' build);
   - loader samples/s in one process at 1024x1024 crops (training scales 0.5 + 1.0) for random scale
     0.5, 1.0 and 2.0, from local files and from S3 (a SeaweedFS started here, infra/local/stack.py
     --services-only), and bytes read per sample over the crops' own uncompressed bytes (target: 3x).
-Writes results/bench/real_size_data.json and prints the table the README shows.
+Writes results/bench/real_size_data.json and prints the table docs/data.md shows.
 """
 
 from __future__ import annotations
@@ -78,6 +80,23 @@ def stop_s3(state: Path) -> None:
                    capture_output=True, timeout=120)
 
 
+def ray_build(root: Path, splits: dict[str, int], cpus: int) -> float:
+    """Images/s of a build whose tiles Ray tasks cut (pipeline/pyramid.py), on a local Ray of `cpus`."""
+    import ray
+
+    from pipeline.pyramid import tiles_on_ray
+
+    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        nodes: set[str] = set()
+        start = time.perf_counter()
+        build_pyramid(root / "raw", SCALES, 4, Storage(), str(root / f"pyramid-ray{cpus}"),
+                      map_samples=lambda jobs: tiles_on_ray(jobs, 2 * cpus, nodes))
+        return sum(splits.values()) / (time.perf_counter() - start)
+    finally:
+        ray.shutdown()
+
+
 def run(images: int, height: int, width: int, crop: int, samples: int, s3: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -90,6 +109,8 @@ def run(images: int, height: int, width: int, crop: int, samples: int, s3: bool)
             start = time.perf_counter()
             build_pyramid(root / "raw", SCALES, 4, Storage(), str(root / f"pyramid{workers}"), workers=workers)
             builds[workers] = sum(splits.values()) / (time.perf_counter() - start)
+        ray_builds = {cpus: ray_build(root, splits, cpus) for cpus in (1, 2)}
+        same_bytes = content_hash(root / "pyramid-ray2") == content_hash(root / "pyramid2")
         pyramid = root / "pyramid2"
         result = {
             "machine": machine.describe(),
@@ -99,6 +120,9 @@ def run(images: int, height: int, width: int, crop: int, samples: int, s3: bool)
             "pyramid_over_prepared": folder_bytes(pyramid) / prepared,
             "build_images_per_s": {str(k): v for k, v in builds.items()},
             "build_2_over_1": builds[2] / builds[1],
+            "ray_build_images_per_s": {str(k): v for k, v in ray_builds.items()},
+            "ray_build_2_over_1": ray_builds[2] / ray_builds[1],
+            "ray_build_same_bytes": same_bytes,
             "loader": {"local": [loader_rate(PyramidReader(str(pyramid)), r, crop, samples) for r in (0.5, 1.0, 2.0)]},
         }
         if s3:
@@ -130,6 +154,9 @@ def table(result: dict) -> str:
         f"({result['pyramid_bytes'] / 1e6:.0f} MB over {result['prepared_bytes'] / 1e6:.0f} MB) |",
         f"| pyramid build, 2 processes over 1 | >= 1.7x | {result['build_2_over_1']:.2f}x "
         f"({result['build_images_per_s']['1']:.2f} and {result['build_images_per_s']['2']:.2f} images/s) |",
+        f"| pyramid build, Ray tasks on a local Ray of 2 CPUs over 1 | >= 1.7x | {result['ray_build_2_over_1']:.2f}x "
+        f"({result['ray_build_images_per_s']['1']:.2f} and {result['ray_build_images_per_s']['2']:.2f} images/s; "
+        f"{'the same bytes as' if result['ray_build_same_bytes'] else 'OTHER BYTES THAN'} the processes' build) |",
     ]
     for where, target in (("local", ">= 10"), ("s3", ">= 5")):
         for row in result["loader"].get(where, []):

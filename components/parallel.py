@@ -8,10 +8,11 @@ results in job order, so what the stage writes does not depend on how many proce
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 
@@ -98,3 +99,37 @@ def run_jobs(function: Callable[[Any], Any], jobs: Sequence[Any], workers: int,
     finally:
         cv2.setNumThreads(threads)
     return results
+
+
+def map_in_order(function: Callable[[Any], Any], jobs: Sequence[Any], workers: int,
+                 ahead: int = 2) -> Generator[Any, None, None]:
+    """function(job) for every job on up to `workers` processes, yielded in job order as they finish;
+    at most `ahead` results per process wait to be taken, so a consumer that writes each result holds
+    a bounded few in memory. Closing the generator stops the processes."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield function(job)
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    import cv2
+
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # see run_jobs: cv2's thread pool does not survive a fork
+    pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork"),
+                               initializer=_start_worker)
+    try:
+        remaining = iter(jobs)
+        with _stop_signals_deferred():  # the first submit forks every worker
+            running = deque(pool.submit(function, job) for job in itertools.islice(remaining, workers * ahead))
+        cv2.setNumThreads(threads)
+        while running:
+            result = running.popleft().result()
+            for job in itertools.islice(remaining, 1):
+                running.append(pool.submit(function, job))
+            yield result
+    finally:
+        cv2.setNumThreads(threads)
+        pool.shutdown(wait=True, cancel_futures=True)

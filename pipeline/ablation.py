@@ -26,8 +26,10 @@ from components.memory import saved_activation_bytes
 from components.models import load_saved_model
 from components.scales import scale_set_key
 from components.significance import paired_bootstrap
-from pipeline import evaluate, output_files, train
+from pipeline import output_files
 from pipeline.common import run_stage
+from pipeline.eval_workers import evaluate_all
+from pipeline.training_run import run_training
 
 COLUMNS = ["method", "train scales", "eval scales", "mIoU", "thin mIoU", "large mIoU", "mIoU vs single [95% CI]",
            "p", "train FLOPs vs single", "minibatch s", "peak RSS MB", "activations MB"]
@@ -40,10 +42,9 @@ def run_seed(cfg: PipelineConfig, method: str, seed: int) -> dict:
     """Train and evaluate one method with one seed; its result.json and per-image matrices land in
     <output_dir>/<method>/seed-<seed>/."""
     run_cfg = ablation_config(cfg, method, seed)
-    train.main(run_cfg)
+    run_training(run_cfg)
     model, model_cfg = load_saved_model(run_cfg.train.output)
-    (row,) = evaluate.evaluate_all(run_cfg, model, model_cfg, run_cfg.evaluate.scale_sets, flip=False,
-                                   per_image=True)
+    (row,) = evaluate_all(run_cfg, model, model_cfg, run_cfg.evaluate.scale_sets, flip=False, per_image=True)
     trained = json.loads(Path(run_cfg.train.metrics).read_text())
     crop = tuple(cfg.ablation.crop_size)
     single = run_cfg.model.model_copy(update={"method": "single", "train_scales": [1.0]})

@@ -21,7 +21,7 @@ from components.config import PipelineConfig
 from components.scales import scale_set_key
 from pipeline import output_files
 from pipeline.common import run_stage
-from pipeline.evaluate import evaluate_all
+from pipeline.eval_workers import evaluate_all
 from pipeline.model_source import load_model
 
 

@@ -17,11 +17,28 @@ from pathlib import Path
 import torch
 
 from components.config import ModelConfig, PipelineConfig
-from components.evaluation import attention_means, evaluate_shard, merge_shards, summarize
+from components.evaluation import attention_means, evaluate_shard, merge_shards, pareto_front, summarize
 from components.flops import inference_flops
 from components.models.saved import CONFIG_FILE, WEIGHTS_FILE, write_model_files
 from components.training import autocast_dtype
 from pipeline.launch import Launch, check_classes, prepare_launch
+
+
+def evaluate_all(cfg: PipelineConfig, model, model_cfg, scale_sets: list[list[float]], flip: bool,
+                 launch=None, attention: bool = False, per_image: bool = False) -> list[dict]:
+    """Every scale set on the val split of cfg.pyramid.output, as Ray work (evaluate_on_ray below),
+    with the Pareto front over (GFLOPs, mIoU) marked. With `attention`, the widest set's row also
+    carries `attention_by_class` (region -> scale -> mean share per class, components.evaluation
+    .attention_means), from the same forward pass."""
+    widest = max(range(len(scale_sets)), key=lambda i: len(scale_sets[i]))
+    wanted = attention and model_cfg.method in ("hierarchical", "explicit")
+    rows, means = evaluate_on_ray(cfg, model, model_cfg, scale_sets, flip, launch, widest if wanted else None,
+                                  per_image=per_image)
+    for row, front in zip(rows, pareto_front(rows), strict=True):
+        row["pareto"] = front
+    if means is not None:
+        rows[widest]["attention_by_class"] = means
+    return rows
 
 
 def device_name(device: torch.device) -> str:

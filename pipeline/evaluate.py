@@ -23,31 +23,13 @@ from components.atomic import atomic_dir
 from components.config import PipelineConfig
 from components.data.dataset import PyramidEvalDataset
 from components.data.pyramid import PyramidReader
-from components.evaluation import pareto_front
 from components.scales import scale_set_key
 from components.viz import attention_figure
 from pipeline import cluster, output_files, tracking
 from pipeline.common import run_stage
 from pipeline.environment import Environment
-from pipeline.eval_workers import evaluate_on_ray
+from pipeline.eval_workers import evaluate_all
 from pipeline.model_source import load_model
-
-
-def evaluate_all(cfg: PipelineConfig, model, model_cfg, scale_sets: list[list[float]], flip: bool,
-                 launch=None, attention: bool = False, per_image: bool = False) -> list[dict]:
-    """Every scale set on the val split of cfg.pyramid.output, as Ray work (pipeline.eval_workers),
-    with the Pareto front over (GFLOPs, mIoU) marked. With `attention`, the widest set's row also
-    carries `attention_by_class` (region -> scale -> mean share per class, components.evaluation
-    .attention_means), from the same forward pass."""
-    widest = max(range(len(scale_sets)), key=lambda i: len(scale_sets[i]))
-    wanted = attention and model_cfg.method in ("hierarchical", "explicit")
-    rows, means = evaluate_on_ray(cfg, model, model_cfg, scale_sets, flip, launch, widest if wanted else None,
-                                  per_image=per_image)
-    for row, front in zip(rows, pareto_front(rows), strict=True):
-        row["pareto"] = front
-    if means is not None:
-        rows[widest]["attention_by_class"] = means
-    return rows
 
 
 def write_outputs(out: Path, rows: list[dict], model, model_cfg, reader: PyramidReader, pictures: int) -> None:

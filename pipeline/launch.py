@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from components.config import ConfigError, PipelineConfig
-from pipeline import capacity, cluster, leftovers
+from pipeline import capacity, cluster, leftovers, ray_session
 from pipeline.environment import Environment
 
 
@@ -67,7 +67,7 @@ def prepare_launch(cfg: PipelineConfig, env: Environment | None = None, trains: 
     env = env or Environment.from_environ()
     cluster.check_tracking(env)
     checkpoint_root = cluster.check_storage(env)
-    where = cluster.connect(env)
+    where = ray_session.connect(env)
     use_gpu = capacity.provide(cfg.ray, cfg.ray.scale_up_timeout_s)
     remote = cluster.workers_may_be_remote()
     if remote:

@@ -330,7 +330,7 @@ def test_a_killed_build_keeps_the_old_pyramid_and_the_next_run_keeps_its_finishe
     def dies_at_the_third_shard(*args, **kwargs):
         if len(built) == 2:
             raise KeyboardInterrupt  # as a kill: nothing after it runs
-        built.append(args[2])
+        built.append(args[1])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pyramid_module, "write_shard", dies_at_the_third_shard)
@@ -340,7 +340,7 @@ def test_a_killed_build_keeps_the_old_pyramid_and_the_next_run_keeps_its_finishe
     assert len(list(tmp_path.glob(".pyramid.build-*"))) == 1
     # The same inputs again: the two finished shards are kept, only the rest is built.
     counted = []
-    monkeypatch.setattr(pyramid_module, "write_shard", lambda *a, **k: counted.append(a[2]) or real(*a, **k))
+    monkeypatch.setattr(pyramid_module, "write_shard", lambda *a, **k: counted.append(a[1]) or real(*a, **k))
     build_pyramid(tmp_path / "raw", [0.25, 0.5, 1.0], shard_size=2, storage=Storage(), output=str(output))
     assert len(counted) == 2  # train-00002 and val-00000 of 4 shards
     assert PyramidReader(str(output)).scales == [0.25, 0.5, 1.0] and not list(tmp_path.glob(".pyramid.build-*"))

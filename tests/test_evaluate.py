@@ -13,7 +13,8 @@ from components.evaluation import AttentionSums, attention_means, evaluate_scale
 from components.models import build_model
 from components.significance import miou_of
 from pipeline.environment import Environment
-from pipeline.evaluate import evaluate_all, write_outputs
+from pipeline.eval_workers import evaluate_all
+from pipeline.evaluate import write_outputs
 from pipeline.launch import Launch
 from tests.conftest import tiny_model_config
 from tests.train_helpers import tiny_pyramid, write_params

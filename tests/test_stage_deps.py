@@ -131,3 +131,22 @@ def test_the_table_depends_on_every_row_of_the_ablation():
     rows = {f"{cfg.ablation.output_dir}/{row}" for row in cfg.ablation.methods}
     assert rows - set(deps) == set(), f"dvc.yaml stage 'ablation' lacks deps {sorted(rows - set(deps))}"
     assert {f"ablation-run@{row}" for row in cfg.ablation.methods} <= set(STAGES)
+
+
+def stage_modules() -> set[str]:
+    """The modules dvc.yaml runs as stages (`python -m pipeline.<stage>`)."""
+    return {re.match(r"python -m ([\w.]+)", command).group(1) for command, _ in STAGES.values()}
+
+
+def test_no_stage_imports_another_stage():
+    """What two stages share lives in a module of its own that dvc.yaml lists for both (DESIGN
+    section 5): a stage that imports another runs that stage's code under its own name, and an edit
+    to one stage's main reruns both."""
+    stages = stage_modules()
+    assert {"pipeline.train", "pipeline.evaluate", "pipeline.ablation"} <= stages
+    crossings = {}
+    for stage in sorted(stages):
+        other_stages = {name for name in imported_modules(module_file(stage)) if name in stages - {stage}}
+        if other_stages:
+            crossings[stage] = sorted(other_stages)
+    assert crossings == {}, f"stage modules that import other stages: {crossings}"

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
+import itertools
 import json
 import math
 import os
@@ -29,7 +31,9 @@ import shutil
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -45,7 +49,7 @@ from components.atomic import (
 )
 from components.data.prepare import manifest_hash
 from components.data.resize import label_window, resize_image, resize_label, resize_window, source_window
-from components.parallel import run_jobs
+from components.parallel import map_in_order
 from components.scales import scale_key, scaled_size
 from components.storage import Storage, is_s3, join
 
@@ -56,8 +60,8 @@ READ_CONCURRENCY = 8  # ranged reads of one window in flight at once (S3)
 CACHED_SHARD_INDEXES = 32
 DECODED_CACHE_BYTES = 128 << 20  # decoded tiles kept per process (the bundled set fits whole)
 
-__all__ = ["PyramidReader", "build_pyramid", "content_hash", "image_levels", "resize_image", "resize_label",
-           "stored_scales"]
+__all__ = ["MapSamples", "PyramidReader", "SampleJob", "build_pyramid", "content_hash", "image_levels",
+           "resize_image", "resize_label", "sample_tiles", "stored_scales"]
 
 
 def stored_scales(scales: list[float]) -> list[float]:
@@ -100,47 +104,96 @@ def _sample_seed(sample_id: str) -> int:
     return int.from_bytes(hashlib.sha256(sample_id.encode()).digest()[:8], "little")
 
 
-def write_shard(prepared_dir: Path, split: str, ids: list[str], stored: list[float], tile: int,
-                num_classes: int, shard_path: Path, progress=None) -> list[dict]:
-    """Write the tiles of `ids` to `shard_path`; returns the shard's index (one entry per sample)."""
+@dataclass(frozen=True)
+class SampleJob:
+    """One prepared sample to cut into tiles: what a process or a Ray task on any node needs, given
+    the two PNG files' bytes (a task on another node cannot open the driver's paths)."""
+
+    split: str
+    sample_id: str
+    image: str  # paths on the machine that builds the pyramid, read there and named in errors
+    label: str
+    stored: tuple[float, ...]
+    tile: int
+    num_classes: int
+
+    def read_inputs(self) -> tuple[bytes, bytes]:
+        return Path(self.image).read_bytes(), Path(self.label).read_bytes()
+
+
+def sample_tiles(job: SampleJob, image_png: bytes, label_png: bytes) -> tuple[bytes, dict]:
+    """The tiles of one sample at every stored level, back to back, and its index entry (tile offsets
+    from the start of these bytes). Holds one image at a time, whatever the shard size."""
+    image = _open_png(image_png, job.image, "RGB")
+    label = _open_png(label_png, job.label, None)
+    present = np.unique(label[label < job.num_classes]).tolist()
+    chunks, levels, offset = [], {}, 0
+    for s in job.stored:
+        size = scaled_size(label.shape, s)
+        image_s, label_s = resize_image(image, size), resize_label(label, size)
+        tiles = []
+        for y, x in _tile_grid(size[0], size[1], job.tile):
+            image_bytes = _encode(np.ascontiguousarray(image_s[y : y + job.tile, x : x + job.tile]))
+            label_bytes = _encode(np.ascontiguousarray(label_s[y : y + job.tile, x : x + job.tile]))
+            chunks += [image_bytes, label_bytes]
+            tiles.append([offset, len(image_bytes), len(label_bytes)])
+            offset += len(image_bytes) + len(label_bytes)
+        levels[scale_key(s)] = tiles
+    entry = {"id": job.sample_id, "levels": levels,
+             "points": class_points(label, present, _sample_seed(job.sample_id)),
+             "height": int(label.shape[0]), "width": int(label.shape[1]), "classes": present}
+    return b"".join(chunks), entry
+
+
+def tiles_of_file(job: SampleJob) -> tuple[bytes, dict]:
+    """`sample_tiles` of a sample read from this machine's disk (the local processes' job)."""
+    return sample_tiles(job, *job.read_inputs())
+
+
+def _open_png(data: bytes, path: str, mode: str | None) -> np.ndarray:
+    try:
+        picture = Image.open(io.BytesIO(data))
+        return np.asarray(picture.convert(mode) if mode else picture)
+    except (OSError, SyntaxError, ValueError) as err:  # what PIL raises for a truncated or foreign file
+        raise ValueError(f"{path}: cannot read this prepared file ({err}); rerun the prepare stage") from None
+
+
+def write_shard(samples: Iterator[tuple[bytes, dict]], shard_path: Path, progress=None) -> list[dict]:
+    """Write the samples' tiles, in order, to `shard_path`; returns the shard's index (one entry per
+    sample, offsets from the shard's start)."""
     index = []
     offset = 0
     with open(shard_path, "wb") as handle:
-        for sample_id in ids:
-            image = np.asarray(Image.open(prepared_dir / "images" / split / f"{sample_id}.png").convert("RGB"))
-            label = np.asarray(Image.open(prepared_dir / "labels" / split / f"{sample_id}.png"))
-            present = np.unique(label[label < num_classes]).tolist()
-            levels = {}
-            for s in stored:
-                size = scaled_size(label.shape, s)
-                image_s, label_s = resize_image(image, size), resize_label(label, size)
-                tiles = []
-                for y, x in _tile_grid(size[0], size[1], tile):
-                    image_bytes = _encode(np.ascontiguousarray(image_s[y : y + tile, x : x + tile]))
-                    label_bytes = _encode(np.ascontiguousarray(label_s[y : y + tile, x : x + tile]))
-                    handle.write(image_bytes)
-                    handle.write(label_bytes)
-                    tiles.append([offset, len(image_bytes), len(label_bytes)])
-                    offset += len(image_bytes) + len(label_bytes)
-                levels[scale_key(s)] = tiles
-            index.append({"id": sample_id, "levels": levels,
-                          "points": class_points(label, present, _sample_seed(sample_id)),
-                          "height": int(label.shape[0]), "width": int(label.shape[1]), "classes": present})
+        for data, entry in samples:
+            handle.write(data)
+            levels = {key: [[start + offset, image, label] for start, image, label in tiles]
+                      for key, tiles in entry["levels"].items()}
+            index.append({**entry, "levels": levels})
+            offset += len(data)
             if progress is not None:
                 progress.update(1)
     return index
 
 
+# Builds the tiles of every job, yielding the results in job order (local processes, Ray tasks).
+MapSamples = Callable[[list[SampleJob]], Generator[tuple[bytes, dict], None, None]]
+
+
 def build_pyramid(prepared_dir: str | Path, scales: list[float], shard_size: int, storage: Storage,
-                  output: str, progress=None, tile: int = 256, workers: int = 1) -> dict:
+                  output: str, progress=None, tile: int = 256, workers: int = 1,
+                  map_samples: MapSamples | None = None) -> dict:
     """Write the pyramid of a prepared dataset to `output` (local path or s3://); returns the manifest.
-    Shards are built by `workers` processes at once. A local output is locked while it is written (a
+    Samples are cut into tiles by `map_samples` (Ray tasks on a cluster), or else by `workers` processes
+    of this machine, and written here shard after shard. A local output is locked while it is written (a
     second run on it is refused at once) and built in a folder named after its inputs, shard by
     shard: a killed build leaves the previous output whole, and the next run with the same inputs
     keeps the shards it finished."""
     local = not is_s3(output)
     with output_lock(output, "pyramid.output") if local else contextlib.nullcontext():
-        return _write_pyramid(Path(prepared_dir), scales, shard_size, storage, output, progress, tile, workers)
+        if map_samples is None:
+            def map_samples(jobs: list[SampleJob]) -> Generator[tuple[bytes, dict], None, None]:
+                return map_in_order(tiles_of_file, jobs, workers)
+        return _write_pyramid(Path(prepared_dir), scales, shard_size, storage, output, progress, tile, map_samples)
 
 
 def _build_key(source: dict, stored: list[float], shard_size: int, tile: int) -> str:
@@ -162,29 +215,41 @@ def _build_folder(output: str, key: str) -> Path:
     return folder
 
 
-def _shard_job(job: tuple) -> tuple[str, list[dict]]:
-    """Build one shard into `folder` unless a finished one is there (its index is renamed into place
-    last); returns its name and index. Runs in a worker process: arguments are plain values."""
-    prepared_dir, split, name, ids, stored, tile, num_classes, folder = job
-    index_path = folder / f"{name}.json"
-    if index_path.is_file():
-        return name, json.loads(index_path.read_text())
-    part, index_part = folder / f"{name}.bin.part", folder / f"{name}.json.part"
-    try:
-        index = write_shard(prepared_dir, split, ids, stored, tile, num_classes, part)
-        part.rename(folder / f"{name}.bin")
-        index_part.write_text(json.dumps(index) + "\n")
-        index_part.rename(index_path)
-    except BaseException:
-        # a failed shard frees its room at once (a full disk); finished shards stay for the rerun
-        part.unlink(missing_ok=True)
-        index_part.unlink(missing_ok=True)
-        raise
-    return name, index
+def _write_shards(shards: list[tuple[str, str, list[str]]], folder: Path, job: Callable[[str, str], SampleJob],
+                  map_samples: MapSamples, progress) -> dict[str, list[dict]]:
+    """Every shard's index; a shard is built into `folder` unless a finished one is there (its index
+    is renamed into place last, so a killed build keeps what it finished)."""
+    indexes, missing = {}, []
+    for split, name, ids in shards:
+        index_path = folder / f"{name}.json"
+        if index_path.is_file():
+            indexes[name] = json.loads(index_path.read_text())
+            if progress is not None:
+                progress.update(len(ids))
+        else:
+            missing.append((split, name, ids))
+    results = map_samples([job(split, sample_id) for split, _, ids in missing for sample_id in ids])
+    with contextlib.closing(results):  # an error here stops the processes or tasks still cutting tiles
+        for _, name, ids in missing:
+            part, index_part = folder / f"{name}.bin.part", folder / f"{name}.json.part"
+            try:
+                index = write_shard(itertools.islice(results, len(ids)), part, progress)
+                if len(index) != len(ids):
+                    raise RuntimeError(f"shard {name}: {len(index)} of its {len(ids)} samples came back")
+                part.rename(folder / f"{name}.bin")
+                index_part.write_text(json.dumps(index) + "\n")
+                index_part.rename(folder / f"{name}.json")
+            except BaseException:
+                # a failed shard frees its room at once (a full disk); finished shards stay for the rerun
+                part.unlink(missing_ok=True)
+                index_part.unlink(missing_ok=True)
+                raise
+            indexes[name] = index
+    return indexes
 
 
 def _write_pyramid(prepared_dir: Path, scales: list[float], shard_size: int, storage: Storage,
-                   output: str, progress, tile: int, workers: int) -> dict:
+                   output: str, progress, tile: int, map_samples: MapSamples) -> dict:
     source_path = prepared_dir / "manifest.json"
     if not source_path.is_file():
         raise FileNotFoundError(f"pyramid.input: {source_path} is missing; run the prepare stage first")
@@ -203,10 +268,13 @@ def _write_pyramid(prepared_dir: Path, scales: list[float], shard_size: int, sto
             shards = [(split, f"{split}-{shard:05d}", ids[first : first + shard_size])
                       for split, ids in source["splits"].items()
                       for shard, first in enumerate(range(0, len(ids), shard_size))]
-            jobs = [(prepared_dir, split, name, ids, stored, tile, num_classes, folder) for split, name, ids in shards]
-            finished = run_jobs(_shard_job, jobs, workers,
-                                on_result=lambda done: progress.update(len(done[1])) if progress else None)
-            indexes = dict(finished)
+
+            def job(split: str, sample_id: str) -> SampleJob:
+                return SampleJob(split, sample_id, str(prepared_dir / "images" / split / f"{sample_id}.png"),
+                                 str(prepared_dir / "labels" / split / f"{sample_id}.png"), tuple(stored), tile,
+                                 num_classes)
+
+            indexes = _write_shards(shards, folder, job, map_samples, progress)
             splits: dict[str, list[dict]] = {split: [] for split in source["splits"]}
             for split, name, _ in shards:
                 splits[split] += [{"id": e["id"], "shard": name, "position": i, "height": e["height"],

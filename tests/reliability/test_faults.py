@@ -30,9 +30,9 @@ def small_disk(path: Path, size: str):
         subprocess.run(["umount", "-l", str(path)], check=True)
 
 
-def run(stage: str, params: Path, systmp: Path) -> subprocess.CompletedProcess:
+def run(stage: str, params: Path, systmp: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--params", str(params)],
-                          capture_output=True, text=True, timeout=600, env=python_env(TMPDIR=str(systmp)))
+                          capture_output=True, text=True, timeout=600, env=python_env(TMPDIR=str(systmp), **env))
 
 
 def write(params: Path, disk: Path, train_images: int) -> None:
@@ -116,6 +116,35 @@ def test_sigkill_of_the_pyramid_stage_keeps_the_earlier_pyramid(tmp_path):
     assert snapshot(out / "pyramid") == before  # never a mix, never empty
     assert run("pyramid", params, systmp).returncode == 0
     assert (out / "pyramid" / "manifest.json").is_file() and not list(out.glob(".pyramid.*"))
+
+
+def test_a_pyramid_cut_by_ray_tasks_is_the_local_one_and_a_damaged_file_is_one_line(tmp_path, ray_head):
+    """With RAY_ADDRESS the tiles are cut by Ray tasks (sent the files' bytes, as a node without the
+    driver's disk needs) and the stage writes the same bytes as this machine's processes do. A
+    prepared file that cannot be read stops the build with one line naming it; the pyramid stays."""
+    params, systmp = tmp_path / "params.yaml", tmp_path / "systmp"
+    systmp.mkdir()
+    out = tmp_path / "out"
+    write(params, out, train_images=6)
+    assert run("prepare", params, systmp).returncode == 0
+    assert run("pyramid", params, systmp).returncode == 0
+    local = snapshot(out / "pyramid")
+    (out / "pyramid").rename(out / "local")  # the same output path again, so the manifests agree too
+
+    done = run("pyramid", params, systmp, **ray_head.client_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "pyramid: cutting tiles as Ray tasks on the Ray cluster at" in done.stdout
+    assert "(tiles cut on 1 Ray node(s))" in done.stdout, done.stdout[-2000:]
+    assert snapshot(out / "pyramid") == local
+
+    damaged = sorted((out / "raw" / "images" / "train").glob("*.png"))[3]
+    damaged.write_bytes(damaged.read_bytes()[:100])  # a truncated PNG
+    params.write_text(params.read_text().replace("shard_size: 4", "shard_size: 2"))  # another build
+    failed = run("pyramid", params, systmp, **ray_head.client_env())
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    last = failed.stderr.strip().splitlines()[-1]
+    assert str(damaged) in last and "rerun the prepare stage" in last, last
+    assert snapshot(out / "pyramid") == local and not list(out.glob(".pyramid.build-*/*.part"))
 
 
 @pytest.mark.timeout(900)
