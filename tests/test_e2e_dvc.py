@@ -1,6 +1,6 @@
 """End to end: `dvc repro` of the whole pipeline on a tiny configuration, in a copy of the repo, and
 then DVC as its users drive it there: `dvc exp run -S`, `dvc exp show`, `dvc plots show`, a params
-edit that reruns only the stage it belongs to, and the `-S` examples of the README."""
+edit that reruns only the stage it belongs to, and the `-S` examples of the README and docs/."""
 
 from __future__ import annotations
 
@@ -162,8 +162,9 @@ def test_dvc_repro_whole_pipeline_then_experiments_plots_and_a_params_edit(tmp_p
 
 
 def readme_set_arguments() -> list[list[str]]:
-    """The `-S` arguments of every `dvc exp run` command in the README, one list per command."""
-    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    """The `-S` arguments of every `dvc exp run` command in the README and docs/, one list per command."""
+    text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+    text = text.replace("\\\n", " ")
     commands = re.findall(r"^dvc exp run .*$", text, flags=re.MULTILINE)
     return [re.findall(r"-S\s+('[^']*'|\S+)", command) for command in commands]
 

@@ -219,7 +219,7 @@ def test_ray_up_config_passes_rays_schema_and_runs_existing_things():
 def test_commands_in_infra_name_existing_modules_and_stages():
     stages = set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
     texts = [p.read_text() for p in INFRA.rglob("*") if p.is_file() and p.suffix in {".yaml", ".sh", ""}]
-    texts.append((ROOT / "README.md").read_text())
+    texts += [p.read_text() for p in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]]
     for text in texts:
         for module in re.findall(r"python -m (pipeline\.\w+)", text):
             assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), module
