@@ -62,10 +62,10 @@ ImageSide = Annotated[int, Field(ge=32, le=8192)]
 class ModelConfig(Section):
     method: MethodName = "hierarchical"
     trunk: str = "resnet18"  # one of TRUNK_NAMES (checked with the whole config)
-    output_stride: Literal[8, 16] = 8
+    output_stride: Literal[8, 16] = 16
     decoder: str = "deeplabv3plus"  # one of DECODER_NAMES
-    decoder_channels: int = Field(256, gt=0)
-    attention_channels: int = Field(256, gt=0)
+    decoder_channels: int = Field(64, gt=0)
+    attention_channels: int = Field(64, gt=0)
     num_classes: int = Field(19, gt=1)
     train_scales: ScaleSet = [0.5, 1.0]
     aux_scale_weight: float = Field(0.05, ge=0)
@@ -74,10 +74,10 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(10, gt=0)
+    epochs: int = Field(30, gt=0)
     batch_size: int = Field(4, gt=0)
-    crop_size: CropSize = (256, 256)
-    lr: float = Field(0.01, gt=0)
+    crop_size: CropSize = (192, 192)
+    lr: float = Field(0.02, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     poly_power: float = Field(0.9, ge=0)
@@ -91,7 +91,7 @@ class TrainConfig(Section):
     # Cap on an epoch (quick runs): this many steps at the full worker count; None: the whole split.
     # An epoch is counted in samples, so fewer workers each take more steps to cover it.
     steps_per_epoch: int | None = Field(None, gt=0)
-    output: str = "models/model"  # the saved-model directory of the best epoch
+    output: str = "models/hmsa"  # the saved-model directory of the best epoch
     metrics: str = "results/train/metrics.json"
     curves: str = "results/train/curves.csv"
     run_record: str = "results/train/run.json"  # the MLflow run and logged model of this training
@@ -105,7 +105,7 @@ class RayConfig(Section):
     # node goes and grows again when one comes back.
     num_workers: int | tuple[int, int] = 1
     use_gpu: Literal["auto", True, False] = "auto"  # auto: GPU workers when the cluster has GPUs
-    cpus_per_worker: float = Field(1, gt=0)
+    cpus_per_worker: float = Field(2, gt=0)
     gpus_per_worker: float = Field(1, gt=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = Field(2, ge=-1)
@@ -170,7 +170,7 @@ class PrepareConfig(Section):
 
 
 class PyramidConfig(Section):
-    scales: ScaleSet = [0.25, 0.5, 1.0, 2.0]
+    scales: ScaleSet = [0.25, 0.375, 0.5, 0.75, 1.0, 1.5, 2.0]
     output: LocalPath = "data/pyramid/synthetic"  # DVC-tracked; published to HMSA_STORAGE for clusters
     shard_size: int = Field(64, gt=0)
     tile: int = Field(256, ge=16, le=4096)  # pixels per side of a stored tile: a crop reads the tiles under it
@@ -199,7 +199,8 @@ class LoaderConfig(Section):
 
 class EvaluateConfig(Section):
     model: str | None = None  # None: train.output; or a saved-model directory, or models:/name@alias
-    scale_sets: Annotated[list[ScaleSet], Field(min_length=1)] = [[1.0], [0.5, 1.0], [0.5, 1.0, 2.0]]
+    scale_sets: Annotated[list[ScaleSet], Field(min_length=1)] = [[1.0], [0.5, 1.0], [0.5, 1.0, 2.0],
+                                                                  [0.25, 0.5, 1.0, 2.0]]
     flip: bool = False
     pictures: int = Field(4, ge=0)  # val images drawn in the attention figure
     batch_size: int = Field(4, ge=1)  # val images per forward pass on each evaluation worker
@@ -245,7 +246,8 @@ class TuneConfig(Section):
         "lr": SearchSpec(loguniform=(0.005, 0.05)),
     }
     eval_scale_sets: Annotated[dict[str, ScaleSet], Field(min_length=1)] = {
-        "s10": [1.0], "s05_10": [0.5, 1.0], "s05_10_20": [0.5, 1.0, 2.0]}
+        "s10": [1.0], "s05_10": [0.5, 1.0], "s075_10_15": [0.75, 1.0, 1.5], "s05_10_20": [0.5, 1.0, 2.0],
+        "s025_05_10_20": [0.25, 0.5, 1.0, 2.0]}
     max_eval_gflops: float | None = Field(None, gt=0)
     apply_to_train: bool = True  # the train stage trains the best trial's settings
     output_dir: str = "results/tune"
@@ -285,19 +287,19 @@ RowName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]*$")]
 class AblationConfig(Section):
     """The paper's method table on this data: every method trained with the same budget."""
 
-    epochs: int = Field(6, gt=0)
+    epochs: int = Field(40, gt=0)
     crop_size: CropSize = (128, 128)
     # The table's own model size (null: the model section's): small enough that all methods and
     # seeds fit the budget, with enough resolution (output stride) to learn thin structures.
-    trunk: str | None = None  # one of TRUNK_NAMES
-    output_stride: Literal[8, 16] | None = None
+    trunk: str | None = "tiny"  # one of TRUNK_NAMES
+    output_stride: Literal[8, 16] | None = 8
     # every method is trained once per seed (same seeds for all: paired); the table gives mean +- std
     seeds: Annotated[list[Seed], Field(min_length=1)] = [0, 1, 2]
     bootstrap_rounds: int = Field(2000, ge=100)  # of the paired bootstrap behind the significance column
     # One augmentation for all methods, valid for the widest training set (explicit's).
-    random_scales: ScaleSet = [0.5, 1.0]
+    random_scales: ScaleSet = [1.0]
     # Share of class-uniform samples in the table's trainings (null: loader.class_uniform's).
-    class_uniform: float | None = Field(None, ge=0, le=1)
+    class_uniform: float | None = Field(0.5, ge=0, le=1)
     output_dir: str = "results/ablation"
     methods: dict[RowName, AblationMethod] = {
         "single": AblationMethod(train_scales=[1.0], eval_scales=[1.0]),
@@ -305,6 +307,8 @@ class AblationConfig(Section):
         "maxpool": AblationMethod(train_scales=[1.0], eval_scales=[0.5, 1.0, 2.0]),
         "explicit": AblationMethod(train_scales=[0.5, 1.0, 2.0], eval_scales=[0.5, 1.0, 2.0]),
         "hierarchical": AblationMethod(train_scales=[0.5, 1.0], eval_scales=[0.5, 1.0, 2.0]),
+        "hierarchical_05_10": AblationMethod(method="hierarchical", train_scales=[0.5, 1.0],
+                                             eval_scales=[0.5, 1.0]),
     }
 
     @model_validator(mode="after")

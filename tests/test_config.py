@@ -17,6 +17,19 @@ def test_repository_params_file_is_valid():
     load_config("params.yaml")
 
 
+def test_the_schema_defaults_are_params_yaml():
+    """params.yaml is the one source of values: the config that code, tests and benchmarks build
+    without a params file (`validate_config({})`) is the one `make repro` runs."""
+    def differences(default, repository, path=""):
+        if isinstance(default, dict) and isinstance(repository, dict):
+            return [d for key in sorted(set(default) | set(repository))
+                    for d in differences(default.get(key), repository.get(key), f"{path}.{key}".lstrip("."))]
+        return [] if default == repository else [f"{path}: schema {default!r}, params.yaml {repository!r}"]
+
+    assert differences(validate_config({}).model_dump(mode="json"),
+                       load_config("params.yaml").model_dump(mode="json")) == []
+
+
 @pytest.mark.parametrize(
     "raw, key",
     [
@@ -45,7 +58,7 @@ def test_repository_params_file_is_valid():
             {"train": {"metrics": "data/pyramid/synthetic/metrics.json"}},
             "pyramid.output = data/pyramid/synthetic and train.metrics",
         ),
-        ({"evaluate": {"output_dir": "models/model/eval"}}, "train.output = models/model and evaluate.output_dir"),
+        ({"evaluate": {"output_dir": "models/hmsa/eval"}}, "train.output = models/hmsa and evaluate.output_dir"),
         ({"evaluate": {"scale_sets": [[1.0], [0.5, 2.0]]}}, "evaluate.scale_sets[1] = [0.5, 2.0]"),
         (
             {
