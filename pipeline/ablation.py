@@ -23,19 +23,15 @@ from components.data.pyramid import PyramidReader
 from components.evaluation import group_indices
 from components.flops import train_step_flops
 from components.memory import saved_activation_bytes
+from components.method_table import SIGNIFICANCE, method_row, table_lines
 from components.models import load_saved_model
-from components.scales import scale_set_key
-from components.significance import paired_bootstrap
 from pipeline import output_files
 from pipeline.common import run_stage
 from pipeline.eval_workers import evaluate_all
 from pipeline.training_run import run_training
 
-COLUMNS = ["method", "train scales", "eval scales", "mIoU", "thin mIoU", "large mIoU", "mIoU vs single [95% CI]",
-           "p", "train FLOPs vs single", "minibatch s", "peak RSS MB", "activations MB"]
 SEED_DIR = "seed-{seed}"
 IMAGE_MATRICES = "image_matrices.npy"  # one confusion matrix per val image, for the bootstrap
-SIGNIFICANCE = 0.05
 
 
 def run_seed(cfg: PipelineConfig, method: str, seed: int) -> dict:
@@ -145,62 +141,21 @@ def _load_method(cfg: PipelineConfig, method: str) -> tuple[list[dict], np.ndarr
     return seeds, matrices
 
 
-def _mean_std(values: list[float]) -> dict:
-    array = np.asarray(values, dtype=np.float64)
-    return {"mean": float(np.nanmean(array)), "std": float(np.nanstd(array, ddof=1)) if len(array) > 1 else 0.0,
-            "values": [float(v) for v in array]}
-
-
 def summarize_methods(cfg: PipelineConfig, classes: dict) -> list[dict]:
     """Per method: mean and std over seeds of each metric, and against single scale the paired
-    bootstrap (components.significance) of the mIoU and thin-class mIoU differences."""
+    bootstrap of the mIoU and thin-class mIoU differences (components.method_table)."""
     loaded = {method: _load_method(cfg, method) for method in cfg.ablation.methods}
-    thin = group_indices(classes).get("thin_small")
     baseline = loaded.get("single")
-    rows = []
-    for method, (seeds, matrices) in loaded.items():
-        first = seeds[0]
-        row = {key: first[key] for key in ("method", "fusion", "train_scales", "eval_scales", "train_flops_vs_single",
-                                             "activation_mb", "eval_gflops", "epochs")}
-        row["seeds"] = [r["seed"] for r in seeds]
-        for key in ("miou", "thin_miou", "large_miou", "minibatch_seconds", "peak_rss_mb"):
-            row[key] = _mean_std([r[key] for r in seeds])
-        if baseline is not None and method != "single":
-            rounds = cfg.ablation.bootstrap_rounds
-            row["vs_single"] = paired_bootstrap(matrices, baseline[1], rounds)
-            if thin:
-                row["thin_vs_single"] = paired_bootstrap(matrices, baseline[1], rounds, classes=thin)
-        rows.append(row)
-    return rows
-
-
-def _pm(stat: dict, digits: int = 4) -> str:
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
-
-
-def _versus(row: dict, rounds: int) -> tuple[str, str]:
-    test = row.get("vs_single")
-    if test is None:
-        return "—", "—"
-    low, high = test["ci95"]
-    p = f"<{1 / rounds:.4f}" if test["p_value"] == 0 else f"{test['p_value']:.3f}"
-    mark = " *" if test["p_value"] < SIGNIFICANCE else ""
-    return f"{test['difference']:+.4f} [{low:+.4f}, {high:+.4f}]", p + mark
+    return [method_row(seeds, matrices, None if baseline is None or method == "single" else baseline[1],
+                       cfg.ablation.bootstrap_rounds, group_indices(classes).get("thin_small"))
+            for method, (seeds, matrices) in loaded.items()]
 
 
 def write_table(cfg: PipelineConfig) -> list[dict]:
     classes = PyramidReader(cfg.pyramid.output).manifest["classes"]
     rows = summarize_methods(cfg, classes)
     rounds = cfg.ablation.bootstrap_rounds
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        difference, p = _versus(r, rounds)
-        lines.append(
-            f"| {r['method']} | {scale_set_key(r['train_scales'], ', ')} | {scale_set_key(r['eval_scales'], ', ')} | "
-            f"{_pm(r['miou'])} | {_pm(r['thin_miou'])} | {_pm(r['large_miou'])} | {difference} | {p} | "
-            f"{r['train_flops_vs_single']:.2f}x | {r['minibatch_seconds']['mean']:.3f} | "
-            f"{r['peak_rss_mb']['mean']:.0f} | {r['activation_mb']:.1f} |"
-        )
+    lines = table_lines(rows, rounds)
     run = ablation_config(cfg, next(iter(cfg.ablation.methods)))  # the table's model size and loader
     model = run.model
     budget = (f"\nBudget: {cfg.ablation.epochs} epochs, crop {cfg.ablation.crop_size[0]}x{cfg.ablation.crop_size[1]}, "

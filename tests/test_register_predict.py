@@ -18,9 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
+from components.gate import decide
 from components.models import build_model, save_model
 from pipeline import tracking
-from pipeline.register import decide
 from tests.conftest import tiny_model_config
 from tests.services import free_port, python_env
 from tests.test_significance import uniform_image_matrices

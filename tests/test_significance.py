@@ -4,8 +4,8 @@ noise bound, on known differences."""
 import numpy as np
 import pytest
 
+from components.gate import decide, noise_bound
 from components.significance import miou_of, paired_bootstrap
-from pipeline.register import decide, noise_bound
 
 
 def per_image_matrices(rng, accuracy, seeds=3, images=20, classes=4, pixels=300):
@@ -74,3 +74,26 @@ def test_the_gate_promotes_beyond_the_noise_of_the_val_images_only():
 def test_the_gate_refuses_evaluations_of_different_val_sets():
     with pytest.raises(ValueError, match="evaluated on 24 val images of 19 classes, this candidate on 20"):
         noise_bound(uniform_image_matrices([0.5] * 20), uniform_image_matrices([0.5] * 24), rounds=100)
+
+
+def test_a_method_row_and_its_table_line_from_hand_computed_seeds():
+    """Two seeds at mIoU 0.5 and 0.7: mean 0.6, sample std 0.1414; a method with the baseline's own
+    matrices differs from it by exactly 0 (interval [0, 0], p 1); the first row has no comparison."""
+    from components.method_table import COLUMNS, method_row, table_lines
+
+    seeds = [{"seed": s, "method": "hierarchical", "fusion": "hierarchical", "train_scales": [0.5, 1.0],
+              "eval_scales": [0.5, 1.0, 2.0], "train_flops_vs_single": 1.25, "activation_mb": 12.5,
+              "eval_gflops": 3.0, "epochs": 4, "miou": m, "thin_miou": m / 2, "large_miou": m,
+              "minibatch_seconds": 0.2, "peak_rss_mb": 800.0} for s, m in ((0, 0.5), (1, 0.7))]
+    matrices = per_image_matrices(np.random.default_rng(0), 0.8, seeds=2, images=5)
+    alone = method_row(seeds, matrices, None, rounds=200, thin=None)
+    assert alone["miou"]["mean"] == pytest.approx(0.6) and alone["miou"]["std"] == pytest.approx(0.2 / 2**0.5)
+    assert alone["seeds"] == [0, 1] and "vs_single" not in alone
+    versus = method_row(seeds, matrices, matrices, rounds=200, thin=[0, 1])
+    assert versus["vs_single"]["difference"] == 0 and versus["vs_single"]["ci95"] == [0.0, 0.0]
+    assert versus["vs_single"]["p_value"] == 1.0 and versus["thin_vs_single"]["difference"] == 0
+    header, rule, first, second = table_lines([alone, versus], rounds=200)
+    assert header == "| " + " | ".join(COLUMNS) + " |" and rule.count("---|") == len(COLUMNS)
+    assert first == ("| hierarchical | 0.5, 1 | 0.5, 1, 2 | 0.6000 ± 0.1414 | 0.3000 ± 0.0707 | 0.6000 ± 0.1414 | "
+                     "— | — | 1.25x | 0.200 | 800 | 12.5 |")
+    assert "| +0.0000 [+0.0000, +0.0000] | 1.000 |" in second
