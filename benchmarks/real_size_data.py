@@ -84,14 +84,16 @@ def ray_build(root: Path, splits: dict[str, int], cpus: int) -> float:
     """Images/s of a build whose tiles Ray tasks cut (pipeline/pyramid.py), on a local Ray of `cpus`."""
     import ray
 
-    from pipeline.pyramid import tiles_on_ray
+    from components.data.pyramid import sample_tiles
+    from pipeline.pyramid import tile_arguments
+    from pipeline.ray_tasks import map_on_ray
 
     ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         nodes: set[str] = set()
         start = time.perf_counter()
         build_pyramid(root / "raw", SCALES, 4, Storage(), str(root / f"pyramid-ray{cpus}"),
-                      map_samples=lambda jobs: tiles_on_ray(jobs, 2 * cpus, nodes))
+                      map_samples=lambda jobs: map_on_ray(sample_tiles, jobs, tile_arguments, 2 * cpus, nodes))
         return sum(splits.values()) / (time.perf_counter() - start)
     finally:
         ray.shutdown()

@@ -55,16 +55,17 @@ def git(repo: Path, *args: str) -> None:
 def test_an_experiment_on_an_empty_autoscaling_cluster_reaches_a_teammates_clone(tmp_path, stack):
     """At Cityscapes' size (2048x1024 images, 256x256 crops): `dvc exp run` of prepare -> pyramid ->
     tune -> train -> evaluate -> register on a cluster that starts with its head alone; Ray's
-    autoscaler launches the worker nodes the stages ask for (the pyramid's tile tasks first), in a
+    autoscaler launches the worker nodes the stages ask for (the data stages' tasks first), in a
     mount namespace without the driver's files, and the pyramid is read from S3 in tiles; then the
     README's flow for a teammate: `dvc exp push`, and in a fresh clone `dvc exp pull`, `dvc exp
     branch` and `dvc pull --allow-missing` give the same pyramid and model."""
     repo = tiny_repo(tmp_path / "repo", ray={"num_workers": 2, "cpus_per_worker": 1,
                                               "placement_strategy": "STRICT_SPREAD"},
-                     prepare={"synthetic": {"train_images": 4, "val_images": 2, "height": 1024, "width": 2048}},
+                     prepare={"synthetic": {"train_images": 4, "val_images": 2, "height": 1024, "width": 2048},
+                              "workers": 1},
                      train={"crop_size": [256, 256]},
-                     # one tile task at a time: the autoscaler adds one node for the pyramid, and the
-                     # training's launch must still ask it for the second (what this test holds)
+                     # one data task at a time: the autoscaler adds one node for prepare and pyramid,
+                     # and the training's launch must still ask it for the second (what this test holds)
                      pyramid={"workers": 1})
     # The DVC remote needs no endpoint of its own: AWS_ENDPOINT_URL reaches it like every client.
     dvc(repo, "remote", "add", "-d", "storage", "s3://hmsa/dvc", env=stack.env)
@@ -82,8 +83,10 @@ def test_an_experiment_on_an_empty_autoscaling_cluster_reaches_a_teammates_clone
     assert "the autoscaler provided 2 worker(s) of 1 CPU in " in output, output[-4000:]
     assert "ray.use_gpu = auto: no GPU workers: the cluster has none" in output
     assert "pre-flight passed on 3 node(s)" in output
-    # The pyramid's tiles were cut by Ray tasks on the launched nodes, which cannot open the
-    # driver's files: each task was sent its image's bytes.
+    # The samples were converted and the pyramid's tiles cut by Ray tasks on a launched node, which
+    # cannot open the driver's files: each task was sent its files' bytes.
+    assert "prepare: converting samples as Ray tasks on the Ray cluster at" in output
+    assert "(converted on 1 Ray node(s))" in output, output[-4000:]
     assert "pyramid: cutting tiles as Ray tasks on the Ray cluster at" in output
     assert "(tiles cut on 1 Ray node(s))" in output, output[-4000:]
     metrics = json.loads((repo / "results/train/metrics.json").read_text())

@@ -68,6 +68,12 @@ def open_image(path: str | Path, what: str = "image", max_pixels: int = MAX_PIXE
         return _decode(handle, str(path), what, max_pixels, limit_key)
 
 
+def open_image_bytes(data: bytes, name: str, what: str = "image", max_pixels: int = MAX_PIXELS,
+                     limit_key: str | None = None) -> Image.Image:
+    """open_image of a file's bytes already read (safe_files.read_regular): `name` is the file's."""
+    return _decode(io.BytesIO(data), name, what, max_pixels, limit_key)
+
+
 def image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) from the header alone, with open_regular's checks: `predict` checks every
     input this way before it decodes any, one at a time."""

@@ -118,33 +118,62 @@ def test_sigkill_of_the_pyramid_stage_keeps_the_earlier_pyramid(tmp_path):
     assert (out / "pyramid" / "manifest.json").is_file() and not list(out.glob(".pyramid.*"))
 
 
-def test_a_pyramid_cut_by_ray_tasks_is_the_local_one_and_a_damaged_file_is_one_line(tmp_path, ray_head):
-    """With RAY_ADDRESS the tiles are cut by Ray tasks (sent the files' bytes, as a node without the
-    driver's disk needs) and the stage writes the same bytes as this machine's processes do. A
-    prepared file that cannot be read stops the build with one line naming it; the pyramid stays."""
+def test_prepare_and_pyramid_on_ray_tasks_write_the_local_bytes_and_a_damaged_file_is_one_line(tmp_path, ray_head):
+    """With RAY_ADDRESS, samples are converted and tiles cut by Ray tasks (sent the files' bytes, as a
+    node without the driver's disk needs), and each stage writes the same bytes as this machine's
+    processes do. A raw or prepared file that cannot be read stops the stage with one line naming it
+    (or, with on_bad_sample: skip, drops the sample with the same reason); the outputs stay."""
+    from components.data.synthetic import write_cityscapes_layout
+
     params, systmp = tmp_path / "params.yaml", tmp_path / "systmp"
     systmp.mkdir()
     out = tmp_path / "out"
-    write(params, out, train_images=6)
-    assert run("prepare", params, systmp).returncode == 0
-    assert run("pyramid", params, systmp).returncode == 0
-    local = snapshot(out / "pyramid")
-    (out / "pyramid").rename(out / "local")  # the same output path again, so the manifests agree too
+    source = write_cityscapes_layout(tmp_path / "cityscapes", {"train": 6, "val": 2}, 64, 96, seed=2)
 
+    def write_params(**prepare) -> None:
+        params.write_text(yaml.safe_dump({
+            "prepare": {"dataset": "cityscapes", "source": str(source), "output": str(out / "raw"), **prepare},
+            "pyramid": {"output": str(out / "pyramid"), "scales": [0.5, 1.0, 2.0], "shard_size": 4},
+            "loader": {"random_scales": [1.0, 2.0]},
+        }))
+
+    write_params()
+    for stage in ("prepare", "pyramid"):
+        assert run(stage, params, systmp).returncode == 0
+    local = {stage: snapshot(out / stage) for stage in ("raw", "pyramid")}
+    (out / "pyramid").rename(out / "local")  # the same output paths again, so the manifests agree too
+
+    converted = run("prepare", params, systmp, **ray_head.client_env())
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    assert "prepare: converting samples as Ray tasks on the Ray cluster at" in converted.stdout
+    assert "(converted on 1 Ray node(s))" in converted.stdout, converted.stdout[-2000:]
+    assert snapshot(out / "raw") == local["raw"]
     done = run("pyramid", params, systmp, **ray_head.client_env())
     assert done.returncode == 0, done.stderr[-3000:]
     assert "pyramid: cutting tiles as Ray tasks on the Ray cluster at" in done.stdout
     assert "(tiles cut on 1 Ray node(s))" in done.stdout, done.stdout[-2000:]
-    assert snapshot(out / "pyramid") == local
+    assert snapshot(out / "pyramid") == local["pyramid"]
+
+    raw_image = sorted((source / "leftImg8bit" / "train").rglob("*.png"))[2]
+    raw_image.write_bytes(raw_image.read_bytes()[:100])  # a truncated PNG in the user's dataset
+    failed = run("prepare", params, systmp, **ray_head.client_env())
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    last = failed.stderr.strip().splitlines()[-1]
+    assert str(raw_image) in last and "unreadable image" in last, last
+    assert snapshot(out / "raw") == local["raw"]
+    write_params(on_bad_sample="skip")
+    skipping = run("prepare", params, systmp, **ray_head.client_env())
+    assert skipping.returncode == 0, skipping.stderr[-3000:]
+    assert f": {raw_image}: unreadable image" in skipping.stdout and ", 1 skipped" in skipping.stdout
 
     damaged = sorted((out / "raw" / "images" / "train").glob("*.png"))[3]
-    damaged.write_bytes(damaged.read_bytes()[:100])  # a truncated PNG
+    damaged.write_bytes(damaged.read_bytes()[:100])  # a prepared file truncated after prepare
     params.write_text(params.read_text().replace("shard_size: 4", "shard_size: 2"))  # another build
     failed = run("pyramid", params, systmp, **ray_head.client_env())
     assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
     last = failed.stderr.strip().splitlines()[-1]
     assert str(damaged) in last and "rerun the prepare stage" in last, last
-    assert snapshot(out / "pyramid") == local and not list(out.glob(".pyramid.build-*/*.part"))
+    assert snapshot(out / "pyramid") == local["pyramid"] and not list(out.glob(".pyramid.build-*/*.part"))
 
 
 @pytest.mark.timeout(900)
