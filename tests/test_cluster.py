@@ -30,9 +30,13 @@ def _metric_values(client, run_id: str, key: str) -> list[float]:
 
 
 @pytest.mark.timeout(1200)
-def test_elastic_training_shrinks_when_a_node_goes_and_grows_when_it_returns(tmp_path, stack):
+def test_elastic_training_shrinks_when_a_node_goes_grows_when_it_returns_and_finishes_when_it_is_lost(
+        tmp_path, stack):
+    """`ray.num_workers: [1, 2]` on two nodes: a node stopped mid-training, the run goes on with the
+    one worker left; started again, the run grows back onto it; stopped for good, the run shrinks
+    again and finishes on one worker. Every epoch once, the schedule as in an uninterrupted run."""
     data = tiny_pyramid(tmp_path / "data", train_images=8)
-    epochs = 30
+    epochs = 40
     params = write_params(tmp_path, data, train={"epochs": epochs},
                           ray={"num_workers": [1, 2], "cpus_per_worker": 1, "elastic_resize_interval_s": 5,
                                "max_failures": 6},
@@ -60,14 +64,30 @@ def test_elastic_training_shrinks_when_a_node_goes_and_grows_when_it_returns(tmp
     wait_until(lambda: 1.0 in _metric_values(client, run_id(), "workers"), 240, "an epoch on the one node left", proc)
     node = subprocess.run([sys.executable, STACK, "start-node", "2", "--state", str(stack.state)], timeout=60)
     assert node.returncode == 0
-    output, _ = proc.communicate(timeout=900)
+
+    def grew_back() -> bool:
+        # two epochs on two workers again: the first of them is checkpointed once the second is
+        # logged (a metric is logged before its epoch's checkpoint is stored, and an epoch whose
+        # checkpoint a lost node took with it is trained again at the smaller size)
+        workers = _metric_values(client, run_id(), "workers")
+        return workers[workers.index(1.0):].count(2.0) >= 2
+
+    wait_until(grew_back, 240, "two epochs on two workers again", proc)
+    try:  # the node is lost for good: the run must finish on the one left
+        node = subprocess.run([sys.executable, STACK, "stop-node", "2", "--state", str(stack.state)], timeout=60)
+        assert node.returncode == 0
+        output, _ = proc.communicate(timeout=900)
+    finally:
+        subprocess.run([sys.executable, STACK, "start-node", "2", "--state", str(stack.state)], timeout=60)
     assert proc.returncode == 0, output[-4000:]
 
     metrics = read_metrics(tmp_path)
     workers = metrics["workers_per_epoch"]
     shrunk = workers.index(1)
-    assert workers[0] == 2 and 2 in workers[shrunk:], workers  # shrank, then grew back
-    assert len(metrics["resumed_at_epochs"]) >= 2  # once to shrink, once to grow
+    grown = workers.index(2, shrunk)
+    assert workers[0] == 2 and workers[-1] == 1, workers  # shrank, grew back, and ended on one worker
+    assert 1 in workers[grown:], workers
+    assert len(metrics["resumed_at_epochs"]) >= 3  # to shrink, to grow, to shrink again
     rows = list(_curve_rows(tmp_path))
     base_lr = load_config(params).train.lr
     assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))  # no epoch twice, none missing
