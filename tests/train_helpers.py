@@ -34,7 +34,7 @@ def write_params(workdir: Path, data: Path, **sections) -> Path:
                   "metrics": str(workdir / "metrics.json"), "curves": str(workdir / "curves.csv"),
                   "run_record": str(workdir / "run.json")},
         "loader": {"workers": 0},
-        "ray": {"num_workers": 1},
+        "ray": {"num_workers": 1, "cpus_per_worker": 1},
         "tune": {"apply_to_train": False, "output_dir": str(workdir / "tune")},
     }
     for section, values in sections.items():

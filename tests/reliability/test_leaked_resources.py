@@ -168,7 +168,7 @@ from ray.core.generated import gcs_pb2
 from ray._private.state import state as global_state
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from pipeline.cluster import connect
+from pipeline.ray_session import connect
 from pipeline.environment import Environment
 from pipeline.leftovers import COORDINATOR, free_stale_resource_requests
 
