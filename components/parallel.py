@@ -1,7 +1,7 @@
 """Independent jobs (one per image, one per shard) on several processes of this machine, in order.
 
 The data stages (generating the synthetic set, prepare, pyramid) spend their time in per-image work
-that holds one image at a time: `run_jobs` spreads it over `workers` processes and hands back the
+that holds one image at a time: `map_in_order` spreads it over `workers` processes and hands back the
 results in job order, so what the stage writes does not depend on how many processes wrote it.
 """
 
@@ -70,34 +70,11 @@ def run_jobs(function: Callable[[Any], Any], jobs: Sequence[Any], workers: int,
     """function(job) for every job, on up to `workers` processes; results in job order. The first
     failing job (in job order) raises its exception here; `on_result` sees each result as it comes."""
     results = []
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            results.append(function(job))
+    with contextlib.closing(map_in_order(function, jobs, workers)) as ordered:
+        for result in ordered:
+            results.append(result)
             if on_result is not None:
-                on_result(results[-1])
-        return results
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    import cv2
-
-    # fork: a spawned worker re-imports the stage (pydantic, the config) before its first job, which
-    # cost more than a shard of 8 Cityscapes images here. cv2's thread pool does not survive a fork
-    # (a child's first cv2 call hung once the parent had used it), so the parent runs cv2 on one
-    # thread while it forks, and the workers keep to one thread each.
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork"),
-                                 initializer=_start_worker) as pool:
-            with _stop_signals_deferred():  # map submits every job, and the first submit forks the workers
-                ordered_results = pool.map(function, jobs)
-            for result in ordered_results:
-                results.append(result)
-                if on_result is not None:
-                    on_result(result)
-    finally:
-        cv2.setNumThreads(threads)
+                on_result(result)
     return results
 
 
@@ -116,8 +93,12 @@ def map_in_order(function: Callable[[Any], Any], jobs: Sequence[Any], workers: i
 
     import cv2
 
+    # fork: a spawned worker re-imports the stage (pydantic, the config) before its first job, which
+    # cost more than a shard of 8 Cityscapes images here. cv2's thread pool does not survive a fork
+    # (a child's first cv2 call hung once the parent had used it), so the parent runs cv2 on one
+    # thread while it forks, and the workers keep to one thread each.
     threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)  # see run_jobs: cv2's thread pool does not survive a fork
+    cv2.setNumThreads(1)
     pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork"),
                                initializer=_start_worker)
     try:
