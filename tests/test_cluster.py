@@ -66,12 +66,12 @@ def test_elastic_training_shrinks_when_a_node_goes_grows_when_it_returns_and_fin
     assert node.returncode == 0
 
     def grew_back() -> bool:
-        # two epochs on two workers again: the first of them is checkpointed once the second is
-        # logged (a metric is logged before its epoch's checkpoint is stored, and an epoch whose
-        # checkpoint a lost node took with it is trained again at the smaller size)
         workers = _metric_values(client, run_id(), "workers")
         return workers[workers.index(1.0):].count(2.0) >= 2
 
+    # Two epochs trained on two workers again, as MLflow saw them. (An epoch whose report the
+    # controller had not yet taken when the node went is trained again from the last checkpoint,
+    # at the smaller size: the final history need not show the growth, only MLflow's does.)
     wait_until(grew_back, 240, "two epochs on two workers again", proc)
     try:  # the node is lost for good: the run must finish on the one left
         node = subprocess.run([sys.executable, STACK, "stop-node", "2", "--state", str(stack.state)], timeout=60)
@@ -83,11 +83,8 @@ def test_elastic_training_shrinks_when_a_node_goes_grows_when_it_returns_and_fin
 
     metrics = read_metrics(tmp_path)
     workers = metrics["workers_per_epoch"]
-    shrunk = workers.index(1)
-    grown = workers.index(2, shrunk)
-    assert workers[0] == 2 and workers[-1] == 1, workers  # shrank, grew back, and ended on one worker
-    assert 1 in workers[grown:], workers
-    assert len(metrics["resumed_at_epochs"]) >= 3  # to shrink, to grow, to shrink again
+    assert workers[0] == 2 and workers[-1] == 1, workers  # started on two workers, finished on one
+    assert len(metrics["resumed_at_epochs"]) >= 2  # to shrink, and to shrink again (after growing)
     rows = list(_curve_rows(tmp_path))
     base_lr = load_config(params).train.lr
     assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))  # no epoch twice, none missing
