@@ -1,7 +1,8 @@
 """All benchmarks in one run: `.venv/bin/python -m benchmarks` (about 10 minutes on 2 CPU cores).
 
 Writes results/bench/{machine,training_cost,inference,orchestration}.json and
-results/bench/summary.md (the table docs/benchmarks.md shows), every figure with the machine it ran on.
+results/bench/summary.md (each measure against its target, docs/benchmarks.md), every figure with the
+machine it ran on.
 Ratios are measured in this one run, so they compare like with like.
 """
 

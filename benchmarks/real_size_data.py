@@ -11,7 +11,7 @@ Generates a synthetic set at 2048x1024 (processes in parallel), prepares it, and
   - loader samples/s in one process at 1024x1024 crops (training scales 0.5 + 1.0) for random scale
     0.5, 1.0 and 2.0, from local files and from S3 (a SeaweedFS started here, infra/local/stack.py
     --services-only), and bytes read per sample over the crops' own uncompressed bytes (target: 3x).
-Writes results/bench/real_size_data.json and prints the table docs/data.md shows.
+Writes results/bench/real_size_data.json and prints each measure against its target (docs/data.md).
 """
 
 from __future__ import annotations

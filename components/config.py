@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from components.methods import eval_scales_problem, train_scales_problem
 from components.scales import crop_grid_step
 
 MethodName = Literal["single", "avgpool", "maxpool", "explicit", "hierarchical"]
@@ -232,6 +233,11 @@ class SearchSpec(Section):
         return self
 
 
+# What a search can vary (pipeline/search_space.py turns a trial's values into its config).
+SearchableKey = Literal["train_scales", "lr", "crop_size", "aux_scale_weight", "method"]
+SEARCHABLE: tuple[str, ...] = get_args(SearchableKey)
+
+
 class TuneConfig(Section):
     num_samples: int = Field(3, gt=0)
     epochs: int = Field(2, gt=0)  # per trial: ASHA's max_t
@@ -241,16 +247,25 @@ class TuneConfig(Section):
     seed: Seed = 0
     # Named training scale sets: searchers see the names, trials train on the lists.
     train_scale_sets: dict[str, ScaleSet] = {"s05_10": [0.5, 1.0], "s075_10": [0.75, 1.0]}
-    search: dict[Literal["train_scales", "lr", "crop_size", "aux_scale_weight", "method"], SearchSpec] = {
+    search: dict[SearchableKey, SearchSpec] = {
         "train_scales": SearchSpec(choice=["s05_10", "s075_10"]),
         "lr": SearchSpec(loguniform=(0.005, 0.05)),
     }
-    eval_scale_sets: Annotated[dict[str, ScaleSet], Field(min_length=1)] = {
+    apply_to_train: bool = True  # the train stage trains the best trial's settings
+    trials: str = "results/tune/trials.csv"  # one row per trial
+    best: str = "results/tune/best.yaml"  # the best trial's settings, which train reads
+
+
+class EvalScalesConfig(Section):
+    """The `eval-scales` stage: the inference-scale search of the trained model (no retraining)."""
+
+    scale_sets: Annotated[dict[str, ScaleSet], Field(min_length=1)] = {
         "s10": [1.0], "s05_10": [0.5, 1.0], "s075_10_15": [0.75, 1.0, 1.5], "s05_10_20": [0.5, 1.0, 2.0],
         "s025_05_10_20": [0.25, 0.5, 1.0, 2.0]}
-    max_eval_gflops: float | None = Field(None, gt=0)
-    apply_to_train: bool = True  # the train stage trains the best trial's settings
-    output_dir: str = "results/tune"
+    max_gflops: float | None = Field(None, gt=0)  # recommend the best set within this cost (None: no limit)
+    table: str = "results/eval_scales/table.csv"  # mIoU and GFLOPs per set, Pareto front marked
+    image_matrices: str = "results/eval_scales/image_matrices.npz"  # per set, a confusion matrix per val image
+    recommendation: str = "results/eval_scales/recommended.yaml"  # what register serves, written last
 
 
 class RegisterConfig(Section):
@@ -338,23 +353,10 @@ class PipelineConfig(Section):
     ray: RayConfig = RayConfig()
     mlflow: MlflowConfig = MlflowConfig()
     tune: TuneConfig = TuneConfig()
+    eval_scales: EvalScalesConfig = EvalScalesConfig()
     register: RegisterConfig = RegisterConfig()
     ablation: AblationConfig = AblationConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
-
-
-def allowed_eval_scales_problem(method: str, train_scales: list[float], scales: list[float]) -> str | None:
-    """Why `method`, trained on `train_scales`, cannot be evaluated on `scales` (None if it can).
-
-    Shared by config validation and the model wrapper so both enforce one rule.
-    """
-    if method == "single" and scales != [1.0]:
-        return "method 'single' predicts at scale 1.0 only; use avgpool/maxpool/hierarchical for several scales"
-    if method == "explicit" and scales != list(train_scales):
-        return f"method 'explicit' evaluates on its training scales {list(train_scales)} only"
-    if method in ("avgpool", "maxpool", "hierarchical") and 1.0 not in scales:
-        return f"method '{method}' needs 1.0 in every scale set (the output is at the 1.0 resolution)"
-    return None
 
 
 # Settings that say where a run writes, how it survives faults or how fast it loads, never what it
@@ -368,8 +370,8 @@ OPERATIONAL_KEYS = {
             "elastic_resize_interval_s", "scale_up_timeout_s"),
     "mlflow": ("experiment",),
 }
-# What of `tune` the search of training settings computes with; the other keys belong to the
-# inference-scale search (eval-scales) and to the train stage.
+# What of `tune` the search of training settings computes with; the other keys are its output files
+# and whether the train stage takes its result.
 SEARCH_KEYS = ("num_samples", "epochs", "steps_per_epoch", "grace_period", "reduction_factor", "seed",
                "train_scale_sets", "search")
 
@@ -381,8 +383,8 @@ def result_settings(cfg: PipelineConfig, section: str) -> dict:
 
 # Stage outputs: the directories a stage replaces as a whole, and the files and folders it writes.
 DIRECTORY_OUTPUTS = ("prepare.output", "pyramid.output", "train.output", "evaluate.output_dir")
-FILE_OUTPUTS = ("train.metrics", "train.curves", "train.run_record", "register.output", "tune.output_dir",
-                "ablation.output_dir")
+FILE_OUTPUTS = ("train.metrics", "train.curves", "train.run_record", "register.output", "tune.trials", "tune.best",
+                "eval_scales.table", "eval_scales.image_matrices", "eval_scales.recommendation", "ablation.output_dir")
 
 
 def _value(cfg: PipelineConfig, key: str) -> str:
@@ -497,17 +499,9 @@ def _consistency_problems(cfg: PipelineConfig, source: str | None = None) -> lis
     for key, value, allowed in names:
         if value not in allowed:
             problems.append(f"{key}: unknown name {value!r}; expected one of {', '.join(allowed)}")
-    if model.method in ("single", "avgpool", "maxpool") and model.train_scales != [1.0]:
-        problems.append(
-            f"model.train_scales = {model.train_scales}: method '{model.method}' trains at scale 1.0 only, "
-            "set model.train_scales to [1.0]"
-        )
-    if model.method == "hierarchical" and (1.0 not in model.train_scales or len(model.train_scales) < 2):
-        problems.append(
-            f"model.train_scales = {model.train_scales}: hierarchical trains on at least two scales including 1.0"
-        )
-    if model.method == "explicit" and len(model.train_scales) < 2:
-        problems.append(f"model.train_scales = {model.train_scales}: explicit needs at least two scales")
+    why = train_scales_problem(model.method, model.train_scales)
+    if why:
+        problems.append(f"model.train_scales = {model.train_scales}: {why}")
     if cfg.prepare.dataset != "synthetic" and not cfg.prepare.source:
         problems.append(f"prepare.source = None: dataset '{cfg.prepare.dataset}' needs the path of its directory")
     levels = {round(s, 6) for s in cfg.pyramid.scales}
@@ -534,9 +528,17 @@ def _consistency_problems(cfg: PipelineConfig, source: str | None = None) -> lis
         problems.append(f"register.scale_set = {cfg.register.scale_set}: not among evaluate.scale_sets "
                         f"{cfg.evaluate.scale_sets}, so it has no evaluation to gate on")
     for i, scales in enumerate(cfg.evaluate.scale_sets):
-        why = allowed_eval_scales_problem(model.method, model.train_scales, scales)
+        why = eval_scales_problem(model.method, model.train_scales, scales)
         if why:
             problems.append(f"evaluate.scale_sets[{i}] = {scales}: {why}")
+    searched = set(cfg.tune.search) if cfg.tune.apply_to_train else set()
+    if "method" not in searched and not (model.method == "explicit" and "train_scales" in searched):
+        # the trained model's method (and an explicit model's scales) are known: every candidate must
+        # be a set it can serve, or the stage would stop at it after the training
+        for name, scales in cfg.eval_scales.scale_sets.items():
+            why = eval_scales_problem(model.method, model.train_scales, scales)
+            if why:
+                problems.append(f"eval_scales.scale_sets.{name} = {scales}: {why}")
     return problems
 
 
@@ -580,6 +582,7 @@ def ablation_config(cfg: PipelineConfig, row: str, seed: int | None = None) -> P
                 **({"class_uniform": ab.class_uniform} if ab.class_uniform is not None else {}),
             },
             "evaluate": {"scale_sets": [entry.eval_scales], "output_dir": f"{out}/eval", "model": None},
+            "eval_scales": {"scale_sets": {row: entry.eval_scales}},  # a row is evaluated at its own set
             "mlflow": {"experiment": f"{cfg.mlflow.experiment}-ablation"},
             "tune": {"apply_to_train": False},  # the table compares methods, not tuned settings
             "register": {"scale_set": entry.eval_scales},
@@ -623,8 +626,18 @@ MOVED_TO_ENVIRONMENT = {
 }
 
 
+# Keys that moved to another section of params.yaml.
+MOVED_IN_PARAMS = {
+    ("tune", "eval_scale_sets"): "eval_scales.scale_sets",
+    ("tune", "max_eval_gflops"): "eval_scales.max_gflops",
+    ("tune", "output_dir"): "tune.trials and tune.best (the paths of its two files)",
+}
+
+
 def _moved_keys(raw: dict) -> list[str]:
-    found = []
+    found = [f"{section}.{key}: moved to {new}"
+             for (section, key), new in MOVED_IN_PARAMS.items()
+             if isinstance(raw.get(section), dict) and key in raw[section]]
     for (section, key), variable in MOVED_TO_ENVIRONMENT.items():
         value = raw.get(section)
         if key is None and section in raw:

@@ -66,6 +66,15 @@ def need(cfg: RayConfig, use_gpu: bool) -> Need:
     return Need(fewest, most, bundle)
 
 
+def trainings_that_fit(cfg: RayConfig, use_gpu: bool) -> int:
+    """How many whole trainings (each at its largest size) the cluster holds at once, at least one:
+    the trials of a search and the seeds of an ablation method run that many side by side."""
+    import ray
+
+    wanted, resources = need(cfg, use_gpu), ray.cluster_resources()
+    return max(1, int(min(resources.get(name, 0) // (wanted.most * amount) for name, amount in wanted.bundle.items())))
+
+
 def workers_up(bundle: dict[str, float], nodes: list[dict]) -> int:
     """Workers of `bundle` the alive nodes hold, counted node by node (a worker never spans two)."""
     count = 0

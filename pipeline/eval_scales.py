@@ -1,10 +1,11 @@
-"""Stage `eval-scales`, the inference-scale search: evaluate a trained model at every candidate of tune.eval_scale_sets.
+"""Stage `eval-scales`, the inference-scale search: evaluate a trained model at every candidate of
+eval_scales.scale_sets.
 
 No retraining: hierarchical attention is learned between adjacent scales, so any set containing
-1.0 can be evaluated with the weights as they are. Writes eval_scales.csv (mIoU and GFLOPs per
-set, Pareto front marked), eval_scales_images.npz (per set, one confusion matrix per val image: the
-registry gate's evidence) and, last, eval_scales.yaml (the best mIoU within tune.max_eval_gflops,
-and the SHA-256 of the .npz it goes with).
+1.0 can be evaluated with the weights as they are. Writes eval_scales.table (mIoU and GFLOPs per
+set, Pareto front marked), eval_scales.image_matrices (per set, one confusion matrix per val image:
+the registry gate's evidence) and, last, eval_scales.recommendation (the best mIoU within
+eval_scales.max_gflops, and the SHA-256 of the matrices it goes with).
 """
 
 from __future__ import annotations
@@ -33,34 +34,33 @@ def recommend(rows: list[dict], max_gflops: float | None) -> dict | None:
 def search_eval_scales(cfg: PipelineConfig) -> dict:
     output_files.check_files(output_files.eval_scales_files(cfg))  # a refusal now, not after the evaluations
     model, model_cfg = load_model(cfg.evaluate.model or cfg.train.output, cfg)
-    names = list(cfg.tune.eval_scale_sets)
-    rows = evaluate_all(cfg, model, model_cfg, [cfg.tune.eval_scale_sets[n] for n in names], flip=False,
-                        per_image=True)
+    es = cfg.eval_scales
+    names = list(es.scale_sets)
+    rows = evaluate_all(cfg, model, model_cfg, [es.scale_sets[n] for n in names], flip=False, per_image=True)
     for name, row in zip(names, rows, strict=True):
         row["name"] = name
-    best = recommend(rows, cfg.tune.max_eval_gflops)
-    out = Path(cfg.tune.output_dir)
-    images = out / output_files.EVAL_SCALES_IMAGES
+    best = recommend(rows, es.max_gflops)
+    images = Path(es.image_matrices)
     with atomic_file(images, output_files.NUMPY_ARCHIVE, "wb") as handle:
         np.savez_compressed(handle, **{r["name"]: r.pop("image_matrices") for r in rows})
-    with atomic_file(out / "eval_scales.csv", output_files.EVAL_SCALES_TABLE) as handle:
+    with atomic_file(es.table, output_files.EVAL_SCALES_TABLE) as handle:
         writer = csv.writer(handle)
         writer.writerow(["name", "scales", "gflops", "miou", "thin_miou", "large_miou", "latency_ms", "pareto"])
         for r in rows:
             writer.writerow([r["name"], scale_set_key(r["scales"], " "), r["gflops"], r["miou"],
                              r["thin_miou"], r["large_miou"], r["latency_ms"], int(r["pareto"])])
     document = {
-        "max_eval_gflops": cfg.tune.max_eval_gflops,
+        "max_gflops": es.max_gflops,
         "recommended": None if best is None else {"name": best["name"], "scales": best["scales"],
                                                   "miou": best["miou"], "gflops": best["gflops"]},
         "pareto_front": [r["name"] for r in rows if r["pareto"]],
         # written last, naming the per-image file it goes with: a kill between the two writes is
         # then seen by the gate instead of judging with another run's matrices
-        "per_image": {"file": images.name, "sha256": hashlib.sha256(images.read_bytes()).hexdigest()},
+        "per_image": {"file": str(images), "sha256": hashlib.sha256(images.read_bytes()).hexdigest()},
     }
     if best is None:
-        document["reason"] = f"no candidate is within tune.max_eval_gflops = {cfg.tune.max_eval_gflops}"
-    with atomic_file(out / "eval_scales.yaml", output_files.EVAL_SCALES_CHOICE) as handle:
+        document["reason"] = f"no candidate is within eval_scales.max_gflops = {es.max_gflops}"
+    with atomic_file(es.recommendation, output_files.EVAL_SCALES_CHOICE) as handle:
         yaml.safe_dump(document, handle, sort_keys=False)
     for r in rows:
         print(f"{r['name']:12s} {r['scales']!s:24s} mIoU {r['miou']:.4f}  {r['gflops']:7.2f} GFLOPs"

@@ -19,6 +19,7 @@ import torch
 from components.config import ModelConfig, PipelineConfig
 from components.evaluation import attention_means, evaluate_shard, merge_shards, pareto_front, summarize
 from components.flops import inference_flops
+from components.methods import has_attention
 from components.models.saved import CONFIG_FILE, WEIGHTS_FILE, write_model_files
 from components.training import autocast_dtype
 from pipeline.launch import Launch, check_classes, prepare_launch
@@ -31,7 +32,7 @@ def evaluate_all(cfg: PipelineConfig, model, model_cfg, scale_sets: list[list[fl
     carries `attention_by_class` (region -> scale -> mean share per class, components.evaluation
     .attention_means), from the same forward pass."""
     widest = max(range(len(scale_sets)), key=lambda i: len(scale_sets[i]))
-    wanted = attention and model_cfg.method in ("hierarchical", "explicit")
+    wanted = attention and has_attention(model_cfg.method)
     rows, means = evaluate_on_ray(cfg, model, model_cfg, scale_sets, flip, launch, widest if wanted else None,
                                   per_image=per_image)
     for row, front in zip(rows, pareto_front(rows), strict=True):

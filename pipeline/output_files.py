@@ -34,9 +34,7 @@ MARKDOWN_SUMMARY = starting_with(b"#")
 
 
 # Per val image confusion matrices, one array per scale set (.npz): the registry gate's evidence
-# (pipeline/register.py). eval-scales writes the first beside eval_scales.yaml, evaluate the second
-# in its output folder.
-EVAL_SCALES_IMAGES = "eval_scales_images.npz"
+# (pipeline/register.py), written by evaluate in its output folder (eval-scales: eval_scales.image_matrices).
 EVALUATE_IMAGES = "image_matrices.npz"
 
 
@@ -54,16 +52,15 @@ def train_files(cfg: PipelineConfig) -> list[OutputFile]:
 
 
 def tune_files(cfg: PipelineConfig) -> list[OutputFile]:
-    out = Path(cfg.tune.output_dir)
-    return [OutputFile("tune.output_dir", out / "trials.csv", TRIALS),
-            OutputFile("tune.output_dir", out / "best.yaml", BEST_TRIAL)]
+    return [OutputFile("tune.trials", Path(cfg.tune.trials), TRIALS),
+            OutputFile("tune.best", Path(cfg.tune.best), BEST_TRIAL)]
 
 
 def eval_scales_files(cfg: PipelineConfig) -> list[OutputFile]:
-    out = Path(cfg.tune.output_dir)
-    return [OutputFile("tune.output_dir", out / "eval_scales.csv", EVAL_SCALES_TABLE),
-            OutputFile("tune.output_dir", out / "eval_scales.yaml", EVAL_SCALES_CHOICE),
-            OutputFile("tune.output_dir", out / EVAL_SCALES_IMAGES, NUMPY_ARCHIVE)]
+    es = cfg.eval_scales
+    return [OutputFile("eval_scales.table", Path(es.table), EVAL_SCALES_TABLE),
+            OutputFile("eval_scales.image_matrices", Path(es.image_matrices), NUMPY_ARCHIVE),
+            OutputFile("eval_scales.recommendation", Path(es.recommendation), EVAL_SCALES_CHOICE)]
 
 
 def check_files(files: list[OutputFile]) -> None:

@@ -22,36 +22,14 @@ import torch
 from PIL import Image
 
 from components.atomic import atomic_batch, output_lock, remove_stale_temporaries
-from components.config import NAME_MAX, TEMPORARY_NAME_EXTRA, PipelineConfig
+from components.config import PipelineConfig
 from components.data.classes import CITYSCAPES_CLASSES, palette
 from components.data.dataset import to_tensor
 from components.data.images import image_size, read_image
 from components.data.pyramid import image_levels
-from components.data.readers import IMAGE_SUFFIXES
-from components.owned_files import check_replaceable
-from pipeline import output_files
 from pipeline.common import run_stage
 from pipeline.model_source import load_model
-
-
-def list_images(inputs: list[str]) -> list[Path]:
-    """The files named, and the entries of the folders named whose suffix is an image's. Whether each
-    is a readable image (not a FIFO, a device, a folder named `x.png`, a loop of links) is checked
-    when it is opened, by the safe reader, which names what it found."""
-    paths = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            paths += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.exists() or item.is_symlink():
-            paths.append(item)
-        else:
-            raise FileNotFoundError(f"{item}: no such image or folder")
-    if not paths:
-        raise FileNotFoundError(f"no images found in {inputs}")
-    return paths
-
-
-OUTPUT_SUFFIXES = ("_label.png", "_overlay.png")
+from pipeline.prediction_files import OUTPUT_SUFFIXES, check_outputs, list_images
 
 
 @torch.no_grad()
@@ -60,37 +38,6 @@ def predict_labels(model, image: np.ndarray, scales: list[float]) -> np.ndarray:
     them (image_levels), so a prediction sees what evaluation saw."""
     inputs = {s: to_tensor(level)[None] for s, level in image_levels(image, scales).items()}
     return model(inputs, scales).fused.argmax(1)[0].numpy().astype(np.uint8)
-
-
-def check_outputs(images: list[Path], output: Path, overwrite: bool) -> None:
-    """Refuse, before any work, inputs that would write the same files, outputs that are inputs (however
-    spelt, through links too) and files that exist (unless `overwrite`)."""
-    by_stem: dict[str, list[Path]] = {}
-    for path in images:
-        by_stem.setdefault(path.stem, []).append(path)
-    clashes = {stem: paths for stem, paths in by_stem.items() if len(paths) > 1}
-    if clashes:
-        listed = "; ".join(", ".join(map(str, paths)) for paths in clashes.values())
-        raise ValueError(f"inputs with the same name would write the same outputs: {listed} "
-                         "(predict them into separate --output folders)")
-    longest = max(OUTPUT_SUFFIXES, key=len)
-    too_long = [p for p in images if len(f"{p.stem}{longest}".encode()) + TEMPORARY_NAME_EXTRA > NAME_MAX]
-    if too_long:  # its outputs (and their temporaries) would not fit a file name: refused, not a traceback
-        allowed = NAME_MAX - TEMPORARY_NAME_EXTRA - len(longest)
-        raise ValueError(f"{too_long[0]}: its name is too long for its outputs' names ({too_long[0].stem}{longest} "
-                         f"and its temporary); rename it to a stem of at most {allowed} bytes")
-    inputs = {path.resolve() for path in images}
-    own_inputs = [output / f"{p.stem}{suffix}" for p in images for suffix in OUTPUT_SUFFIXES
-                  if (output / f"{p.stem}{suffix}").resolve() in inputs]
-    if own_inputs:  # refused even with --overwrite: the input would be replaced while it is read
-        raise ValueError(f"{own_inputs[0]} is an input of this run and one of its outputs; choose another --output")
-    existing = [output / f"{p.stem}{suffix}" for p in images for suffix in OUTPUT_SUFFIXES
-                if (output / f"{p.stem}{suffix}").exists()]
-    for path in existing if overwrite else []:  # replaced only when it is a PNG, as this stage writes
-        check_replaceable(path, output_files.PNG_IMAGE, "--output")
-    if existing and not overwrite:
-        shown = ", ".join(map(str, existing[:5])) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
-        raise FileExistsError(f"{shown} already exist(s); choose another --output or pass --overwrite")
 
 
 def _save_png(image: Image.Image, target: Path, open_for) -> None:

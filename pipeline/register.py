@@ -1,7 +1,7 @@
 """Stage `register`: the trained model into the MLflow registry, promoted only when it is better.
 
 The served scale set is register.scale_set: by default the inference-scale search's recommendation
-(`eval_scales.yaml` of the eval-scales stage), else an explicit set among evaluate.scale_sets. The
+(eval_scales.recommendation, written by the eval-scales stage), else an explicit set among evaluate.scale_sets. The
 registered model serves that set when a caller passes none, and its mIoU and GFLOPs at that set gate
 promotion: the candidate becomes `champion` only if its GFLOPs are within register.max_gflops and
 its mIoU beats the current champion's (at the champion's own served set) beyond the noise of the val
@@ -21,11 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 from pathlib import Path
-
-import numpy as np
-import yaml
 
 from components.atomic import atomic_file
 from components.config import PipelineConfig
@@ -33,81 +29,10 @@ from components.gate import decide, noise_bound
 from components.models.saved import WEIGHTS_FILE
 from components.redact import redact
 from components.scales import scale_set_key
-from pipeline import output_files, tracking
+from pipeline import output_files, registry, tracking
 from pipeline.common import run_stage
 from pipeline.environment import Environment
-
-
-def _champion(client, name: str) -> dict | None:
-    version = _version_by_alias(client, name, "champion")
-    if version is None:
-        return None
-    return {"version": version.version, "miou": float(version.tags["val_miou"]),
-            "gflops": float(version.tags["gflops"]), "dataset": version.tags.get("dataset_manifest", ""),
-            "run_id": version.run_id, "gate_images": version.tags.get("gate_images")}
-
-
-def _champion_matrices(champion: dict) -> np.ndarray | None:
-    """The champion's per-image confusion matrices, from its training run's artifacts (None for a
-    version registered before versions kept them)."""
-    import mlflow
-
-    if not champion.get("gate_images"):
-        return None
-    with tempfile.TemporaryDirectory(prefix="hmsa-gate-") as directory:
-        local = mlflow.artifacts.download_artifacts(run_id=champion["run_id"], artifact_path=champion["gate_images"],
-                                                    dst_path=directory)
-        return np.load(local)
-
-
-def served_evaluation(cfg: PipelineConfig) -> dict:
-    """{scales, miou, gflops, source, image_matrices} of the scale set the registered model will
-    serve; image_matrices are its per-image confusion matrices (images, C, C)."""
-    rc = cfg.register
-    if rc.scale_set == "recommended":
-        path = Path(cfg.tune.output_dir) / "eval_scales.yaml"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no inference-scale search to take register.scale_set = recommended "
-                                    "from (run the eval-scales stage, or set register.scale_set to a list)")
-        document = yaml.safe_load(path.read_text()) or {}
-        recommended = document.get("recommended")
-        if not recommended:
-            raise ValueError(f"{path}: no recommended scale set (none is within tune.max_eval_gflops); raise "
-                             "that limit or set register.scale_set to a list")
-        return {"scales": [float(s) for s in recommended["scales"]], "miou": float(recommended["miou"]),
-                "gflops": float(recommended["gflops"]), "source": str(path),
-                "image_matrices": _recommended_matrices(path, document, recommended["name"])}
-    path = Path(cfg.evaluate.output_dir) / "metrics.json"
-    key = scale_set_key(rc.scale_set)
-    evaluation = json.loads(path.read_text()).get(key)
-    if evaluation is None:
-        raise KeyError(f"{path} has no evaluation at register.scale_set = {rc.scale_set} (rerun evaluate)")
-    return {"scales": list(rc.scale_set), "miou": float(evaluation["miou"]), "gflops": float(evaluation["gflops"]),
-            "source": str(path), "image_matrices": _archived(path.parent / output_files.EVALUATE_IMAGES, key,
-                                                             "rerun evaluate")}
-
-
-def _recommended_matrices(path: Path, document: dict, name: str) -> np.ndarray:
-    """The recommended set's per-image matrices, from the .npz that eval_scales.yaml names, checked
-    to be the one written with it (a kill between the two writes leaves another run's)."""
-    named = document.get("per_image") or {}
-    if not named.get("file"):
-        raise ValueError(f"{path} names no per-image evaluation (written by an older eval-scales): rerun "
-                         "eval-scales")
-    archive = path.parent / named["file"]
-    if not archive.is_file() or hashlib.sha256(archive.read_bytes()).hexdigest() != named.get("sha256"):
-        raise ValueError(f"{archive} is not the file {path} was written with (an interrupted eval-scales?): "
-                         "rerun eval-scales")
-    return _archived(archive, name, "rerun eval-scales")
-
-
-def _archived(archive: Path, key: str, remedy: str) -> np.ndarray:
-    if not archive.is_file():
-        raise FileNotFoundError(f"{archive}: no per-image evaluation for the registry gate ({remedy})")
-    with np.load(archive) as arrays:
-        if key not in arrays.files:
-            raise KeyError(f"{archive} has no per-image evaluation of {key} ({remedy})")
-        return arrays[key]
+from pipeline.served_evaluation import served_evaluation
 
 
 def register(cfg: PipelineConfig) -> dict:
@@ -122,14 +47,14 @@ def register(cfg: PipelineConfig) -> dict:
     tracking.setup_experiment(env, cfg.mlflow.experiment)
     client = mlflow.MlflowClient()
     dataset = client.get_run(run["run_id"]).data.tags.get("dataset_manifest", "")
-    champion = _champion(client, rc.model_name)
+    champion = registry.champion(client, rc.model_name)
     _check_same_dataset(rc.model_name, champion, dataset)
     existing = [v for v in client.search_model_versions(f"name = '{rc.model_name}'")
                 if v.tags.get("weights_sha256") == weights_sha and v.tags.get("eval_scales") == str(served["scales"])]
     created = not existing
     noise = None
     if champion is not None and not any(v.version == champion["version"] for v in existing):
-        matrices = _champion_matrices(champion)
+        matrices = registry.champion_matrices(champion)
         if matrices is not None:
             noise = noise_bound(served["image_matrices"], matrices, rc.bootstrap_rounds)
     if existing:
@@ -139,9 +64,9 @@ def register(cfg: PipelineConfig) -> dict:
                 "eval_scales": str(served["scales"]), "method": cfg.model.method,
                 "train_scales": str(cfg.model.train_scales),
                 "dataset_manifest": dataset,
-                "gate_images": _log_matrices(client, run["run_id"], weights_sha, served),
+                "gate_images": registry.log_matrices(client, run["run_id"], weights_sha, served),
                 "git_commit": tracking.git_commit()}
-        model_uri = _served_model(client, cfg, run["run_id"], served["scales"],
+        model_uri = registry.served_model(client, cfg, run["run_id"], served["scales"],
                                   {"weights_sha256": weights_sha, "eval_scales": str(served["scales"])})
         version = mlflow.register_model(model_uri, rc.model_name, tags=tags)
     try:
@@ -153,7 +78,7 @@ def register(cfg: PipelineConfig) -> dict:
                 client.set_registered_model_alias(rc.model_name, "previous", champion["version"])
             client.set_registered_model_alias(rc.model_name, "champion", version.version)
             # A challenger lost to the champion that was just replaced; it names no contender now.
-            if _version_by_alias(client, rc.model_name, "challenger") is not None:
+            if registry.version_by_alias(client, rc.model_name, "challenger") is not None:
                 client.delete_registered_model_alias(rc.model_name, "challenger")
         elif not (champion and champion["version"] == version.version):
             client.set_registered_model_alias(rc.model_name, "challenger", version.version)
@@ -162,46 +87,18 @@ def register(cfg: PipelineConfig) -> dict:
             # On the registered version's own logged model (the served one), not the trained one:
             # a model's page then shows its own figures, not those of the version logged before it.
             mlflow.log_metrics({f"val_miou_{key}": served["miou"], f"gflops_{key}": served["gflops"]},
-                               model_id=_logged_model_id(version))
+                               model_id=registry.logged_model_id(version))
     except Exception:
         if created:  # leave no version behind that the gate never judged
             client.delete_model_version(rc.model_name, version.version)
         raise
-    found = {a: _version_by_alias(client, rc.model_name, a) for a in ("champion", "challenger", "previous")}
+    found = {a: registry.version_by_alias(client, rc.model_name, a) for a in ("champion", "challenger", "previous")}
     aliases = {a: v.version for a, v in found.items() if v is not None}
     return {"model_name": rc.model_name, "version": version.version, "created_version": created,
             "promoted": promote, "reason": reason, "candidate": candidate, "previous_champion": champion,
             "noise_bound": noise,
             "served_scales": served["scales"], "gate_source": served["source"],
             "aliases": aliases, "run_id": run["run_id"]}
-
-
-def _log_matrices(client, run_id: str, weights_sha: str, served: dict) -> str:
-    """The served set's per-image matrices as an artifact of the training run, at a path of these
-    weights and this set (a rerun after a kill writes the same file again); returns that path."""
-    folder = f"gate/{weights_sha[:16]}-{scale_set_key(served['scales'], '_')}"
-    with tempfile.TemporaryDirectory(prefix="hmsa-gate-") as directory:
-        local = Path(directory) / "val_image_matrices.npy"
-        np.save(local, served["image_matrices"])
-        client.log_artifact(run_id, str(local), artifact_path=folder)
-    return f"{folder}/{local.name}"
-
-
-def _served_model(client, cfg: PipelineConfig, run_id: str, scales: list[float], tags: dict[str, str]) -> str:
-    """URI of the served model (the trained weights serving `scales`) logged to the training run,
-    logged once: a rerun after a kill reuses the one that finished and deletes one left half-logged."""
-    import mlflow
-
-    experiment_id = client.get_run(run_id).info.experiment_id
-    matching = " AND ".join(f"tags.{key} = '{value}'" for key, value in tags.items())
-    for logged in client.search_logged_models(
-            [experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = 'served' AND {matching}"):
-        if logged.status.value == "READY":
-            return logged.model_uri
-        client.delete_logged_model(logged.model_id)  # a kill during its upload left it unfinished
-    with mlflow.start_run(run_id=run_id):
-        return tracking.log_saved_model(cfg.train.output, scales, name="served", tags=tags,
-                                        max_request_pixels=cfg.register.max_request_pixels)
 
 
 def _check_same_tracking_store(run: dict, tracking_uri: str, record: str) -> None:
@@ -222,22 +119,6 @@ def _check_same_dataset(name: str, champion: dict | None, dataset: str) -> None:
         raise ValueError(f"register.model_name = {name}: its champion v{champion['version']} was trained on dataset "
                          f"{theirs[:12]}, this candidate on {dataset[:12]} (manifest hashes); their mIoU cannot be "
                          "compared: register this model under another register.model_name")
-
-
-def _logged_model_id(version) -> str:
-    """The logged model a registry version was made from: MLflow 3 names it in the version's source
-    (`models:/<model id>`; the version's own model_id field stays empty for a registered URI)."""
-    return version.model_id or version.source.removeprefix("models:/")
-
-
-def _version_by_alias(client, name: str, alias: str):
-    """The model version an alias points at, or None when the alias (or the model) does not exist."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
 
 
 def main(cfg: PipelineConfig) -> None:

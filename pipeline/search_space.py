@@ -7,9 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from components.config import PipelineConfig, SearchSpec, with_overrides
+from components.config import SEARCHABLE, PipelineConfig, SearchSpec, with_overrides
 
-SEARCHED = ("train_scales", "lr", "crop_size", "aux_scale_weight", "method")
+SEARCHED = SEARCHABLE  # a trial's settings: the searchable keys that tune.search names
 
 
 def trial_config(cfg: PipelineConfig, settings: dict, trial: str) -> PipelineConfig:
@@ -53,7 +53,7 @@ def search_space(cfg: PipelineConfig) -> dict:
 
 def apply_best(cfg: PipelineConfig) -> PipelineConfig:
     """The train stage's config with the best trial's settings (tune.apply_to_train)."""
-    path = Path(cfg.tune.output_dir) / "best.yaml"
+    path = Path(cfg.tune.best)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run the tune stage first, or set tune.apply_to_train: false")
     settings = yaml.safe_load(path.read_text())["settings"]

@@ -89,7 +89,9 @@ class MultiScaleSegmentationModel(PythonModel):
         return self.model(inputs, scales).fused.argmax(1)[0].to(torch.uint8).numpy()
 
     def trained_scales(self) -> list[float]:
-        return self.cfg.train_scales if self.cfg.method in ("explicit", "hierarchical") else [1.0]
+        from components.methods import validation_scales
+
+        return validation_scales(self.cfg.method, self.cfg.train_scales)
 
 
 def _requested_scales(value, default: list[float]) -> list[float]:

@@ -29,6 +29,7 @@ import ray.train.torch
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from components import methods
 from components.config import ConfigError, PipelineConfig, validate_config
 from components.data.dataset import PyramidEvalDataset, PyramidTrainDataset, loader_settings
 from components.data.pyramid import PyramidReader
@@ -60,7 +61,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def validation_scales(cfg: PipelineConfig) -> list[float]:
     """Scales used for the per-epoch validation: what the method trains on."""
-    return cfg.model.train_scales if cfg.model.method in ("explicit", "hierarchical") else [1.0]
+    return methods.validation_scales(cfg.model.method, cfg.model.train_scales)
 
 
 def _restore(model, optimizer) -> dict:

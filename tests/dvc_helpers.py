@@ -21,8 +21,8 @@ TINY = {
     "ray": {"cpus_per_worker": 1},
     "evaluate": {"scale_sets": [[1.0], [0.5, 1.0], [0.5, 1.0, 2.0]], "pictures": 1},
     # One trial: the stages after it need a search's outputs, not a search (tests/test_tune.py has one).
-    "tune": {"num_samples": 1, "epochs": 1, "steps_per_epoch": 2,
-             "eval_scale_sets": {"s10": [1.0], "s05_10_20": [0.5, 1.0, 2.0]}},
+    "tune": {"num_samples": 1, "epochs": 1, "steps_per_epoch": 2},
+    "eval_scales": {"scale_sets": {"s10": [1.0], "s05_10_20": [0.5, 1.0, 2.0]}},
     "ablation": {"epochs": 1, "crop_size": [64, 64], "seeds": [0, 1], "bootstrap_rounds": 200},
 }
 
@@ -37,12 +37,15 @@ def dvc(workdir: Path, *args: str, env: dict | None = None) -> subprocess.Comple
 
 
 def tiny_params(**sections) -> dict:
-    """The repository's params.yaml with TINY and then `sections` merged in, key by key."""
+    """The repository's params.yaml with TINY and then `sections` merged in, key by key (a named set
+    of scales or a search replaces the repository's whole, not entry by entry)."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    replaced_whole = ("tune", "eval_scales")
     for overrides in (TINY, sections):
         for section, values in overrides.items():
             for key, value in values.items():
-                if isinstance(value, dict) and isinstance(params[section].get(key), dict) and section != "tune":
+                if isinstance(value, dict) and isinstance(params[section].get(key), dict) \
+                        and section not in replaced_whole:
                     params[section][key].update(value)
                 else:
                     params[section][key] = value

@@ -130,6 +130,30 @@ def test_cluster_settings_are_environment_not_params(raw, message):
         validate_config(raw)
 
 
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"tune": {"eval_scale_sets": {"s10": [1.0]}}}, "tune.eval_scale_sets: moved to eval_scales.scale_sets"),
+        ({"tune": {"max_eval_gflops": 5.0}}, "tune.max_eval_gflops: moved to eval_scales.max_gflops"),
+        ({"tune": {"output_dir": "results/tune"}}, "tune.output_dir: moved to tune.trials and tune.best"),
+    ],
+)
+def test_a_key_that_moved_in_params_names_its_new_place(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config(raw)
+
+
+def test_every_inference_scale_candidate_is_a_set_the_trained_method_can_serve():
+    """Refused at load, not by the eval-scales stage after the training; unless the search picks the
+    method (then the trained method is known only after it)."""
+    single = {"model": {"method": "single", "train_scales": [1.0]}, "evaluate": {"scale_sets": [[1.0]]}}
+    with pytest.raises(ConfigError, match=r"eval_scales.scale_sets.s05_10 = \[0.5, 1.0\]: method 'single' predicts"):
+        validate_config(single)
+    validate_config({**single, "eval_scales": {"scale_sets": {"s10": [1.0]}}})
+    searched = {"method": {"choice": ["single", "hierarchical"]}}
+    validate_config({**single, "tune": {"search": searched}})
+
+
 def test_stage_outputs_are_local_paths_dvc_can_cache():
     with pytest.raises(ConfigError, match=r"pyramid.output: an output of a stage is a local path"):
         validate_config({"pyramid": {"output": "s3://bucket/pyramid"}})
@@ -257,7 +281,7 @@ def test_every_float_of_the_params_file_must_be_finite(bad):
         ({"prepare": {"synthetic": {"height": 200000}}}, "prepare.synthetic.height"),
         ({"prepare": {"synthetic": {"train_images": 10**9}}}, "prepare.synthetic.train_images"),
         ({"evaluate": {"scale_sets": []}}, "evaluate.scale_sets: List should have at least 1 item"),
-        ({"tune": {"eval_scale_sets": {}}}, "tune.eval_scale_sets: Dictionary should have at least 1 item"),
+        ({"eval_scales": {"scale_sets": {}}}, "eval_scales.scale_sets: Dictionary should have at least 1 item"),
         ({"tune": {"search": {"lr": {"loguniform": [0.1, 0.01]}}}}, "tune.search.lr: loguniform = [0.1, 0.01]"),
         ({"tune": {"search": {"lr": {"uniform": [0.1, 0.1]}}}}, "tune.search.lr: uniform = [0.1, 0.1]"),
         ({"tune": {"search": {"lr": {"loguniform": [0.0, 0.1]}}}}, "a log scale needs low > 0"),
@@ -308,7 +332,7 @@ def test_outputs_are_compared_where_they_land_not_as_spelt(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("key, value", [
     ("train.metrics", "params.yaml"), ("train.run_record", ".git/config"), ("register.output", "dvc.yaml"),
-    ("train.curves", "sub/../dvc.lock"), ("tune.output_dir", ".dvc/tmp"), ("train.output", ".git"),
+    ("train.curves", "sub/../dvc.lock"), ("tune.best", ".dvc/tmp"), ("train.output", ".git"),
 ])
 def test_outputs_on_the_repositorys_own_files_are_refused_at_load(key, value):
     section, name = key.split(".")

@@ -67,7 +67,7 @@ def check_whole_pipeline_outputs(repo) -> None:
     registration = json.loads((repo / "results/register/registration.json").read_text())
     assert registration["promoted"] and registration["aliases"]["champion"] == registration["version"]
     assert yaml.safe_load((repo / "results/tune/best.yaml").read_text())["settings"]
-    recommended = yaml.safe_load((repo / "results/tune/eval_scales.yaml").read_text())["recommended"]
+    recommended = yaml.safe_load((repo / "results/eval_scales/recommended.yaml").read_text())["recommended"]
     assert registration["served_scales"] == recommended["scales"]  # what is served is what the search picked
     assert json.loads((repo / "results/eval/metrics.json").read_text())["0.5,1,2"]["miou"] >= 0
 
@@ -125,7 +125,7 @@ def test_dvc_repro_whole_pipeline_then_experiments_plots_and_a_params_edit(tmp_p
     edited["ray"]["max_failures"] += 1
     edited["loader"]["workers"] = 1
     edited["mlflow"]["experiment"] = "elsewhere"
-    edited["tune"]["max_eval_gflops"] = 1000.0
+    edited["eval_scales"]["max_gflops"] = 1000.0
     edited["train"]["epochs"] += 1
     (repo / "params.yaml").write_text(yaml.safe_dump(edited, sort_keys=False))
     stale = set(json.loads(dvc(repo, "status", "--json").stdout))

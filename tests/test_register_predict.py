@@ -37,12 +37,12 @@ def write_evaluations(workdir: Path, miou: float, gflops: float, per_image: np.n
     (workdir / "eval").mkdir()
     (workdir / "eval" / "metrics.json").write_text(json.dumps({"0.5,1,2": {"miou": miou, "gflops": gflops}}))
     np.savez_compressed(workdir / "eval" / "image_matrices.npz", **{"0.5,1,2": per_image})
-    (workdir / "tune").mkdir()
-    archive = workdir / "tune" / "eval_scales_images.npz"
+    (workdir / "eval_scales").mkdir()
+    archive = workdir / "eval_scales" / "image_matrices.npz"
     np.savez_compressed(archive, s05_10=per_image)
-    (workdir / "tune" / "eval_scales.yaml").write_text(json.dumps(
+    (workdir / "eval_scales" / "recommended.yaml").write_text(json.dumps(
         {"recommended": {"name": "s05_10", "scales": [0.5, 1.0], "miou": miou, "gflops": gflops},
-         "per_image": {"file": archive.name, "sha256": hashlib.sha256(archive.read_bytes()).hexdigest()}}))
+         "per_image": {"file": str(archive), "sha256": hashlib.sha256(archive.read_bytes()).hexdigest()}}))
 
 
 def trained_candidate(workdir, server, seed: int, miou: float, gflops: float = 5.0, dataset: str = "",
@@ -194,17 +194,20 @@ def test_decide_respects_the_cost_budget():
 
 
 def test_register_refuses_a_missing_recommendation_or_another_runs_evidence(tmp_path, server):
-    """No recommendation, or per-image matrices that are not the ones eval_scales.yaml was written
+    """No recommendation, or per-image matrices that are not the ones the recommendation was written
     with (eval-scales killed between its two writes): one line naming the file, nothing registered."""
     params = trained_candidate(tmp_path / "a", server, seed=4, miou=0.3)
     versions = len(mlflow.MlflowClient(server.uri).search_model_versions("name = 'hmsa'"))
-    choice = tmp_path / "a" / "tune" / "eval_scales.yaml"
+    choice = tmp_path / "a" / "eval_scales" / "recommended.yaml"
     written = choice.read_text()
-    archive = tmp_path / "a" / "tune" / "eval_scales_images.npz"
+    archive = tmp_path / "a" / "eval_scales" / "image_matrices.npz"
     for tampered, message in ((lambda: choice.write_text(json.dumps({"recommended": None})),
-                               "eval_scales.yaml: no recommended scale set"),
+                               "recommended.yaml: no recommended scale set"),
                               (lambda: choice.write_text(json.dumps({**json.loads(written), "per_image": None})),
                                f"{choice} names no per-image evaluation (written by an older eval-scales)"),
+                              (lambda: choice.write_text(json.dumps({**json.loads(written), "per_image": {
+                                  **json.loads(written)["per_image"], "file": "elsewhere.npz"}})),
+                               "written with the per-image evaluation elsewhere.npz, but eval_scales.image_matrices"),
                               (lambda: (choice.write_text(written),
                                         np.savez_compressed(archive, s05_10=uniform_image_matrices([0.9] * 6))),
                                f"{archive} is not the file {choice} was written with")):

@@ -37,7 +37,8 @@ RERUNS: dict[str, set[str]] = {
     "tune.epochs": {"tune"},
     "tune.search": {"tune"},
     "tune.apply_to_train": {"train"},
-    "tune.output_dir": {"tune", "train"},  # tune writes there, train reads best.yaml there
+    "tune.best": {"tune", "train"},  # tune writes it, train reads it
+    "tune.trials": {"tune"},
     "ablation.epochs": {"ablation-run"},
     # where the training writes: its own outputs only
     "train.output": {"train"},
@@ -54,8 +55,9 @@ RERUNS: dict[str, set[str]] = {
     "loader.workers": set(),
     "mlflow.experiment": set(),
     # inference only: the inference-scale search, evaluation and registration rerun, no training
-    "tune.eval_scale_sets": set(),
-    "tune.max_eval_gflops": set(),
+    "eval_scales.scale_sets": set(),
+    "eval_scales.max_gflops": set(),
+    "eval_scales.recommendation": set(),
     "evaluate.scale_sets": set(),
     "register.min_delta": set(),
     "register.bootstrap_rounds": set(),
@@ -97,7 +99,7 @@ def test_every_setting_reruns_the_training_exactly_when_it_changes_what_is_train
         elif section in ("model", "train", "loader") or key == "ray.num_workers":
             assert "train" in stages, f"{key} changes the training but does not rerun the train stage"
         if section == "tune":
-            assert ("tune" in stages) == (field in SEARCH_KEYS or field == "output_dir"), key
+            assert ("tune" in stages) == (field in SEARCH_KEYS or field in ("trials", "best")), key
 
 
 def config(**sections) -> PipelineConfig:
@@ -123,8 +125,8 @@ def test_an_operational_setting_keeps_the_identity_of_the_training_and_of_the_se
     ({"train": {"epochs": 3}}, True, False),  # trials train tune.epochs
     ({"tune": {"epochs": 5}}, False, True),
     ({"tune": {"num_samples": 7}}, False, True),
-    ({"tune": {"max_eval_gflops": 50.0}}, False, False),  # the inference-scale search's
-    ({"tune": {"eval_scale_sets": {"s10": [1.0]}}}, False, False),
+    ({"eval_scales": {"max_gflops": 50.0}}, False, False),  # the inference-scale search's
+    ({"eval_scales": {"scale_sets": {"s10": [1.0]}}}, False, False),
 ])
 def test_what_changes_the_computation_changes_the_identity(sections, training, search):
     from pipeline.cluster import run_key

@@ -35,7 +35,11 @@ def write_params(workdir: Path, data: Path, **sections) -> Path:
                   "run_record": str(workdir / "run.json")},
         "loader": {"workers": 0},
         "ray": {"num_workers": 1, "cpus_per_worker": 1},
-        "tune": {"apply_to_train": False, "output_dir": str(workdir / "tune")},
+        "tune": {"apply_to_train": False, "trials": str(workdir / "tune" / "trials.csv"),
+                 "best": str(workdir / "tune" / "best.yaml")},
+        "eval_scales": {"table": str(workdir / "eval_scales" / "table.csv"),
+                        "image_matrices": str(workdir / "eval_scales" / "image_matrices.npz"),
+                        "recommendation": str(workdir / "eval_scales" / "recommended.yaml")},
     }
     for section, values in sections.items():
         params.setdefault(section, {}).update(values)

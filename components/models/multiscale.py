@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from components.config import allowed_eval_scales_problem
+from components.methods import eval_scales_problem
 from components.models import fusion
 from components.models.segmenter import Segmenter
 from components.scales import scaled_size
@@ -75,7 +75,7 @@ class MultiScaleSegmenter(nn.Module):
         scales = sorted(float(s) for s in scales)
         if len(set(scales)) != len(scales) or any(not math.isfinite(s) or s <= 0 for s in scales):
             raise ValueError(f"scale set {scales}: scales must be positive, finite and distinct")
-        why = allowed_eval_scales_problem(self.method, self.train_scales, scales)
+        why = eval_scales_problem(self.method, self.train_scales, scales)
         if why:
             raise ValueError(f"scale set {scales}: {why}")
         return scales

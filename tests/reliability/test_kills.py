@@ -145,17 +145,17 @@ def test_sigkill_of_eval_scales_keeps_whole_files(tmp_path, ray_head):
     params = write_params(tmp_path, data, evaluate={"model": str(tmp_path / "model")})
     env = stage_env(params, **ray_head.client_env())
     assert run_stage("eval_scales", params, **ray_head.client_env()).returncode == 0
-    out = tmp_path / "tune"
-    before = {name: (out / name).read_bytes() for name in ("eval_scales.csv", "eval_scales.yaml")}
+    out = tmp_path / "eval_scales"
+    before = {name: (out / name).read_bytes() for name in ("table.csv", "recommended.yaml")}
     written = {name: (out / name).stat() for name in before}
 
     def past(name: str) -> Callable[[], bool]:
         return lambda: replaced(out / name, written[name])
 
     points = {  # each true from its point on
-        "its evaluation task runs": lambda: ray_task_running(ray_head, "_evaluate_task") or past("eval_scales.csv")(),
-        "its table is replaced": past("eval_scales.csv"),
-        "its recommendation is replaced": past("eval_scales.yaml"),
+        "its evaluation task runs": lambda: ray_task_running(ray_head, "_evaluate_task") or past("table.csv")(),
+        "its table is replaced": past("table.csv"),
+        "its recommendation is replaced": past("recommended.yaml"),
     }
     landed = {}
     for point, reached in points.items():
@@ -167,13 +167,13 @@ def test_sigkill_of_eval_scales_keeps_whole_files(tmp_path, ray_head):
         text = (out / name).read_text()
         assert text.endswith("\n") and (yaml.safe_load(text) if name.endswith("yaml")
                                         else len(text.splitlines()) == len(content.splitlines()))
-    with np.load(out / "eval_scales_images.npz") as archive:  # the gate's per-image evidence, whole too
-        assert len(archive.files) == len(before["eval_scales.csv"].splitlines()) - 1
+    with np.load(out / "image_matrices.npz") as archive:  # the gate's per-image evidence, whole too
+        assert len(archive.files) == len(before["table.csv"].splitlines()) - 1
     # A kill between a temporary's creation and its rename leaves it; the next run removes it.
     assert run_stage("eval_scales", params, **ray_head.client_env()).returncode == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted([*before, "eval_scales_images.npz"])
-    assert yaml.safe_load((out / "eval_scales.yaml").read_text())["recommended"]["name"] in \
-        [row[0] for row in csv.reader((out / "eval_scales.csv").read_text().splitlines()[1:])]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*before, "image_matrices.npz"])
+    assert yaml.safe_load((out / "recommended.yaml").read_text())["recommended"]["name"] in \
+        [row[0] for row in csv.reader((out / "table.csv").read_text().splitlines()[1:])]
 
 
 @pytest.mark.timeout(1200)
