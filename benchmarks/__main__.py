@@ -14,7 +14,7 @@ from pathlib import Path
 
 from benchmarks import inference, machine, orchestration, training_cost
 from components.atomic import atomic_file
-from pipeline import output_files
+from pipeline.runtime import output_files
 
 # (what, the target, how the measured figure is read)
 TARGETS = {

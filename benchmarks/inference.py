@@ -46,7 +46,7 @@ def pyfunc_latency(model_cfg, size, scales, repeats: int) -> tuple[float, float]
     from PIL import Image
 
     from components.models import save_model
-    from pipeline import tracking
+    from pipeline.runtime import tracking
 
     model = build_model(model_cfg).eval()
     image = np.random.default_rng(0).integers(0, 255, (*size, 3), dtype=np.uint8)

@@ -14,7 +14,7 @@ loop, Ray Train with one worker, plain loop (Ray started and stopped within the 
 plain loop runs without it): each round's Ray epochs over the mean of the plain runs around them,
 the median over rounds reported, and the second plain run over the first as the control that
 shows the noise of one comparison. Ray is started as the pipeline starts a local instance
-(pipeline.ray_session.connect). Each run also says where the machine's cores went over the steady
+(pipeline.runtime.ray_session.connect). Each run also says where the machine's cores went over the steady
 epochs, from /proc: to the training process and its loader workers, and to every other process
 of the job (under Ray: its daemons, dashboard, controller and helper actors), which shows the
 overhead without the machine's drift in it.
@@ -34,8 +34,8 @@ import torch
 from benchmarks import process_cpu
 from benchmarks.steps import in_fresh_process, median
 from components.config import PipelineConfig, load_config
-from pipeline import ray_session
-from pipeline.environment import Environment
+from pipeline.runtime import ray_session
+from pipeline.runtime.environment import Environment
 
 
 def _pyramid(cfg: PipelineConfig, root: Path, images: int) -> str:

@@ -34,7 +34,7 @@ from components.data.pyramid import PyramidReader, build_pyramid, content_hash
 from components.data.readers import read_cityscapes
 from components.data.synthetic import write_cityscapes_layout
 from components.storage import S3Storage, Storage
-from pipeline import output_files
+from pipeline.runtime import output_files
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALES = [0.25, 0.5, 1.0, 2.0]  # what random scales 0.5, 1, 2 x training scales 0.5, 1 read
@@ -86,7 +86,7 @@ def ray_build(root: Path, splits: dict[str, int], cpus: int) -> float:
 
     from components.data.pyramid import sample_tiles
     from pipeline.pyramid import tile_arguments
-    from pipeline.ray_tasks import map_on_ray
+    from pipeline.runtime.ray_tasks import map_on_ray
 
     ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:

@@ -100,7 +100,7 @@ class TrainConfig(Section):
 
 class RayConfig(Section):
     """How training is spread over Ray workers. Where the cluster is (RAY_ADDRESS) and where
-    checkpoints go (HMSA_STORAGE) are environment, not params: see pipeline/environment.py."""
+    checkpoints go (HMSA_STORAGE) are environment, not params: see pipeline/runtime/environment.py."""
 
     # A fixed count, or [min, max] for elastic training: the run goes on with fewer workers when a
     # node goes and grows again when one comes back.
@@ -233,7 +233,7 @@ class SearchSpec(Section):
         return self
 
 
-# What a search can vary (pipeline/search_space.py turns a trial's values into its config).
+# What a search can vary (pipeline/runtime/search_space.py turns a trial's values into its config).
 SearchableKey = Literal["train_scales", "lr", "crop_size", "aux_scale_weight", "method"]
 SEARCHABLE: tuple[str, ...] = get_args(SearchableKey)
 
@@ -288,7 +288,7 @@ class RegisterConfig(Section):
 class AblationMethod(Section):
     """One row of the method table. A row named after its method needs no `method`; another row
     (e.g. hierarchical evaluated at its training scales) names the method it trains. Rows that
-    train alike share their trainings (pipeline.cluster.run_key), so such a row costs evaluations."""
+    train alike share their trainings (pipeline.runtime.cluster.run_key), so such a row costs evaluations."""
 
     train_scales: ScaleSet
     eval_scales: ScaleSet
@@ -361,7 +361,7 @@ class PipelineConfig(Section):
 
 # Settings that say where a run writes, how it survives faults or how fast it loads, never what it
 # computes (the loader seeds every sample, not every loader process). A training's identity
-# (pipeline.cluster.run_key) leaves them out, and so do the params of the training stages in
+# (pipeline.runtime.cluster.run_key) leaves them out, and so do the params of the training stages in
 # dvc.yaml: editing one reruns no training and no search (tests/test_stage_params.py holds the table).
 OPERATIONAL_KEYS = {
     "train": ("output", "metrics", "curves", "run_record"),

@@ -2,7 +2,7 @@
 
 A marker beside the file would not survive `dvc checkout` (a copy or a link into DVC's cache); the
 content does. So a user's notes, README.md, params.yaml or .git/config at an output path are refused,
-not lost. pipeline/output_files.py says which recogniser each output uses.
+not lost. pipeline/runtime/output_files.py says which recogniser each output uses.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from components.config import ConfigError, PipelineConfig, ablation_config
 from components.data.pyramid import PyramidReader
 from components.evaluation import group_indices
 from components.method_table import SIGNIFICANCE, method_row, table_lines
-from pipeline import ablation_seeds, output_files
-from pipeline.common import run_stage
+from pipeline.runtime import ablation_seeds, output_files
+from pipeline.runtime.common import run_stage
 
 
 def run_method(cfg: PipelineConfig, method: str) -> list[dict]:

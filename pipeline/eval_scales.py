@@ -20,10 +20,10 @@ import yaml
 from components.atomic import atomic_file
 from components.config import PipelineConfig
 from components.scales import scale_set_key
-from pipeline import output_files
-from pipeline.common import run_stage
-from pipeline.eval_workers import evaluate_all
-from pipeline.model_source import load_model
+from pipeline.runtime import output_files
+from pipeline.runtime.common import run_stage
+from pipeline.runtime.eval_workers import evaluate_all
+from pipeline.runtime.model_source import load_model
 
 
 def recommend(rows: list[dict], max_gflops: float | None) -> dict | None:

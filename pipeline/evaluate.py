@@ -25,11 +25,11 @@ from components.data.dataset import PyramidEvalDataset
 from components.data.pyramid import PyramidReader
 from components.scales import scale_set_key
 from components.viz import attention_figure
-from pipeline import cluster, output_files, tracking
-from pipeline.common import run_stage
-from pipeline.environment import Environment
-from pipeline.eval_workers import evaluate_all
-from pipeline.model_source import load_model
+from pipeline.runtime import cluster, output_files, tracking
+from pipeline.runtime.common import run_stage
+from pipeline.runtime.environment import Environment
+from pipeline.runtime.eval_workers import evaluate_all
+from pipeline.runtime.model_source import load_model
 
 
 def write_outputs(out: Path, rows: list[dict], model, model_cfg, reader: PyramidReader, pictures: int) -> None:

@@ -27,9 +27,9 @@ from components.data.classes import CITYSCAPES_CLASSES, palette
 from components.data.dataset import to_tensor
 from components.data.images import image_size, read_image
 from components.data.pyramid import image_levels
-from pipeline.common import run_stage
-from pipeline.model_source import load_model
-from pipeline.prediction_files import OUTPUT_SUFFIXES, check_outputs, list_images
+from pipeline.runtime.common import run_stage
+from pipeline.runtime.model_source import load_model
+from pipeline.runtime.prediction_files import OUTPUT_SUFFIXES, check_outputs, list_images
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Stage `prepare`: a raw dataset (or the bundled synthetic one) -> canonical layout + manifest.
 
 Samples are checked and converted by processes of this machine, or, when RAY_ADDRESS names a
-cluster, by Ray tasks on its nodes, each sent its sample's files (pipeline/ray_tasks.py); this
+cluster, by Ray tasks on its nodes, each sent its sample's files (pipeline/runtime/ray_tasks.py); this
 process reads the files and writes the output, in order, either way. (The bundled set is generated
 here.)"""
 
@@ -19,10 +19,10 @@ from components.data.prepare import BadSampleError, ConvertJob, convert_bytes, p
 from components.data.readers import open_dataset, read_cityscapes
 from components.data.synthetic import write_cityscapes_layout
 from components.parallel import usable_cpus
-from pipeline import ray_session
-from pipeline.common import run_stage
-from pipeline.environment import Environment
-from pipeline.ray_tasks import map_on_ray, tasks_in_flight
+from pipeline.runtime import ray_session
+from pipeline.runtime.common import run_stage
+from pipeline.runtime.environment import Environment
+from pipeline.runtime.ray_tasks import map_on_ray, tasks_in_flight
 
 
 def main(cfg: PipelineConfig) -> None:

@@ -2,7 +2,7 @@
 (components/data/pyramid.py: 1.0 and its halvings stored, the other levels made on read).
 
 The tiles are cut by processes of this machine, or, when RAY_ADDRESS names a cluster, by Ray tasks on
-its nodes (pipeline/ray_tasks.py). Either way this process writes the shards, in order, into the
+its nodes (pipeline/runtime/ray_tasks.py). Either way this process writes the shards, in order, into the
 DVC-tracked output: the bytes do not depend on where the tiles were cut."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from components.config import PipelineConfig
 from components.data.pyramid import SampleJob, build_pyramid, sample_tiles
 from components.parallel import usable_cpus
 from components.storage import Storage
-from pipeline import ray_session
-from pipeline.common import run_stage
-from pipeline.environment import Environment
-from pipeline.ray_tasks import map_on_ray, tasks_in_flight
+from pipeline.runtime import ray_session
+from pipeline.runtime.common import run_stage
+from pipeline.runtime.environment import Environment
+from pipeline.runtime.ray_tasks import map_on_ray, tasks_in_flight
 
 
 def main(cfg: PipelineConfig) -> None:

@@ -29,10 +29,10 @@ from components.gate import decide, noise_bound
 from components.models.saved import WEIGHTS_FILE
 from components.redact import redact
 from components.scales import scale_set_key
-from pipeline import output_files, registry, tracking
-from pipeline.common import run_stage
-from pipeline.environment import Environment
-from pipeline.served_evaluation import served_evaluation
+from pipeline.runtime import output_files, registry, tracking
+from pipeline.runtime.common import run_stage
+from pipeline.runtime.environment import Environment
+from pipeline.runtime.served_evaluation import served_evaluation
 
 
 def register(cfg: PipelineConfig) -> dict:

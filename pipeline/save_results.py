@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from components.storage import join
-from pipeline.environment import Environment
+from pipeline.runtime.environment import Environment
 
 SMALL_RESULTS = ("*.json", "*.csv", "*.yaml", "*.md")
 

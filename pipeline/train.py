@@ -1,4 +1,4 @@
-"""Stage `train`: the training run (pipeline/training_run.py) of params.yaml, or of the best trial
+"""Stage `train`: the training run (pipeline/runtime/training_run.py) of params.yaml, or of the best trial
 of the search when tune.apply_to_train is set.
 
 Writes the best epoch's saved model (train.output), results/train/metrics.json and curves.csv, and
@@ -10,9 +10,9 @@ completed run it reuses that run's result and says so; after any change it train
 from __future__ import annotations
 
 from components.config import PipelineConfig
-from pipeline.common import run_stage
-from pipeline.search_space import apply_best
-from pipeline.training_run import run_training
+from pipeline.runtime.common import run_stage
+from pipeline.runtime.search_space import apply_best
+from pipeline.runtime.training_run import run_training
 
 
 def main(cfg: PipelineConfig) -> None:

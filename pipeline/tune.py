@@ -4,7 +4,7 @@ sets of a trained model are the `eval-scales` stage, pipeline/eval_scales.py).
     python -m pipeline.tune        # tune.trials (one row per trial) and tune.best
 
 Each trial is a driver function that builds and fits the same TorchTrainer as the `train` stage
-(pipeline.trainer.build_trainer) and reports to Tune through TuneReportCallback; ASHA stops weak
+(pipeline.runtime.trainer.build_trainer) and reports to Tune through TuneReportCallback; ASHA stops weak
 trials early. Every trial is an MLflow run nested under one parent run for the search, and ends
 with its real status (FINISHED, KILLED when ASHA stopped it, FAILED). The search is named after its
 code, config and data: running the stage again after an interruption restores it; after a
@@ -20,10 +20,10 @@ import yaml
 from components.atomic import atomic_file
 from components.config import SEARCH_KEYS, PipelineConfig
 from components.data.pyramid import PyramidReader
-from pipeline import capacity, cluster, leftovers, output_files, tracking, tune_trials
-from pipeline.common import ctrl_c_stays_an_interrupt, run_stage
-from pipeline.launch import prepare_launch
-from pipeline.search_space import SEARCHED, check_search_space, search_space, trial_config
+from pipeline.runtime import capacity, cluster, leftovers, output_files, tracking, tune_trials
+from pipeline.runtime.common import ctrl_c_stays_an_interrupt, run_stage
+from pipeline.runtime.launch import prepare_launch
+from pipeline.runtime.search_space import SEARCHED, check_search_space, search_space, trial_config
 
 
 def search_key(cfg: PipelineConfig, dataset_fingerprint: str) -> str:
@@ -84,7 +84,7 @@ def search(cfg: PipelineConfig) -> list[dict]:
         )
     with tracking.run_status(parent_run_id):
         # Trials are stopped while their training runs; what a stopped trial's training leaves must
-        # not hold the resources the next trials wait for (pipeline.leftovers).
+        # not hold the resources the next trials wait for (pipeline.runtime.leftovers).
         try:
             with leftovers.LeftoverReaper(), ctrl_c_stays_an_interrupt():
                 results = tuner.fit()

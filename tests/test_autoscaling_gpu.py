@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 DECIDE_ON_GPUS = """
 import os, ray
 from components.config import RayConfig
-from pipeline import capacity
+from pipeline.runtime import capacity
 ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR")
 use_gpu = capacity.provide(RayConfig(num_workers=1, cpus_per_worker=1, use_gpu="auto"), 120)
 print("RESULT", use_gpu, ray.cluster_resources().get("GPU", 0))

@@ -1,4 +1,4 @@
-"""The rules of waiting for workers (pipeline/capacity.py), against a scripted cluster: what is up,
+"""The rules of waiting for workers (pipeline/runtime/capacity.py), against a scripted cluster: what is up,
 what the autoscaler reports each round. tests/test_autoscaling.py runs them on Ray's own autoscaler."""
 
 import time
@@ -6,9 +6,9 @@ import time
 import pytest
 
 from components.config import RayConfig
-from pipeline import capacity
-from pipeline.capacity import AutoscalerView, NotProvided
-from pipeline.errors import ClusterError
+from pipeline.runtime import capacity
+from pipeline.runtime.capacity import AutoscalerView, NotProvided
+from pipeline.runtime.errors import ClusterError
 
 
 def node(cpus: float = 0, gpus: float = 0, alive: bool = True) -> dict:

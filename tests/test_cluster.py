@@ -129,7 +129,7 @@ def test_run_key_names_what_a_training_computes_not_where_it_writes():
     for single, average and max pooling); output paths do not make a new training; anything the
     training computes with does."""
     from components.config import ablation_config
-    from pipeline.cluster import run_key
+    from pipeline.runtime.cluster import run_key
 
     cfg = load_config(ROOT / "params.yaml")
     key = {method: run_key(ablation_config(cfg, method, 0), "data") for method in cfg.ablation.methods}

@@ -304,7 +304,7 @@ def test_out_of_range_values_are_refused_naming_the_key(raw, message):
 def test_a_batch_larger_than_a_workers_share_of_the_data_is_refused(tmp_path):
     """With whole batches only, a batch larger than a worker's share of the training split trained
     nothing: the stage ended at once and recorded an untrained model as done."""
-    from pipeline.launch import check_full_batches
+    from pipeline.runtime.launch import check_full_batches
     from tests.train_helpers import tiny_pyramid
 
     pyramid = str(tiny_pyramid(tmp_path, train_images=5, val_images=1) / "pyramid")

@@ -6,7 +6,7 @@ import pytest
 
 from components.config import TrainConfig
 from components.training import epoch_plan, poly_lr
-from pipeline.environment import Environment
+from pipeline.runtime.environment import Environment
 
 
 def test_defaults_are_this_machine_only(tmp_path, monkeypatch):
@@ -65,7 +65,7 @@ def test_worker_variables_carry_resolved_locations(tmp_path, monkeypatch):
 
 
 def test_credentials_in_the_tracking_uri_become_mlflow_variables():
-    from pipeline.common import move_uri_credentials
+    from pipeline.runtime.common import move_uri_credentials
 
     env = {"MLFLOW_TRACKING_URI": "https://ada:p%40ss:word@mlflow.example:5000/base"}
     move_uri_credentials(env)
@@ -156,7 +156,7 @@ def test_a_bad_tracking_uri_with_credentials_is_reported_without_them(tmp_path):
 
 
 def test_a_training_stopped_by_storage_is_one_line_naming_it():
-    from pipeline.cluster import storage_failure
+    from pipeline.runtime.cluster import storage_failure
 
     class ControllerError(RuntimeError):  # what Ray raises, with pyarrow's error as its cause
         pass
@@ -181,7 +181,7 @@ def test_a_training_stopped_by_storage_is_one_line_naming_it():
 FAILS_WHILE_RAY_WRITES = """
 import atexit, sys, time
 import ray
-from pipeline.common import run_stage
+from pipeline.runtime.common import run_stage
 
 @ray.remote(num_cpus=0)
 class Chatty:

@@ -12,10 +12,10 @@ from components.data.pyramid import PyramidReader
 from components.evaluation import AttentionSums, attention_means, evaluate_scale_set, interior_mask, pareto_front
 from components.models import build_model
 from components.significance import miou_of
-from pipeline.environment import Environment
-from pipeline.eval_workers import evaluate_all
 from pipeline.evaluate import write_outputs
-from pipeline.launch import Launch
+from pipeline.runtime.environment import Environment
+from pipeline.runtime.eval_workers import evaluate_all
+from pipeline.runtime.launch import Launch
 from tests.conftest import tiny_model_config
 from tests.train_helpers import tiny_pyramid, write_params
 

@@ -109,7 +109,7 @@ def test_two_predict_runs_into_one_folder_are_refused(tmp_path, holder):
 
 @pytest.mark.parametrize("existing", ["notes", "other_json", "fifo", "folder", "huge"])
 def test_a_file_output_replaces_only_what_the_stage_wrote_there(tmp_path, existing):
-    from pipeline.output_files import TRAINING_METRICS
+    from pipeline.runtime.output_files import TRAINING_METRICS
 
     target = tmp_path / "metrics.json"
     if existing == "notes":
@@ -134,7 +134,7 @@ def test_a_file_output_replaces_only_what_the_stage_wrote_there(tmp_path, existi
 
 def test_a_file_output_the_stage_wrote_is_replaced_through_a_dvc_link(tmp_path):
     """DVC may check an output out as a link into its cache: the link is replaced, the cache kept."""
-    from pipeline.output_files import TRAINING_METRICS
+    from pipeline.runtime.output_files import TRAINING_METRICS
 
     cached = tmp_path / "cache-entry"
     cached.write_text('{"best_val_miou": 0.5, "epochs": 3}\n')

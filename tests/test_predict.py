@@ -94,7 +94,7 @@ def test_predict_and_the_served_model_see_what_evaluate_saw(tmp_path):
     from components.metrics import ConfusionMatrix
     from components.models import load_saved_model
     from pipeline.predict import predict_labels
-    from pipeline.serving_model import MultiScaleSegmentationModel
+    from pipeline.runtime.serving_model import MultiScaleSegmentationModel
     from tests.dvc_helpers import ROOT
     from tests.train_helpers import tiny_pyramid
 
@@ -235,7 +235,7 @@ def test_the_served_model_bounds_the_work_of_a_request(tmp_path):
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    from pipeline.serving_model import MultiScaleSegmentationModel
+    from pipeline.runtime.serving_model import MultiScaleSegmentationModel
 
     setup(tmp_path)
     (tmp_path / "serving.json").write_text(json.dumps({"default_scales": [1.0], "max_request_pixels": 20_000}))

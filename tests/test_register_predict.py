@@ -20,7 +20,7 @@ from PIL import Image
 
 from components.gate import decide
 from components.models import build_model, save_model
-from pipeline import tracking
+from pipeline.runtime import tracking
 from tests.conftest import tiny_model_config
 from tests.services import free_port, python_env
 from tests.test_significance import uniform_image_matrices

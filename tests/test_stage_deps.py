@@ -17,7 +17,7 @@ from tests.dvc_helpers import ROOT
 
 PROJECT_PACKAGES = ("components", "pipeline")
 # Files a module loads by path rather than by import: MLflow logs serving_model.py as the model's code.
-LOADED_BY_PATH = {"pipeline/tracking.py": ["pipeline.serving_model"]}
+LOADED_BY_PATH = {"pipeline/runtime/tracking.py": ["pipeline.runtime.serving_model"]}
 
 
 def module_file(module: str) -> Path | None:
@@ -108,8 +108,9 @@ def test_stage_depends_on_every_module_it_imports(stage):
 
 def test_a_removed_dep_is_found():
     command, deps = STAGES["train"]
-    assert "pipeline/trainer.py" in deps
-    assert missing_deps(command, [d for d in deps if d != "pipeline/trainer.py"]) == ["pipeline/trainer.py"]
+    assert "pipeline/runtime/trainer.py" in deps
+    trainer = "pipeline/runtime/trainer.py"
+    assert missing_deps(command, [d for d in deps if d != trainer]) == [trainer]
     # a directory dep covers the files under it; without it each of them is missing
     assert "components/models" in deps
     lost = missing_deps(command, [d for d in deps if d != "components/models"])
@@ -117,8 +118,8 @@ def test_a_removed_dep_is_found():
 
 
 def test_imports_inside_functions_count():
-    # pipeline.serving_model imports components.models inside load_context
-    assert ROOT / "components/models/__init__.py" in files_imported_by("pipeline.serving_model")
+    # pipeline.runtime.serving_model imports components.models inside load_context
+    assert ROOT / "components/models/__init__.py" in files_imported_by("pipeline.runtime.serving_model")
 
 
 def test_the_table_depends_on_every_row_of_the_ablation():

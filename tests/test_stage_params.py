@@ -112,7 +112,7 @@ def config(**sections) -> PipelineConfig:
     ("ray", "placement_strategy", "SPREAD"), ("mlflow", "experiment", "another"),
 ])
 def test_an_operational_setting_keeps_the_identity_of_the_training_and_of_the_search(section, field, value):
-    from pipeline.cluster import run_key
+    from pipeline.runtime.cluster import run_key
     from pipeline.tune import search_key
 
     base, edited = config(), config(**{section: {field: value}})
@@ -129,7 +129,7 @@ def test_an_operational_setting_keeps_the_identity_of_the_training_and_of_the_se
     ({"eval_scales": {"scale_sets": {"s10": [1.0]}}}, False, False),
 ])
 def test_what_changes_the_computation_changes_the_identity(sections, training, search):
-    from pipeline.cluster import run_key
+    from pipeline.runtime.cluster import run_key
     from pipeline.tune import search_key
 
     base, edited = config(), config(**sections)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from pipeline.ray_session import TRAIN_POLL_INTERVAL_S
+from pipeline.runtime.ray_session import TRAIN_POLL_INTERVAL_S
 from tests.services import RayHead, python_env
 
 pytestmark = pytest.mark.integration
@@ -19,8 +19,8 @@ pytestmark = pytest.mark.integration
 # Joins Ray as a stage does, then reads the variable in a Ray worker process of the job.
 READ_IN_A_WORKER = """
 import json, os, ray
-from pipeline import ray_session
-from pipeline.environment import Environment
+from pipeline.runtime import ray_session
+from pipeline.runtime.environment import Environment
 ray_session.connect(Environment.from_environ())
 seen = ray.get(ray.remote(num_cpus=0)(lambda: os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")).remote())
 print(json.dumps(seen))
@@ -51,8 +51,8 @@ ACTORS_DURING_TRAINING = """
 import json, os, sys, tempfile
 import ray.train
 from ray.train.torch import TorchTrainer
-from pipeline import ray_session
-from pipeline.environment import Environment
+from pipeline.runtime import ray_session
+from pipeline.runtime.environment import Environment
 ray_session.connect(Environment.from_environ())
 
 def loop(config):

@@ -157,7 +157,7 @@ def test_ddp_code_change_trains_again_and_unchanged_rerun_reuses(tmp_path, data,
     # One line per epoch from the project, none of Ray Train's per-report lines (700 characters each).
     assert (first.stdout + first.stderr).count("epoch 1/1: loss ") == 1
     assert "Reporting training result" not in first.stdout + first.stderr
-    # Nor Ray's error-level line about its own preemption watcher (pipeline.ray_session.KNOWN_RAY_NOISE).
+    # Nor Ray's error-level line about its own preemption watcher (pipeline.runtime.ray_session.KNOWN_RAY_NOISE).
     assert "PreemptionWatcher" not in first.stdout + first.stderr
     # The logged model carries an input example and typed input: none of MLflow's warnings on it.
     for warning in ("An input example was not provided", "Add type hints to the `predict` method"):
@@ -171,7 +171,7 @@ def test_ddp_code_change_trains_again_and_unchanged_rerun_reuses(tmp_path, data,
         tmp_path / "model-first" / "weights.safetensors"
     ).read_bytes()
 
-    from pipeline import ray_session
+    from pipeline.runtime import ray_session
 
     # A real edit of the code the stage runs starts a new, complete run.
     code = tmp_path / "code"

@@ -186,7 +186,7 @@ def served_model(tmp_path_factory):
     from types import SimpleNamespace
 
     from components.models import build_model, save_model
-    from pipeline.serving_model import MultiScaleSegmentationModel
+    from pipeline.runtime.serving_model import MultiScaleSegmentationModel
     from tests.conftest import tiny_model_config
 
     folder = tmp_path_factory.mktemp("served")

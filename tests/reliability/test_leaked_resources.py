@@ -1,7 +1,7 @@
 """A killed run must not leave the cluster unable to run the next one.
 
 A training killed while it starts can leave a placement group that Ray never frees (see
-`pipeline.leftovers.free_leaked_placement_groups`); it holds its CPUs for ever, and every later
+`pipeline.runtime.leftovers.free_leaked_placement_groups`); it holds its CPUs for ever, and every later
 training on that cluster waits for them. Every stage that joins a cluster frees such groups first,
 and a search frees them while it runs (its stopped trials leave them)."""
 
@@ -51,7 +51,7 @@ LIVE_JOB_DRIVER = """
 import json, sys, time
 import ray
 from ray.util.placement_group import placement_group
-from pipeline.leftovers import LeftoverReaper
+from pipeline.runtime.leftovers import LeftoverReaper
 
 ray.init(logging_level="ERROR")
 
@@ -112,7 +112,7 @@ import json, time
 import ray
 from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
     ResourceRequestPriority, get_or_create_autoscaling_coordinator)
-from pipeline.leftovers import free_stale_resource_requests
+from pipeline.runtime.leftovers import free_stale_resource_requests
 
 ray.init(logging_level="ERROR")
 coordinator = get_or_create_autoscaling_coordinator()
@@ -168,9 +168,9 @@ from ray.core.generated import gcs_pb2
 from ray._private.state import state as global_state
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from pipeline.ray_session import connect
-from pipeline.environment import Environment
-from pipeline.leftovers import COORDINATOR, free_stale_resource_requests
+from pipeline.runtime.ray_session import connect
+from pipeline.runtime.environment import Environment
+from pipeline.runtime.leftovers import COORDINATOR, free_stale_resource_requests
 
 connect(Environment.from_environ())  # joins the cluster as every stage does
 

@@ -14,7 +14,7 @@ import yaml
 
 from components.config import PipelineConfig
 from components.scales import scale_set_key
-from pipeline import output_files
+from pipeline.runtime import output_files
 
 
 def served_evaluation(cfg: PipelineConfig) -> dict:

@@ -7,7 +7,7 @@ matrices, and reports. Rank 0 writes the checkpoint (a saved-model directory plu
 state) and logs the epoch to MLflow; every worker reports, as Ray Train requires.
 
 Workers read only what reaches every node: the pyramid at `pyramid_uri` (a published copy when
-workers may be remote), storage and tracking through the variables of pipeline/environment.py.
+workers may be remote), storage and tracking through the variables of pipeline/runtime/environment.py.
 The schedule counts samples, so an elastic run that lost a worker follows the same learning-rate
 curve over samples seen as an uninterrupted one.
 """
@@ -44,10 +44,10 @@ from components.training import (
     parameter_digest,
     train_one_epoch,
 )
-from pipeline.common import VERBOSE_VARIABLE
-from pipeline.environment import Environment
-from pipeline.errors import ClusterError, NotRetriedError
-from pipeline.tracking import log_epoch
+from pipeline.runtime.common import VERBOSE_VARIABLE
+from pipeline.runtime.environment import Environment
+from pipeline.runtime.errors import ClusterError, NotRetriedError
+from pipeline.runtime.tracking import log_epoch
 
 STATE_FILE = "train_state.pt"
 
@@ -232,7 +232,7 @@ def start_failure(err: BaseException, rc) -> ClusterError | None:
 
 def build_trainer(cfg: PipelineConfig, launch, run_name: str, mlflow_run_id: str | None = None,
                   callbacks: list | None = None) -> ray.train.torch.TorchTrainer:
-    """A TorchTrainer for this config on the cluster that `launch` (pipeline.launch.Launch) chose.
+    """A TorchTrainer for this config on the cluster that `launch` (pipeline.runtime.launch.Launch) chose.
     The config travels to the workers as a plain dict; epochs are logged to `mlflow_run_id`."""
     rc = cfg.ray
     resources = {"CPU": rc.cpus_per_worker, **({"GPU": rc.gpus_per_worker} if launch.use_gpu else {})}

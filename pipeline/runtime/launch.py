@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from components.config import ConfigError, PipelineConfig
-from pipeline import capacity, cluster, leftovers, ray_session
-from pipeline.environment import Environment
+from pipeline.runtime import capacity, cluster, leftovers, ray_session
+from pipeline.runtime.environment import Environment
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def prepare_launch(cfg: PipelineConfig, env: Environment | None = None, trains: 
 
 def _free_leftovers() -> None:
     """A joined cluster may still hold resources for runs that were killed or stopped (see
-    `pipeline.leftovers`); a fresh local instance has none. Best effort: the stage goes on either
+    `pipeline.runtime.leftovers`); a fresh local instance has none. Best effort: the stage goes on either
     way, and says what it did."""
     try:
         groups, requests = leftovers.free_leftovers()

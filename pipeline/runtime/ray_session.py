@@ -13,11 +13,11 @@ import socket
 from pathlib import Path
 
 from components.redact import redact
-from pipeline.common import VERBOSE_VARIABLE
-from pipeline.environment import Environment
-from pipeline.errors import ClusterError
+from pipeline.runtime.common import VERBOSE_VARIABLE
+from pipeline.runtime.environment import Environment
+from pipeline.runtime.errors import ClusterError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # The code DVC hashes: a change here is a new run (never a resume of the old one).
 CODE_DIRS = ("components", "pipeline")
 # Never shipped to workers: environments, data and outputs (Ray also honours .gitignore). Patterns
@@ -137,7 +137,7 @@ def cluster_only_variables() -> dict[str, str]:
 
     Ray Train's record of its runs (a detached actor on the head; also what the dashboard's Train
     page shows) names each run's controller: with it, the resource request of a run whose
-    controller died (a stopped Tune trial) is withdrawn at once (pipeline.leftovers), not when it
+    controller died (a stopped Tune trial) is withdrawn at once (pipeline.runtime.leftovers), not when it
     goes unrenewed. A local instance lives as long as the stage, and its 2 cores are spared the actor."""
     return {STATE_TRACKING: os.environ.get(STATE_TRACKING, "1")}
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from components.config import ConfigError, load_config
 from components.redact import redact
-from pipeline.errors import ClusterError
+from pipeline.runtime.errors import ClusterError
 
 VERBOSE_VARIABLE = "HMSA_VERBOSE"  # "1" (a stage's --verbose): Ray Train's own report and checkpoint lines too
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from components.config import RayConfig
-from pipeline.errors import ClusterError
+from pipeline.runtime.errors import ClusterError
 
 PROGRESS_EVERY_S = 20.0
 POLL_S = 1.0

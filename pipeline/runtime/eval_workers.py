@@ -22,7 +22,7 @@ from components.flops import inference_flops
 from components.methods import has_attention
 from components.models.saved import CONFIG_FILE, WEIGHTS_FILE, write_model_files
 from components.training import autocast_dtype
-from pipeline.launch import Launch, check_classes, prepare_launch
+from pipeline.runtime.launch import Launch, check_classes, prepare_launch
 
 
 def evaluate_all(cfg: PipelineConfig, model, model_cfg, scale_sets: list[list[float]], flip: bool,
@@ -61,7 +61,7 @@ def _evaluate_task(model_files: dict[str, bytes], pyramid_uri: str, indices: lis
     from components.data.dataset import PyramidEvalDataset
     from components.data.pyramid import PyramidReader
     from components.models import load_saved_model
-    from pipeline.environment import Environment
+    from pipeline.runtime.environment import Environment
 
     torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory(prefix="hmsa-eval-model-") as directory:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from components.config import PipelineConfig
 from components.flops import train_step_flops
-from pipeline import tracking
-from pipeline.search_space import SEARCHED, trial_config
+from pipeline.runtime import tracking
+from pipeline.runtime.search_space import SEARCHED, trial_config
 
 TRIAL_TAG = "hmsa.trial_id"
 FAILURE_TAG = "hmsa.failure"  # why a trial's training ended in an error that a retry meets again
@@ -23,7 +23,7 @@ def driver(settings: dict, base: PipelineConfig, setup: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.trainer import build_trainer, not_retried
+    from pipeline.runtime.trainer import build_trainer, not_retried
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, settings, trial_id)

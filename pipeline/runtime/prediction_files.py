@@ -10,7 +10,7 @@ from pathlib import Path
 from components.config import NAME_MAX, TEMPORARY_NAME_EXTRA
 from components.data.readers import IMAGE_SUFFIXES
 from components.owned_files import check_replaceable
-from pipeline import output_files
+from pipeline.runtime import output_files
 
 
 def list_images(inputs: list[str]) -> list[Path]:

@@ -1,6 +1,6 @@
 """MLflow helpers: one run per training (found again by a stable key), its status, the model.
 
-Where to track is environment (MLFLOW_TRACKING_URI, see pipeline/environment.py). Embedded
+Where to track is environment (MLFLOW_TRACKING_URI, see pipeline/runtime/environment.py). Embedded
 default: `sqlite:///mlflow.db` with artifacts next to it. With a server, artifacts go through the
 server to its artifact store (S3 on a cluster).
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from components.config import RegisterConfig
 from components.redact import redact
-from pipeline.environment import Environment
+from pipeline.runtime.environment import Environment
 
 RUN_KEY_TAG = "hmsa.run_key"
 MODEL_URI_TAG = "hmsa.model_uri"
@@ -110,7 +110,7 @@ def log_saved_model(model_dir: str | Path, default_scales: list[float], name: st
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     default_scales = [float(s) for s in default_scales]
     signature = ModelSignature(
         inputs=Schema([ColSpec("binary", "image")]),  # encoded images; base64 in JSON requests
@@ -123,7 +123,7 @@ def log_saved_model(model_dir: str | Path, default_scales: list[float], name: st
         defaults.write_text(json.dumps({"default_scales": default_scales, "max_request_pixels": bound}))
         info = mlflow.pyfunc.log_model(
             name=name,
-            python_model=str(root / "pipeline" / "serving_model.py"),
+            python_model=str(root / "pipeline" / "runtime" / "serving_model.py"),
             artifacts={"model_dir": str(model_dir), "serving_defaults": str(defaults)},
             code_paths=[str(root / "components")],
             signature=signature,

@@ -22,7 +22,7 @@ def load_model(source: str, cfg: PipelineConfig) -> tuple[MultiScaleSegmenter, M
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline.environment import Environment
+    from pipeline.runtime.environment import Environment
 
     uri = Environment.from_environ().tracking_uri
     mlflow.set_tracking_uri(uri)

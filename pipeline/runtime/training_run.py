@@ -23,12 +23,12 @@ from components.data.pyramid import PyramidReader
 from components.models.build import training_method
 from components.models.saved import CONFIG_FILE, WEIGHTS_FILE, is_saved_model
 from components.redact import redact
-from pipeline import cluster, leftovers, output_files, tracking
-from pipeline.common import ctrl_c_stays_an_interrupt
-from pipeline.environment import Environment
-from pipeline.errors import ClusterError
-from pipeline.launch import prepare_launch
-from pipeline.trainer import STATE_FILE, build_trainer, not_retried, start_failure, validation_scales
+from pipeline.runtime import cluster, leftovers, output_files, tracking
+from pipeline.runtime.common import ctrl_c_stays_an_interrupt
+from pipeline.runtime.environment import Environment
+from pipeline.runtime.errors import ClusterError
+from pipeline.runtime.launch import prepare_launch
+from pipeline.runtime.trainer import STATE_FILE, build_trainer, not_retried, start_failure, validation_scales
 
 
 def run_training(cfg: PipelineConfig) -> None:
@@ -64,7 +64,7 @@ def run_training(cfg: PipelineConfig) -> None:
     )
     trainer = build_trainer(cfg, launch, name, mlflow_run_id=run_id)
     # On a joined cluster, an elastic run grows only onto what no request of an ended run reserves
-    # (pipeline.leftovers); a local Ray is this stage's own, and holds no other run's leftovers.
+    # (pipeline.runtime.leftovers); a local Ray is this stage's own, and holds no other run's leftovers.
     reaper = leftovers.LeftoverReaper() if launch.env.ray_address else contextlib.nullcontext()
     with tracking.run_status(run_id), reaper:
         try:

@@ -1,5 +1,5 @@
 """The seeds of one row of the `ablation` stage's method table (pipeline/ablation.py): each seed
-trains through the same Ray Train code as the `train` stage (pipeline.training_run), is evaluated at
+trains through the same Ray Train code as the `train` stage (pipeline.runtime.training_run), is evaluated at
 the row's eval scales, and leaves <output_dir>/<method>/seed-<seed>/{result.json, image_matrices.npy};
 as many seeds train at once as the cluster holds.
 """
@@ -16,9 +16,9 @@ from components.config import PipelineConfig, ablation_config
 from components.flops import train_step_flops
 from components.memory import saved_activation_bytes
 from components.models import load_saved_model
-from pipeline import output_files
-from pipeline.eval_workers import evaluate_all
-from pipeline.training_run import run_training
+from pipeline.runtime import output_files
+from pipeline.runtime.eval_workers import evaluate_all
+from pipeline.runtime.training_run import run_training
 
 SEED_DIR = "seed-{seed}"
 IMAGE_MATRICES = "image_matrices.npy"  # one confusion matrix per val image, for the bootstrap
@@ -71,8 +71,8 @@ def run_seed(cfg: PipelineConfig, method: str, seed: int) -> dict:
 def trainings_at_once(cfg: PipelineConfig, method: str) -> int:
     """How many of a method's seeds train at the same time: as many as the cluster holds whole
     trainings (CPUs, and GPUs when it has them), at least one. A local 2-core Ray holds one."""
-    from pipeline.capacity import trainings_that_fit
-    from pipeline.launch import prepare_launch
+    from pipeline.runtime.capacity import trainings_that_fit
+    from pipeline.runtime.launch import prepare_launch
 
     launch = prepare_launch(ablation_config(cfg, method))  # checks services and joins Ray once
     return min(trainings_that_fit(cfg.ray, launch.use_gpu), len(cfg.ablation.seeds))

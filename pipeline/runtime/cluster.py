@@ -1,4 +1,4 @@
-"""Checking, before training starts, that the run can actually be placed (pipeline.ray_session
+"""Checking, before training starts, that the run can actually be placed (pipeline.runtime.ray_session
 joins the cluster).
 
 A worker node shares nothing with the driver but the network (DESIGN section 6). So when Ray
@@ -21,9 +21,9 @@ from components.config import PipelineConfig
 from components.data.pyramid import content_hash
 from components.redact import redact
 from components.storage import is_s3, join
-from pipeline.environment import Environment
-from pipeline.errors import ClusterError
-from pipeline.ray_session import CODE_DIRS, REPO_ROOT
+from pipeline.runtime.environment import Environment
+from pipeline.runtime.errors import ClusterError
+from pipeline.runtime.ray_session import CODE_DIRS, REPO_ROOT
 
 PREFLIGHT_TIMEOUT_S = 60
 

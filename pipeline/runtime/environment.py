@@ -12,7 +12,7 @@ read once, at a stage's entry point, from the standard variables the libraries t
     AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE   credentials
     MLFLOW_TRACKING_URI             an MLflow server (unset: sqlite:///mlflow.db, this machine only);
                                     user:password@ in it become MLFLOW_TRACKING_USERNAME/PASSWORD
-                                    (pipeline.common.move_uri_credentials, at every stage's start)
+                                    (pipeline.runtime.common.move_uri_credentials, at every stage's start)
     MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN   tracking credentials
 
 One `Environment` builds every client of object storage: boto3 (through components.storage) where

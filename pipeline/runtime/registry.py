@@ -11,7 +11,7 @@ import numpy as np
 
 from components.config import PipelineConfig
 from components.scales import scale_set_key
-from pipeline import tracking
+from pipeline.runtime import tracking
 
 
 def champion(client, name: str) -> dict | None:
