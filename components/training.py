@@ -99,6 +99,28 @@ def epoch_plan(train_len: int, cfg: TrainConfig, max_workers: int, world: int) -
     return samples, steps
 
 
+# The columns of the training curves (train.curves), one row per epoch of the history.
+CURVE_COLUMNS = ["epoch", "loss", "val_miou", "lr", "lr_at_samples", "samples_seen", "workers", "images_per_s",
+                 "epoch_seconds", "step_seconds"]
+
+
+def summarize_history(history: list[dict]) -> dict:
+    """A training's figures from its per-epoch history (the rows train_one_epoch's caller records):
+    the last epoch's loss and val mIoU, mean speeds, peak memory, and where each epoch trained."""
+    return {
+        "final_val_miou": history[-1]["val_miou"],
+        "final_loss": history[-1]["loss"],
+        "epochs": len(history),
+        "images_per_s": sum(r["images_per_s"] for r in history) / len(history),
+        "epoch_seconds": sum(r["epoch_seconds"] for r in history) / len(history),
+        "step_seconds": sum(r["step_seconds"] for r in history) / len(history),
+        "peak_memory_mb": max(r["peak_memory_mb"] for r in history),
+        "replicas_in_sync": all(r["replicas_in_sync"] for r in history),
+        "workers_per_epoch": [r["workers"] for r in history],
+        "worker_nodes": sorted({n for r in history for n in r["nodes"]}),
+    }
+
+
 def _to_device(batch: dict, device: torch.device, channels_last: bool) -> tuple[dict, torch.Tensor]:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     images = {s: t.to(device, non_blocking=True).contiguous(memory_format=fmt) for s, t in batch["images"].items()}

@@ -143,3 +143,17 @@ def test_rmi_replaces_cross_entropy_on_the_fused_logits_only():
     per_scale = sum(0.05 * cross_entropy(logits, target) for logits in out.logits.values())
     assert torch.allclose(segmentation_loss(out, target, cfg, "rmi"), rmi_loss(out.fused, target) + per_scale)
     assert torch.allclose(segmentation_loss(out, target, cfg, "ce"), cross_entropy(out.fused, target) + per_scale)
+
+
+def test_a_training_history_is_summarized_from_its_epochs():
+    from components.training import summarize_history
+
+    epoch = {"val_miou": 0.1, "loss": 2.0, "images_per_s": 10.0, "epoch_seconds": 4.0, "step_seconds": 0.5,
+             "peak_memory_mb": 100.0, "replicas_in_sync": True, "workers": 2, "nodes": ["b", "a"]}
+    later = {**epoch, "val_miou": 0.3, "loss": 1.0, "images_per_s": 20.0, "epoch_seconds": 2.0, "step_seconds": 0.25,
+             "peak_memory_mb": 150.0, "workers": 1, "nodes": ["a"]}
+    assert summarize_history([epoch, later]) == {
+        "final_val_miou": 0.3, "final_loss": 1.0, "epochs": 2, "images_per_s": 15.0, "epoch_seconds": 3.0,
+        "step_seconds": 0.375, "peak_memory_mb": 150.0, "replicas_in_sync": True, "workers_per_epoch": [2, 1],
+        "worker_nodes": ["a", "b"]}
+    assert summarize_history([epoch, {**later, "replicas_in_sync": False}])["replicas_in_sync"] is False

@@ -23,6 +23,7 @@ from components.data.pyramid import PyramidReader
 from components.models.build import training_method
 from components.models.saved import CONFIG_FILE, WEIGHTS_FILE, is_saved_model
 from components.redact import redact
+from components.training import CURVE_COLUMNS, summarize_history
 from pipeline.runtime import cluster, leftovers, output_files, tracking
 from pipeline.runtime.common import ctrl_c_stays_an_interrupt
 from pipeline.runtime.environment import Environment
@@ -136,36 +137,15 @@ def _write_outputs(cfg: PipelineConfig, result, use_gpu: bool) -> dict:
         shutil.copy2(Path(best) / WEIGHTS_FILE, out / WEIGHTS_FILE)
         _copy_config_as(Path(best) / CONFIG_FILE, out / CONFIG_FILE, cfg.model.method)
     with atomic_file(cfg.train.curves, output_files.TRAINING_CURVES) as handle:
-        fields = [
-            "epoch",
-            "loss",
-            "val_miou",
-            "lr",
-            "lr_at_samples",
-            "samples_seen",
-            "workers",
-            "images_per_s",
-            "epoch_seconds",
-            "step_seconds",
-        ]
-        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=CURVE_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
     metrics = {
         "best_val_miou": best_metrics["val_miou"],
         "best_epoch": best_metrics["epoch"],
-        "final_val_miou": history[-1]["val_miou"],
-        "final_loss": history[-1]["loss"],
-        "epochs": len(history),
-        "images_per_s": sum(r["images_per_s"] for r in history) / len(history),
-        "epoch_seconds": sum(r["epoch_seconds"] for r in history) / len(history),
-        "step_seconds": sum(r["step_seconds"] for r in history) / len(history),
-        "peak_memory_mb": max(r["peak_memory_mb"] for r in history),
-        "replicas_in_sync": all(r["replicas_in_sync"] for r in history),
+        **summarize_history(history),
         "resumed_at_epochs": result.metrics["resumed_at_epochs"],
         "num_workers": cfg.ray.num_workers,
-        "workers_per_epoch": [r["workers"] for r in history],
-        "worker_nodes": sorted({n for r in history for n in r["nodes"]}),
         "device": "gpu" if use_gpu else "cpu",
         "validation_scales": validation_scales(cfg),
         # what the search may set (tune.apply_to_train), as trained: `dvc exp show` shows these columns
