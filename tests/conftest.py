@@ -12,11 +12,11 @@ from components.config import ModelConfig
 
 # The longest modules first: `make test` runs whole modules in two pytest-xdist processes, and a long
 # module started last would run alone at the end. (Ordered by their durations in one `make test` on
-# 2 cores; a module not listed runs after these.)
-LONGEST_FIRST = ["test_e2e_dvc.py", "test_train_ray.py", "test_autoscaling.py", "test_kills.py", "test_cluster.py",
-                 "test_tune.py", "test_service_faults.py", "test_register_predict.py", "test_leaked_resources.py",
-                 "test_faults.py", "test_train_controller.py", "test_stack.py", "test_autoscaling_gpu.py",
-                 "test_predict.py", "test_data_bad_input.py", "test_environment.py", "test_evaluate.py"]
+# 2 cores; a module not listed runs after these. The Makefile turns off xdist's own reordering.)
+LONGEST_FIRST = ["test_e2e_dvc.py", "test_kills.py", "test_train_ray.py", "test_autoscaling.py", "test_cluster.py",
+                 "test_tune.py", "test_service_faults.py", "test_leaked_resources.py", "test_faults.py",
+                 "test_register_predict.py", "test_train_controller.py", "test_autoscaling_gpu.py", "test_predict.py",
+                 "test_evaluate.py", "test_stack.py", "test_data_bad_input.py", "test_environment.py"]
 
 
 def pytest_collection_modifyitems(items):

@@ -232,3 +232,15 @@ def test_commands_in_infra_name_existing_modules_and_stages():
             names = [w for w in words if re.fullmatch(r"[a-z][\w-]*", w)]
             for stage in names[-1:]:  # the target, after options and their values
                 assert stage in stages, f"a command names the stage {stage!r}, which dvc.yaml lacks: {line}"
+
+
+def test_make_test_starts_the_longest_modules_first():
+    """`make test` runs whole modules in two xdist processes; a long module that starts last runs
+    alone at the end. conftest.LONGEST_FIRST orders them, and xdist must not reorder them by their
+    number of tests (its default, which sends the long single-test modules last)."""
+    from tests.conftest import LONGEST_FIRST
+
+    recipe = re.search(r"^test: .*\n\t(.+)$", (ROOT / "Makefile").read_text(), flags=re.MULTILINE).group(1)
+    assert "--dist loadfile" in recipe and "--no-loadscope-reorder" in recipe, recipe
+    modules = {path.name for path in (ROOT / "tests").rglob("test_*.py")}
+    assert set(LONGEST_FIRST) <= modules, set(LONGEST_FIRST) - modules  # a renamed module keeps its place
