@@ -405,14 +405,14 @@ def _resolved(value: str) -> PurePosixPath:
     return PurePosixPath(os.path.realpath(value))
 
 
-def _repository_file_problem(key: str, value: str, path: PurePosixPath, source: str | None) -> str | None:
+def _repository_file_problem(key: str, value: str, path: PurePosixPath, params_file: str | None) -> str | None:
     if "://" in value:
         return None
     inside = next((part for part in path.parts if part in REPOSITORY_FOLDERS), None)
     if inside:
         return f"{key} = {value}: inside {inside}/, which belongs to {inside[1:]}; choose another path"
-    if source and path == _resolved(source):
-        return f"{key} = {value}: is the params file being read ({source}); choose another path"
+    if params_file and path == _resolved(params_file):
+        return f"{key} = {value}: is the params file being read ({params_file}); choose another path"
     if path.name in REPOSITORY_FILES:
         return f"{key} = {value}: is the repository's own {path.name}; choose another path"
     return None
@@ -440,14 +440,14 @@ def _output_path_problem(key: str, value: str) -> str | None:
     return None
 
 
-def output_overlaps(cfg: PipelineConfig, source: str | None = None) -> list[str]:
+def output_overlaps(cfg: PipelineConfig, params_file: str | None = None) -> list[str]:
     """Pairs of outputs where one stage would replace or delete what another wrote: the same path
     however spelt, or any output inside a directory that a stage replaces as a whole; and outputs on
     the repository's own files (params.yaml, dvc.yaml, .git/...)."""
     paths = {key: _resolved(_value(cfg, key)) for key in DIRECTORY_OUTPUTS + FILE_OUTPUTS}
     problems = [problem for key, path in paths.items()
                 if (problem := _output_path_problem(key, _value(cfg, key))
-                    or _repository_file_problem(key, _value(cfg, key), path, source))]
+                    or _repository_file_problem(key, _value(cfg, key), path, params_file))]
     keys = list(paths)
     for i, a in enumerate(keys):
         for b in keys[i + 1:]:
@@ -490,9 +490,9 @@ def _crop_problems(cfg: PipelineConfig) -> list[str]:
     return problems
 
 
-def _consistency_problems(cfg: PipelineConfig, source: str | None = None) -> list[str]:
+def _consistency_problems(cfg: PipelineConfig, params_file: str | None = None) -> list[str]:
     model = cfg.model
-    problems = output_overlaps(cfg, source) + _crop_problems(cfg)
+    problems = output_overlaps(cfg, params_file) + _crop_problems(cfg)
     names = [("model.trunk", model.trunk, TRUNK_NAMES), ("model.decoder", model.decoder, DECODER_NAMES)]
     if cfg.ablation.trunk is not None:
         names.append(("ablation.trunk", cfg.ablation.trunk, TRUNK_NAMES))
@@ -647,8 +647,11 @@ def _moved_keys(raw: dict) -> list[str]:
     return found
 
 
-def validate_config(raw: dict[str, Any], source: str = "<dict>") -> PipelineConfig:
-    """Validate a parsed params dict: types and ranges first, then cross-key rules."""
+def validate_config(raw: dict[str, Any], source: str = "<dict>", params_file: str | None = None) -> PipelineConfig:
+    """Validate a parsed params dict: types and ranges first, then cross-key rules. `source` names
+    where the values came from in errors; `params_file`, the file they were read from (no output may
+    be it). A config derived from another (with_overrides: a trial, tune.best, an ablation row) names
+    its source but reads no params file: tune.best is an output that train reads, not its params."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
     moved = _moved_keys(raw)
@@ -658,7 +661,7 @@ def validate_config(raw: dict[str, Any], source: str = "<dict>") -> PipelineConf
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
-    problems = _consistency_problems(cfg, source if source != "<dict>" else None)
+    problems = _consistency_problems(cfg, params_file)
     if problems:
         raise ConfigError(f"invalid configuration in {source}:\n  " + "\n  ".join(problems))
     return cfg
@@ -680,4 +683,4 @@ def load_config(path: str | Path = "params.yaml") -> PipelineConfig:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    return validate_config(raw, source=str(path))
+    return validate_config(raw, source=str(path), params_file=str(path))

@@ -135,3 +135,18 @@ def test_what_changes_the_computation_changes_the_identity(sections, training, s
     base, edited = config(), config(**sections)
     assert (run_key(edited, "data") != run_key(base, "data")) == training
     assert (search_key(edited, "data") != search_key(base, "data")) == search
+
+
+def test_the_train_stage_takes_the_best_trial_from_tune_best(tmp_path, monkeypatch):
+    """tune.best is an output of `tune` that `train` reads: its settings go over params.yaml (and the
+    file is not mistaken for the params file, which no output may replace)."""
+    from pipeline.runtime.search_space import apply_best
+
+    monkeypatch.chdir(tmp_path)
+    cfg = validate_config(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    best = tmp_path / cfg.tune.best
+    best.parent.mkdir(parents=True)
+    best.write_text(yaml.safe_dump({"trial": "t1", "settings": {"lr": 0.02, "train_scales": "s075_10"}}))
+    tuned = apply_best(cfg)
+    assert tuned.train.lr == 0.02 and tuned.model.train_scales == [0.75, 1.0]
+    assert tuned.train.epochs == cfg.train.epochs  # the train stage's own budget, not the trials'
