@@ -75,6 +75,6 @@ def version_by_alias(client, name: str, alias: str):
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_modelversion_by_alias(name, alias)
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
