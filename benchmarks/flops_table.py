@@ -1,6 +1,9 @@
-"""Print the FLOPs table of the five methods (inference and one training step).
+"""Print the FLOPs table of the five methods (inference and one training step), by default at the
+paper's model size (ResNet-50 at output stride 8, DeepLabV3+ with 256-channel decoder and attention
+heads, as infra/profiles/paper.yaml): the table docs/model.md shows, checked against this output by
+tests/test_flops.py.
 
-    .venv/bin/python -m benchmarks.flops_table [--trunk resnet50] [--decoder deeplabv3plus] [--size 512 1024]
+    .venv/bin/python -m benchmarks.flops_table [--trunk resnet50] [--output-stride 8] [--size 512 1024]
 
 Counted on the meta device (components.flops), so a ResNet-50 at 1024x2048 costs seconds.
 """
@@ -22,10 +25,14 @@ METHOD_SCALES = {
 }
 
 
-def flops_table(trunk: str, decoder: str, size: tuple[int, int]) -> list[dict]:
+PAPER_MODEL = {"trunk": "resnet50", "output_stride": 8, "decoder": "deeplabv3plus", "decoder_channels": 256,
+               "attention_channels": 256}
+
+
+def flops_table(size: tuple[int, int], **model) -> list[dict]:
     rows = []
     for method, (train_scales, eval_scales) in METHOD_SCALES.items():
-        cfg = ModelConfig(method=method, trunk=trunk, decoder=decoder, train_scales=train_scales)
+        cfg = ModelConfig(**{**PAPER_MODEL, **model}, method=method, train_scales=train_scales)
         rows.append(
             {
                 "method": method,
@@ -41,21 +48,23 @@ def flops_table(trunk: str, decoder: str, size: tuple[int, int]) -> list[dict]:
     return rows
 
 
+def table_lines(rows: list[dict]) -> list[str]:
+    lines = ["| method | train scales | train GFLOPs (fwd+bwd) | vs single | eval scales | eval GFLOPs |",
+             "|---|---|---|---|---|---|"]
+    return lines + [f"| {r['method']} | {r['train_scales']} | {r['train_gflops']:.0f} | {r['train_vs_single']:.2f}x "
+                    f"| {r['eval_scales']} | {r['eval_gflops']:.0f} |" for r in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trunk", default="resnet50")
-    parser.add_argument("--decoder", default="deeplabv3plus")
+    parser.add_argument("--trunk", default=PAPER_MODEL["trunk"])
+    parser.add_argument("--output-stride", type=int, choices=(8, 16), default=PAPER_MODEL["output_stride"])
+    parser.add_argument("--decoder", default=PAPER_MODEL["decoder"])
     parser.add_argument("--size", type=int, nargs=2, default=(512, 1024))
     args = parser.parse_args()
-    rows = flops_table(args.trunk, args.decoder, tuple(args.size))
-    print(f"{args.decoder}/{args.trunk} at {args.size[0]}x{args.size[1]}, batch 1")
-    print("| method | train scales | train GFLOPs (fwd+bwd) | vs single | eval scales | eval GFLOPs |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['method']} | {r['train_scales']} | {r['train_gflops']:.0f} | {r['train_vs_single']:.2f}x "
-            f"| {r['eval_scales']} | {r['eval_gflops']:.0f} |"
-        )
+    rows = flops_table(tuple(args.size), trunk=args.trunk, output_stride=args.output_stride, decoder=args.decoder)
+    print(f"{args.decoder}/{args.trunk} at output stride {args.output_stride}, {args.size[0]}x{args.size[1]}, batch 1")
+    print("\n".join(table_lines(rows)))
 
 
 if __name__ == "__main__":

@@ -28,3 +28,14 @@ def test_training_step_ratios():
     # A training step costs about three forward passes (forward + two for backward).
     forward = inference_flops(tiny_model_config(method="single", trunk="resnet18"), [1.0], SIZE)
     assert 2.5 <= single / forward <= 3.1
+
+
+def test_the_flops_table_of_the_docs_is_what_the_command_prints():
+    """docs/model.md shows `python -m benchmarks.flops_table` at its defaults (the paper's model at
+    512x1024): counted, not measured, so the docs must hold it exactly, not an older model's."""
+    from benchmarks.flops_table import flops_table, table_lines
+    from tests.dvc_helpers import ROOT
+
+    printed = table_lines(flops_table((512, 1024)))
+    shown = [line for line in (ROOT / "docs" / "model.md").read_text().splitlines() if line.startswith("|")]
+    assert shown[:len(printed)] == printed
