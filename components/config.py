@@ -550,6 +550,11 @@ def with_overrides(cfg: PipelineConfig, overrides: dict[str, dict], source: str)
     return validate_config(raw, source=source)
 
 
+def ablation_seed_dir(cfg: PipelineConfig, row: str, seed: int) -> str:
+    """Where one seed of one row of the method table writes: its model, run record and results."""
+    return f"{cfg.ablation.output_dir}/{row}/seed-{seed}"
+
+
 def ablation_config(cfg: PipelineConfig, row: str, seed: int | None = None) -> PipelineConfig:
     """The full config of one ablation run (a row of the table, ablation.methods.<row>, and a seed):
     the base config with the row's method, its scales, the seed and the shared budget swapped in,
@@ -558,7 +563,7 @@ def ablation_config(cfg: PipelineConfig, row: str, seed: int | None = None) -> P
         raise ConfigError(f"ablation.methods has no entry {row!r}; it has {sorted(cfg.ablation.methods)}")
     entry, ab = cfg.ablation.methods[row], cfg.ablation
     seed = ab.seeds[0] if seed is None else seed
-    out = f"{ab.output_dir}/{row}/seed-{seed}"
+    out = ablation_seed_dir(cfg, row, seed)
     return with_overrides(
         cfg,
         {

@@ -18,12 +18,12 @@ import csv
 import yaml
 
 from components.atomic import atomic_file
-from components.config import SEARCH_KEYS, PipelineConfig
+from components.config import SEARCH_KEYS, SEARCHABLE, PipelineConfig
 from components.data.pyramid import PyramidReader
 from pipeline.runtime import capacity, cluster, leftovers, output_files, tracking, tune_trials
 from pipeline.runtime.common import ctrl_c_stays_an_interrupt, run_stage
 from pipeline.runtime.launch import prepare_launch
-from pipeline.runtime.search_space import SEARCHED, check_search_space, search_space, trial_config
+from pipeline.runtime.search_space import check_search_space, search_space, trial_config
 
 
 def search_key(cfg: PipelineConfig, dataset_fingerprint: str) -> str:
@@ -107,7 +107,7 @@ def write_search_outputs(cfg: PipelineConfig, rows: list[dict]) -> dict:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    chosen = {k: best[k] for k in SEARCHED if k in best}
+    chosen = {k: best[k] for k in SEARCHABLE if k in best}
     document = {"trial": best["trial"], "best_val_miou": best["best_val_miou"], "settings": chosen,
                 "train_scales": best["train_scale_list"]}
     with atomic_file(cfg.tune.best, output_files.BEST_TRIAL) as handle:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from components.atomic import atomic_file
-from components.config import PipelineConfig, ablation_config
+from components.config import PipelineConfig, ablation_config, ablation_seed_dir
 from components.flops import train_step_flops
 from components.memory import saved_activation_bytes
 from components.models import load_saved_model
@@ -20,14 +20,12 @@ from pipeline.runtime import output_files
 from pipeline.runtime.eval_workers import evaluate_all
 from pipeline.runtime.training_run import run_training
 
-SEED_DIR = "seed-{seed}"
 IMAGE_MATRICES = "image_matrices.npy"  # one confusion matrix per val image, for the bootstrap
-
 
 
 def seed_output_files(cfg: PipelineConfig, method: str) -> list[output_files.OutputFile]:
     """The files every seed of a method writes, to be checked before any training starts."""
-    folders = [Path(cfg.ablation.output_dir) / method / SEED_DIR.format(seed=seed) for seed in cfg.ablation.seeds]
+    folders = [Path(ablation_seed_dir(cfg, method, seed)) for seed in cfg.ablation.seeds]
     return ([output_files.OutputFile("ablation.output_dir", seed / "result.json", output_files.SEED_RESULT)
              for seed in folders]
             + [output_files.OutputFile("ablation.output_dir", seed / IMAGE_MATRICES, output_files.NUMPY_ARRAY)
@@ -60,7 +58,7 @@ def run_seed(cfg: PipelineConfig, method: str, seed: int) -> dict:
         "eval_gflops": row["gflops"],
         "epochs": trained["epochs"],
     }
-    folder = Path(cfg.ablation.output_dir) / method / SEED_DIR.format(seed=seed)
+    folder = Path(ablation_seed_dir(cfg, method, seed))
     with atomic_file(folder / IMAGE_MATRICES, output_files.NUMPY_ARRAY, "wb") as handle:
         np.save(handle, row["image_matrices"])
     with atomic_file(folder / "result.json", output_files.SEED_RESULT) as handle:
@@ -110,5 +108,5 @@ def load_method(cfg: PipelineConfig, method: str) -> tuple[list[dict], np.ndarra
     if [r["seed"] for r in seeds] != list(cfg.ablation.seeds):
         raise ValueError(f"{path} has seeds {[r['seed'] for r in seeds]}, ablation.seeds is {cfg.ablation.seeds}: "
                          "run `dvc repro ablation` again")
-    matrices = np.stack([np.load(folder / SEED_DIR.format(seed=r["seed"]) / IMAGE_MATRICES) for r in seeds])
+    matrices = np.stack([np.load(Path(ablation_seed_dir(cfg, method, r["seed"])) / IMAGE_MATRICES) for r in seeds])
     return seeds, matrices

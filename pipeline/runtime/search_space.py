@@ -7,9 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from components.config import SEARCHABLE, PipelineConfig, SearchSpec, with_overrides
-
-SEARCHED = SEARCHABLE  # a trial's settings: the searchable keys that tune.search names
+from components.config import PipelineConfig, SearchSpec, with_overrides
 
 
 def trial_config(cfg: PipelineConfig, settings: dict, trial: str) -> PipelineConfig:

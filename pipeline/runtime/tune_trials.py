@@ -8,10 +8,10 @@ Tune's own results once the search is over.
 
 from __future__ import annotations
 
-from components.config import PipelineConfig
+from components.config import SEARCHABLE, PipelineConfig
 from components.flops import train_step_flops
 from pipeline.runtime import tracking
-from pipeline.runtime.search_space import SEARCHED, trial_config
+from pipeline.runtime.search_space import trial_config
 
 TRIAL_TAG = "hmsa.trial_id"
 FAILURE_TAG = "hmsa.failure"  # why a trial's training ended in an error that a retry meets again
@@ -97,7 +97,7 @@ def trial_lines(max_epochs: int):
 
     class TrialLines(tune.Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
-            settings = ", ".join(f"{k} {trial.config[k]}" for k in SEARCHED if k in trial.config)
+            settings = ", ".join(f"{k} {trial.config[k]}" for k in SEARCHABLE if k in trial.config)
             print(f"trial {trial.trial_id} started: {settings}", flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
@@ -129,7 +129,7 @@ def mark_running_trials_killed(experiment_id: str, parent_run_id: str) -> None:
 
 def _trial_row(cfg: PipelineConfig, result, failure: str | None) -> dict:
     history = result.metrics_dataframe
-    settings = {k: result.config[k] for k in SEARCHED if k in result.config}
+    settings = {k: result.config[k] for k in SEARCHABLE if k in result.config}
     trial_cfg = trial_config(cfg, settings, "report")
     epochs = int(history["epoch"].max()) if history is not None and len(history) else 0
     failed = result.error is not None or failure is not None
