@@ -13,6 +13,7 @@ import pytest
 
 from components.atomic import OutputBusyError, atomic_dir, atomic_file, output_lock
 from components.owned_files import json_with
+from tests.output_checks import project_tracebacks
 from tests.services import python_env
 
 HOLDER = """
@@ -88,7 +89,7 @@ def test_two_prepare_runs_on_one_output_do_not_mix(tmp_path):
         os.kill(first.pid, signal.SIGCONT)
     assert second.returncode == 1 and f"prepare.output = {out}: another run is writing it (pid {first.pid}" \
         in second.stderr, second.stderr
-    assert "Traceback" not in second.stderr
+    assert not project_tracebacks(second.stderr)
     assert first.wait(timeout=120) == 0, first.stderr.read()
     images = list((out / "images" / "train").iterdir())
     assert len(images) == 40 and all(p.stat().st_size > 0 for p in images)
@@ -159,5 +160,5 @@ def test_stages_refuse_a_users_file_before_any_work(tmp_path, stage, section):
     key = next(f"{s}.{k}" for s, v in section.items() for k in v)
     assert done.returncode == 1 and f"{key} = NOTES.md: holds a file this pipeline did not write" in done.stderr, \
         done.stderr[-2000:]
-    assert "Traceback" not in done.stderr and "Ray" not in done.stderr
+    assert not project_tracebacks(done.stderr) and "Ray" not in done.stderr
     assert (tmp_path / "NOTES.md").read_text() == "mine\n"

@@ -11,6 +11,7 @@ import mlflow
 import pytest
 
 from components.models import load_saved_model
+from tests.output_checks import project_tracebacks
 from tests.services import MlflowServer, wait_until
 from tests.train_helpers import (
     curve_epochs,
@@ -132,7 +133,7 @@ def test_bad_cluster_configuration_fails_fast(tmp_path, data, ray_head, sections
     assert done.returncode == 1 and message in done.stderr, done.stderr[-2000:]
     # One line of ours (Ray's own INFO lines aside) that names the setting, and no traceback.
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0] and "Traceback" not in done.stderr
+    assert len(errors) == 1 and message in errors[0] and not project_tracebacks(done.stderr)
     assert time.time() - start < 30
     assert not (tmp_path / "model").exists()
 
@@ -205,7 +206,7 @@ def test_ddp_code_change_trains_again_and_unchanged_rerun_reuses(tmp_path, data,
     shutil.rmtree(first_run)
     before = (tmp_path / "model" / "weights.safetensors").read_bytes()
     gone = run_stage("train", params, **ray_head.client_env())
-    assert gone.returncode != 0 and "Traceback" not in gone.stderr, gone.stderr[-3000:]
+    assert gone.returncode != 0 and not project_tracebacks(gone.stderr), gone.stderr[-3000:]
     assert str(first_run) in gone.stderr and "mlflow runs delete --run-id" in gone.stderr, gone.stderr[-3000:]
     assert (tmp_path / "model" / "weights.safetensors").read_bytes() == before
 
@@ -227,7 +228,7 @@ def test_run_is_running_while_training_and_killed_on_sigterm_or_ctrl_c(tmp_path,
     if stop == signal.SIGINT:
         assert proc.returncode == 130, log[-2000:]
         assert log.strip().splitlines()[-1].startswith("interrupted: the stage stopped"), log[-2000:]
-        assert "Traceback" not in log
+        assert not project_tracebacks(log)
     assert client.get_run(run.info.run_id).info.status == "KILLED"
     assert not (tmp_path / "model").exists()
 

@@ -9,6 +9,7 @@ import mlflow
 import pytest
 import yaml
 
+from tests.output_checks import project_tracebacks
 from tests.services import wait_until
 from tests.train_helpers import run_on_cluster, stage_command, stage_env, tiny_pyramid, write_params
 
@@ -137,7 +138,7 @@ def test_ctrl_c_stops_the_search_in_one_line_and_its_trials_as_killed(tmp_path, 
     output = log_path.read_text()
     assert proc.returncode == 130, output[-3000:]
     assert output.strip().splitlines()[-1].startswith("interrupted: the stage stopped"), output[-3000:]
-    assert "Traceback" not in output and not (tmp_path / "tune" / "best.yaml").exists()
+    assert not project_tracebacks(output) and not (tmp_path / "tune" / "best.yaml").exists()
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("hmsa").experiment_id])
     assert runs and {run.info.status for run in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
