@@ -244,3 +244,18 @@ def test_make_test_starts_the_longest_modules_first():
     assert "--dist loadfile" in recipe and "--no-loadscope-reorder" in recipe, recipe
     modules = {path.name for path in (ROOT / "tests").rglob("test_*.py")}
     assert set(LONGEST_FIRST) <= modules, set(LONGEST_FIRST) - modules  # a renamed module keeps its place
+
+
+def test_processes_the_tests_start_let_idle_openmp_threads_sleep():
+    """Two test processes and the stages they start share the cores: OpenMP threads spinning while
+    they wait took CPU time from the others' work. Every process the tests start inherits the
+    setting of tests/conftest.py (PASSIVE, or the user's own)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.services import python_env
+
+    seen = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('OMP_WAIT_POLICY'))"],
+                          capture_output=True, text=True, env=python_env(), check=True).stdout.strip()
+    assert seen == os.environ.get("OMP_WAIT_POLICY") and seen not in ("None", ""), seen

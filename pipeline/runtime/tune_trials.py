@@ -140,6 +140,10 @@ def _trial_row(cfg: PipelineConfig, result, failure: str | None) -> dict:
         "failed": int(failed), "failure": failure or ("" if result.error is None else type(result.error).__name__),
         "last_val_miou": float(history["val_miou"].iloc[-1]) if epochs else float("nan"),
         "best_val_miou": float(history["val_miou"].max()) if epochs else float("nan"),
+        # From the trial's start to its first epoch's report (Tune's clock): its workers' start and
+        # one epoch, and any wait for resources, which a trial whose predecessor's are free at its
+        # start should not have (an ended trial's reservation once held them for minutes).
+        "first_epoch_after_s": float(history["time_total_s"].iloc[0]) if epochs else float("nan"),
         "train_gflops": train_step_flops(trial_cfg.model, tuple(trial_cfg.train.crop_size)) / 1e9,
     }
 
