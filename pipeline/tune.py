@@ -8,7 +8,8 @@ Each trial is a driver function that builds and fits the same TorchTrainer as th
 trials early. Every trial is an MLflow run nested under one parent run for the search, and ends
 with its real status (FINISHED, KILLED when ASHA stopped it, FAILED). The search is named after its
 code, config and data: running the stage again after an interruption restores it; after a
-completed search it is reused (and says so); after any change a new search starts.
+completed search it is reused (and says so); a larger tune.num_samples continues it with the new
+samples only (pipeline/runtime/search_batches.py); after any other change a new search starts.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import yaml
 from components.atomic import atomic_file
 from components.config import SEARCH_KEYS, SEARCHABLE, PipelineConfig
 from components.data.pyramid import PyramidReader
-from pipeline.runtime import capacity, cluster, leftovers, output_files, tracking, tune_trials
+from pipeline.runtime import cluster, leftovers, output_files, search_batches, tracking, tune_trials
 from pipeline.runtime.common import ctrl_c_stays_an_interrupt, run_stage
 from pipeline.runtime.launch import prepare_launch
 from pipeline.runtime.search_space import check_search_space, search_space, trial_config
@@ -29,24 +30,26 @@ from pipeline.runtime.search_space import check_search_space, search_space, tria
 def search_key(cfg: PipelineConfig, dataset_fingerprint: str) -> str:
     """The search's identity: what its trials compute, i.e. the base config under the trial budget
     (tune.epochs, not train.epochs) and the search's own keys (SEARCH_KEYS; the inference-scale
-    candidates are another stage's). Same key: a finished search is reused, an interrupted one resumed."""
-    searched = cfg.tune.model_dump(mode="json", include=set(SEARCH_KEYS))
+    candidates are another stage's). Same key: a finished search is reused, an interrupted one resumed.
+    tune.num_samples is not part of it: more samples continue the search (search_space.draw)."""
+    searched = cfg.tune.model_dump(mode="json", include=set(SEARCH_KEYS) - {"num_samples"})
     return cluster.run_key(trial_config(cfg, {}, "budget"), f"{dataset_fingerprint}:tune:{searched!r}")
 
 
 def search(cfg: PipelineConfig) -> list[dict]:
+    """Run the samples the search does not have yet (all of them the first time), as one more batch,
+    and return a row for each trial of samples 0 .. tune.num_samples - 1."""
+    from mlflow import MlflowClient
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import BasicVariantGenerator
 
     check_search_space(cfg)
     manifest = PyramidReader(cfg.pyramid.output).manifest
     launch = prepare_launch(cfg)
     name = f"tune-{search_key(cfg, manifest['source_manifest'])}"
     experiment_id = tracking.setup_experiment(launch.env, cfg.mlflow.experiment)
-    finished = tracking.finished_run(experiment_id, name)
-    parent_run_id = finished.info.run_id if finished else tracking.find_or_create_run(
-        experiment_id, name, name, {"stage": "tune"})
+    batches = search_batches.finished_batches(tracking.run_with_key(experiment_id, name))
+    done, wanted = (batches[-1][1] if batches else 0), cfg.tune.num_samples
+    parent_run_id = tracking.find_or_create_run(experiment_id, name, name, {"stage": "tune"})
     setup = {"key": name, "name": name, "launch": launch, "experiment_id": experiment_id,
              "parent_run_id": parent_run_id}
     # The driver only coordinates; its Train workers hold the CPUs/GPUs. A trial must request
@@ -54,48 +57,42 @@ def search(cfg: PipelineConfig) -> list[dict]:
     trainable = tune.with_resources(tune.with_parameters(tune_trials.driver, base=cfg, setup=setup),
                                     tune.PlacementGroupFactory([{"CPU": 0, "memory": 2**20}]))
     storage_path, storage_filesystem = launch.run_storage()
-    path = f"{storage_path.rstrip('/')}/{name}"
-    if tune.Tuner.can_restore(path, storage_filesystem=storage_filesystem):
-        print(f"reusing the finished search at {path}: same code, config and data" if finished else
-              f"resuming the interrupted search at {path}")
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=storage_filesystem)
-    else:
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.tune.epochs, grace_period=cfg.tune.grace_period,
-                                  reduction_factor=cfg.tune.reduction_factor)
-        concurrency = capacity.trainings_that_fit(cfg.ray, launch.use_gpu)  # trial drivers never wait for workers
-        tuner = tune.Tuner(
-            trainable,
-            param_space=search_space(cfg),
-            tune_config=tune.TuneConfig(metric="val_miou", mode="max", scheduler=scheduler,
-                                        num_samples=cfg.tune.num_samples,
-                                        # The generator enforces the limit (Tune ignores
-                                        # max_concurrent_trials for a BasicVariantGenerator given here).
-                                        search_alg=BasicVariantGenerator(random_state=cfg.tune.seed,
-                                                                         max_concurrent=concurrency)),
-            # A trial whose driver dies (a node lost, a Ray process crashing) restarts from its last
-            # checkpoint instead of failing the search.
-            run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
-                                      failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
-                                      # Tune's own tables (a status table every 30 s, one per trial
-                                      # start and end) were 40% of the main job's log: one line per
-                                      # trial start and end instead; the epochs have their own lines.
-                                      verbose=0, callbacks=[tune_trials.trial_lines(cfg.tune.epochs)]),
-        )
-    with tracking.run_status(parent_run_id):
-        # Trials are stopped while their training runs; what a stopped trial's training leaves must
-        # not hold the resources the next trials wait for (pipeline.runtime.leftovers).
-        try:
-            with leftovers.LeftoverReaper(), ctrl_c_stays_an_interrupt():
-                results = tuner.fit()
-        except KeyboardInterrupt:  # the search resumes on the next run; its trials stopped now
-            tune_trials.mark_running_trials_killed(experiment_id, parent_run_id)
-            raise
-        rows = tune_trials.finish_trials(cfg, experiment_id, parent_run_id, results)
-        from mlflow import MlflowClient
 
+    def restored(samples: tuple[int, int]):
+        return tune.Tuner.restore(f"{storage_path.rstrip('/')}/{name}-samples-{samples[0]}-{samples[1]}",
+                                  trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=storage_filesystem,
+                                  # its trials not made yet draw their settings with the same functions
+                                  param_space=search_space(cfg, *samples))
+
+    results = [result for samples in batches if samples[0] < wanted for result in restored(samples).get_results()]
+    where = f"{storage_path.rstrip('/')}/{name}-samples-*"
+    with tracking.run_status(parent_run_id):
+        if wanted <= done:
+            print(f"reusing the finished search at {where}: same code, config and data ({done} samples)")
+        else:
+            batch = f"{name}-samples-{done}-{wanted}"
+            if tune.Tuner.can_restore(f"{storage_path.rstrip('/')}/{batch}", storage_filesystem=storage_filesystem):
+                print(f"resuming the interrupted search at {where}")
+                tuner = restored((done, wanted))
+            else:
+                if done:
+                    print(f"continuing the finished search of {done} samples at {where}: samples {done + 1} to "
+                          f"{wanted}")
+                tuner = search_batches.new_tuner(cfg, trainable, launch, batch, (done, wanted))
+            # Trials are stopped while their training runs; what a stopped trial's training leaves
+            # must not hold the resources the next trials wait for (pipeline.runtime.leftovers).
+            try:
+                with leftovers.LeftoverReaper(), ctrl_c_stays_an_interrupt():
+                    results += list(tuner.fit())
+            except KeyboardInterrupt:  # the search resumes on the next run; its trials stopped now
+                tune_trials.mark_running_trials_killed(experiment_id, parent_run_id)
+                raise
+            ends = [end for _, end in batches] + [wanted]
+            MlflowClient().set_tag(parent_run_id, search_batches.SAMPLE_BATCHES_TAG, ",".join(map(str, ends)))
+        rows = tune_trials.finish_trials(cfg, experiment_id, parent_run_id, results)
         MlflowClient().set_tag(parent_run_id, tracking.COMPLETE_TAG, "true")
-    return rows
+    return [row for row in rows if row["sample"] < wanted]
 
 
 def write_search_outputs(cfg: PipelineConfig, rows: list[dict]) -> dict:

@@ -124,7 +124,7 @@ def test_an_operational_setting_keeps_the_identity_of_the_training_and_of_the_se
     ({"train": {"lr": 0.05}}, True, True),
     ({"train": {"epochs": 3}}, True, False),  # trials train tune.epochs
     ({"tune": {"epochs": 5}}, False, True),
-    ({"tune": {"num_samples": 7}}, False, True),
+    ({"tune": {"num_samples": 7}}, False, False),  # more samples continue the search (search_batches.py)
     ({"eval_scales": {"max_gflops": 50.0}}, False, False),  # the inference-scale search's
     ({"eval_scales": {"scale_sets": {"s10": [1.0]}}}, False, False),
 ])

@@ -142,3 +142,38 @@ def test_ctrl_c_stops_the_search_in_one_line_and_its_trials_as_killed(tmp_path, 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("hmsa").experiment_id])
     assert runs and {run.info.status for run in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
+
+
+@pytest.mark.timeout(900)
+def test_more_samples_continue_a_finished_search_and_keep_its_trials(tmp_path, ray_head):
+    """tune.num_samples 1 -> 2 trains the one new sample only; the first trial's row and MLflow run
+    are kept (a new search would train both again); back to 1, the first trial alone is reused."""
+    data = tiny_pyramid(tmp_path / "data", train_images=4, val_images=2)
+
+    def search(samples: int) -> subprocess.CompletedProcess:
+        params = write_params(tmp_path, data, ray={"cpus_per_worker": 2}, tune={
+            "num_samples": samples, "epochs": 1, "steps_per_epoch": None, "grace_period": 1,
+            "train_scale_sets": {"s05_10": [0.5, 1.0]},
+            "search": {"lr": {"loguniform": [0.001, 0.1]}, "train_scales": {"choice": ["s05_10"]}}})
+        done = run_on_cluster(stage_command("tune", params), stage_env(params, **ray_head.client_env()), 600,
+                              ray_head)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        return done
+
+    search(1)
+    (first,) = trial_rows(tmp_path)
+    more = search(2)
+    assert "continuing the finished search of 1 samples" in more.stdout, more.stdout[-2000:]
+    rows = trial_rows(tmp_path)
+    assert [r["sample"] for r in rows] == ["0", "1"] and rows[0] == first, rows
+    assert more.stdout.count(" started: ") == 1  # one new trial
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("hmsa")
+    (parent,) = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'tune'")
+    children = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(float(c.data.params["lr"]) for c in children) == sorted(float(r["lr"]) for r in rows)
+    assert all(c.info.status == "FINISHED" for c in children)
+
+    fewer = search(1)
+    assert "reusing the finished search" in fewer.stdout and trial_rows(tmp_path) == [first]

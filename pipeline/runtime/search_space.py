@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import functools
+import math
+import zlib
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from components.config import PipelineConfig, SearchSpec, with_overrides
@@ -22,16 +26,25 @@ def trial_config(cfg: PipelineConfig, settings: dict, trial: str) -> PipelineCon
                           source=f"tune trial {trial}")
 
 
-def _space(spec: SearchSpec):
-    from ray import tune
+SAMPLE = "sample"  # a trial's sample number, in its config beside the searched settings
 
-    if spec.grid is not None:
-        return tune.grid_search(spec.grid)
+
+def draw(spec: SearchSpec, key: str, seed: int, sample: int):
+    """The value of a sampled (not grid) key in sample `sample`: a function of tune.seed, the sample
+    number and the key alone. The first samples of a larger search are then the samples of a smaller
+    one, so extending tune.num_samples continues a finished search instead of drawing anew."""
+    rng = np.random.default_rng([seed, sample, zlib.crc32(key.encode())])
     if spec.choice is not None:
-        return tune.choice(spec.choice)
+        return spec.choice[int(rng.integers(len(spec.choice)))]
     if spec.loguniform is not None:
-        return tune.loguniform(*spec.loguniform)
-    return tune.uniform(*spec.uniform)
+        low, high = spec.loguniform
+        return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+    assert spec.uniform is not None
+    return float(rng.uniform(*spec.uniform))
+
+
+def _drawn_for_trial(spec: SearchSpec, key: str, seed: int, resolved) -> object:
+    return draw(spec, key, seed, getattr(resolved.config, SAMPLE))  # Tune resolves the grid first
 
 
 def check_search_space(cfg: PipelineConfig) -> None:
@@ -44,9 +57,16 @@ def check_search_space(cfg: PipelineConfig) -> None:
         trial_config(cfg, combo, f"settings {combo}")
 
 
-def search_space(cfg: PipelineConfig) -> dict:
-    """Tune's param_space for tune.search."""
-    return {key: _space(spec) for key, spec in cfg.tune.search.items()}
+def search_space(cfg: PipelineConfig, first_sample: int, end_sample: int) -> dict:
+    """Tune's param_space for samples first_sample .. end_sample - 1 of tune.search: every grid
+    value in every sample (as Tune's num_samples does), the sampled keys drawn per sample (draw())."""
+    from ray import tune
+
+    space: dict = {SAMPLE: tune.grid_search(list(range(first_sample, end_sample)))}
+    for key, spec in cfg.tune.search.items():
+        space[key] = (tune.grid_search(spec.grid) if spec.grid is not None else
+                      tune.sample_from(functools.partial(_drawn_for_trial, spec, key, cfg.tune.seed)))
+    return space
 
 
 def apply_best(cfg: PipelineConfig) -> PipelineConfig:

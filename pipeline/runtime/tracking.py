@@ -34,14 +34,20 @@ def setup_experiment(env: Environment, experiment: str) -> str:
     return mlflow.create_experiment(experiment, artifact_location=env.local_artifact_location())
 
 
-def finished_run(experiment_id: str, run_key: str):
-    """The completed run of `run_key` (FINISHED, and marked complete after its outputs), or None."""
+def run_with_key(experiment_id: str, run_key: str):
+    """The run of `run_key` whatever its status, or None."""
     from mlflow import MlflowClient
 
     found = MlflowClient().search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
                                        max_results=1)
-    if found and found[0].info.status == "FINISHED" and found[0].data.tags.get(COMPLETE_TAG) == "true":
-        return found[0]
+    return found[0] if found else None
+
+
+def finished_run(experiment_id: str, run_key: str):
+    """The completed run of `run_key` (FINISHED, and marked complete after its outputs), or None."""
+    found = run_with_key(experiment_id, run_key)
+    if found and found.info.status == "FINISHED" and found.data.tags.get(COMPLETE_TAG) == "true":
+        return found
     return None
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from components.config import SEARCHABLE, PipelineConfig
 from components.flops import train_step_flops
 from pipeline.runtime import tracking
-from pipeline.runtime.search_space import trial_config
+from pipeline.runtime.search_space import SAMPLE, trial_config
 
 TRIAL_TAG = "hmsa.trial_id"
 FAILURE_TAG = "hmsa.failure"  # why a trial's training ended in an error that a retry meets again
@@ -134,7 +134,7 @@ def _trial_row(cfg: PipelineConfig, result, failure: str | None) -> dict:
     epochs = int(history["epoch"].max()) if history is not None and len(history) else 0
     failed = result.error is not None or failure is not None
     return {
-        "trial": result.path.rsplit("/", 1)[-1], **settings,
+        "trial": result.path.rsplit("/", 1)[-1], "sample": int(result.config.get(SAMPLE, 0)), **settings,
         "train_scale_list": trial_cfg.model.train_scales,
         "epochs": epochs, "stopped_early": int(not failed and epochs < cfg.tune.epochs),
         "failed": int(failed), "failure": failure or ("" if result.error is None else type(result.error).__name__),
