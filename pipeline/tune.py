@@ -23,6 +23,7 @@ from components.config import SEARCH_KEYS, SEARCHABLE, PipelineConfig
 from components.data.pyramid import PyramidReader
 from pipeline.runtime import cluster, leftovers, output_files, search_batches, tracking, tune_trials
 from pipeline.runtime.common import ctrl_c_stays_an_interrupt, run_stage
+from pipeline.runtime.errors import SearchFailedError
 from pipeline.runtime.launch import prepare_launch
 from pipeline.runtime.search_space import check_search_space, search_space, trial_config
 
@@ -98,7 +99,8 @@ def search(cfg: PipelineConfig) -> list[dict]:
 def write_search_outputs(cfg: PipelineConfig, rows: list[dict]) -> dict:
     finished = [r for r in rows if not r["failed"] and r["epochs"]]
     if not finished:
-        raise RuntimeError(f"every one of the {len(rows)} trials failed; see the Ray logs above")
+        reasons = "; ".join(sorted({row["failure"] for row in rows if row["failure"]})) or "see the log above"
+        raise SearchFailedError(f"every one of the {len(rows)} trials failed: {reasons}")
     best = max(finished, key=lambda r: r["best_val_miou"])
     with atomic_file(cfg.tune.trials, output_files.TRIALS) as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

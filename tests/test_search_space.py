@@ -16,10 +16,11 @@ def tune_section(**search) -> dict:
 
 
 def trials_of(cfg, first: int, end: int) -> list[dict]:
-    """The trials Tune makes of samples first .. end - 1 (its own variant generator)."""
+    """The trials Tune makes of samples first .. end - 1 (its own variant generator, given the
+    param space as a Tuner gives it)."""
     from ray.tune.search.variant_generator import generate_variants
 
-    return [dict(spec["config"]) for _, spec in generate_variants({"config": search_space(cfg, first, end)})]
+    return [dict(config) for _, config in generate_variants(search_space(cfg, first, end))]
 
 
 def test_a_larger_search_begins_with_the_trials_of_the_smaller_one_and_continues_with_new_ones():

@@ -14,6 +14,7 @@ from components.models import load_saved_model
 from tests.output_checks import project_tracebacks
 from tests.services import MlflowServer, wait_until
 from tests.train_helpers import (
+    cpus_held_by_another_job,
     curve_epochs,
     read_metrics,
     run_stage,
@@ -245,34 +246,14 @@ def test_a_diverging_training_ends_at_once_without_retries(tmp_path, data, ray_h
     assert not (tmp_path / "model").exists()
 
 
-HOLD_THE_CPUS = """
-import sys, time, ray
-ray.init()
-group = ray.util.placement_group([{"CPU": ray.cluster_resources()["CPU"]}])
-ray.get(group.ready())
-print("held", flush=True)
-time.sleep(600)
-"""
-
-
 def test_workers_that_cannot_start_fail_the_run_in_one_line_not_for_ever(tmp_path, data, ray_head):
     """Another job holds every CPU (a live job's placement group: nothing to free). Ray Train retried
     the worker group's start for ever (`max allowed: inf`), so a search never finished nor failed;
     now ray.max_start_failures bounds it and the stage says what holds the run."""
-    import sys
-
-    from tests.services import python_env
-
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_CPUS], stdout=subprocess.PIPE, text=True,
-                              env=python_env(**ray_head.client_env()))
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with cpus_held_by_another_job(ray_head):
         params = write_params(tmp_path, data, ray={"max_start_failures": 1})
         done = run_stage("train", params, timeout=300, **ray_head.client_env(),
                          RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="3")
-    finally:
-        holder.kill()
-        holder.wait()
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 1 and len(errors) == 1, done.stderr[-3000:]
     assert "workers could not start 2 times" in errors[0] and "ray.max_start_failures" in errors[0], errors

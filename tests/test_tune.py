@@ -11,7 +11,14 @@ import yaml
 
 from tests.output_checks import project_tracebacks
 from tests.services import wait_until
-from tests.train_helpers import run_on_cluster, stage_command, stage_env, tiny_pyramid, write_params
+from tests.train_helpers import (
+    cpus_held_by_another_job,
+    run_on_cluster,
+    stage_command,
+    stage_env,
+    tiny_pyramid,
+    write_params,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -177,3 +184,25 @@ def test_more_samples_continue_a_finished_search_and_keep_its_trials(tmp_path, r
 
     fewer = search(1)
     assert "reusing the finished search" in fewer.stdout and trial_rows(tmp_path) == [first]
+
+
+@pytest.mark.timeout(600)
+def test_a_trial_whose_workers_cannot_be_placed_fails_with_its_cause_and_the_search_goes_on(tmp_path, ray_head):
+    """Another job holds every CPU: each trial's workers fail to start ray.max_start_failures + 1
+    times, and the trial fails then, its cause named, without Tune's ray.max_failures retries of the
+    whole wait; the next trial is tried; with no trial trained, the stage fails in one line."""
+    data = tiny_pyramid(tmp_path / "data", train_images=4, val_images=2)
+    params = write_params(tmp_path, data, ray={"cpus_per_worker": 2, "max_start_failures": 1, "max_failures": 3},
+                          tune={"num_samples": 1, "epochs": 1, "steps_per_epoch": None, "grace_period": 1,
+                                "train_scale_sets": {"s05_10": [0.5, 1.0]},
+                                "search": {"lr": {"grid": [0.01, 0.02]}, "train_scales": {"choice": ["s05_10"]}}})
+    env = stage_env(params, **ray_head.client_env(), RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="3")
+    with cpus_held_by_another_job(ray_head):
+        done = run_on_cluster(stage_command("tune", params), env, 400, ray_head)
+    cause = "the training's workers could not start 2 times"
+    assert done.stdout.count(f"failed: {cause}") == 2, (done.stdout + done.stderr)[-4000:]  # each trial once
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 1 and len(errors) == 1 and "every one of the 2 trials failed" in errors[0], \
+        done.stderr[-3000:]
+    assert cause in errors[0] and "held by other work" in errors[0], errors
+    assert not (tmp_path / "tune" / "best.yaml").exists()

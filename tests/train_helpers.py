@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -90,3 +91,26 @@ def read_metrics(workdir: Path) -> dict:
 def curve_epochs(workdir: Path) -> list[int]:
     lines = (workdir / "curves.csv").read_text().splitlines()[1:]
     return [int(line.split(",")[0]) for line in lines]
+
+
+HOLD_THE_CPUS = """
+import time, ray
+ray.init()
+group = ray.util.placement_group([{"CPU": ray.cluster_resources()["CPU"]}])
+ray.get(group.ready())
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+@contextlib.contextmanager
+def cpus_held_by_another_job(cluster):
+    """Every CPU of `cluster` (a RayHead) held by a live job's placement group: nothing to free."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_CPUS], stdout=subprocess.PIPE, text=True,
+                              env=python_env(**cluster.client_env()))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()

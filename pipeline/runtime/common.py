@@ -13,12 +13,12 @@ from collections.abc import Callable
 
 from components.config import ConfigError, load_config
 from components.redact import redact
-from pipeline.runtime.errors import ClusterError
+from pipeline.runtime.errors import ClusterError, SearchFailedError
 
 VERBOSE_VARIABLE = "HMSA_VERBOSE"  # "1" (a stage's --verbose): Ray Train's own report and checkpoint lines too
 
 # Errors that are the user's to fix (a key, a path, a cluster setting): one line, no traceback.
-USER_ERRORS = (ConfigError, ClusterError, FileNotFoundError, FileExistsError, ValueError, KeyError,
+USER_ERRORS = (ConfigError, ClusterError, SearchFailedError, FileNotFoundError, FileExistsError, ValueError, KeyError,
                ConnectionError)
 
 

@@ -43,8 +43,8 @@ def draw(spec: SearchSpec, key: str, seed: int, sample: int):
     return float(rng.uniform(*spec.uniform))
 
 
-def _drawn_for_trial(spec: SearchSpec, key: str, seed: int, resolved) -> object:
-    return draw(spec, key, seed, getattr(resolved.config, SAMPLE))  # Tune resolves the grid first
+def _drawn_for_trial(spec: SearchSpec, key: str, seed: int, config: dict) -> object:
+    return draw(spec, key, seed, config[SAMPLE])  # Tune resolves the grid keys first
 
 
 def check_search_space(cfg: PipelineConfig) -> None:

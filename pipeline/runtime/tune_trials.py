@@ -23,7 +23,7 @@ def driver(settings: dict, base: PipelineConfig, setup: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.runtime.trainer import build_trainer, not_retried
+    from pipeline.runtime.trainer import build_trainer, not_retried, start_failure
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, settings, trial_id)
@@ -46,12 +46,14 @@ def driver(settings: dict, base: PipelineConfig, setup: dict) -> None:
     try:
         trainer.fit()
     except Exception as err:
-        failure = not_retried(err)
+        failure = not_retried(err) or start_failure(err, cfg.ray)
         if failure is None:
             raise
         # Settings that diverge are an answer of the search, not a failure to retry: Tune would rerun
-        # the trial ray.max_failures times from its checkpoint and meet the same NaN each time. The
-        # trial ends here; its row says it failed and why (search()), and it is never the best.
+        # the trial ray.max_failures times from its checkpoint and meet the same NaN each time. So
+        # would workers that could not start ray.max_start_failures + 1 times (resources held by
+        # other work), each time after as long a wait. The trial ends here; its row says it failed
+        # and why (search()), it is never the best, and the search goes on with the next trials.
         mlflow.MlflowClient().set_tag(run_id, FAILURE_TAG, str(failure))
         print(f"trial {trial_id} failed: {failure}")
         # Tune wants the searched metric in a trial's last result: NaN, no value (ASHA's rungs start at
