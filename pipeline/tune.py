@@ -59,28 +59,29 @@ def search(cfg: PipelineConfig) -> list[dict]:
                                     tune.PlacementGroupFactory([{"CPU": 0, "memory": 2**20}]))
     storage_path, storage_filesystem = launch.run_storage()
 
+    def path(samples: tuple[int, int]) -> str:
+        return f"{storage_path.rstrip('/')}/{search_batches.batch_name(name, samples)}"
+
     def restored(samples: tuple[int, int]):
-        return tune.Tuner.restore(f"{storage_path.rstrip('/')}/{name}-samples-{samples[0]}-{samples[1]}",
-                                  trainable=trainable, resume_unfinished=True, resume_errored=True,
+        return tune.Tuner.restore(path(samples), trainable=trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=storage_filesystem,
                                   # its trials not made yet draw their settings with the same functions
                                   param_space=search_space(cfg, *samples))
 
     results = [result for samples in batches if samples[0] < wanted for result in restored(samples).get_results()]
-    where = f"{storage_path.rstrip('/')}/{name}-samples-*"
+    where = f"{storage_path.rstrip('/')}/{name}-samples-*"  # its batches' folders
     with tracking.run_status(parent_run_id):
         if wanted <= done:
             print(f"reusing the finished search at {where}: same code, config and data ({done} samples)")
         else:
-            batch = f"{name}-samples-{done}-{wanted}"
-            if tune.Tuner.can_restore(f"{storage_path.rstrip('/')}/{batch}", storage_filesystem=storage_filesystem):
+            if tune.Tuner.can_restore(path((done, wanted)), storage_filesystem=storage_filesystem):
                 print(f"resuming the interrupted search at {where}")
                 tuner = restored((done, wanted))
             else:
                 if done:
                     print(f"continuing the finished search of {done} samples at {where}: samples {done + 1} to "
                           f"{wanted}")
-                tuner = search_batches.new_tuner(cfg, trainable, launch, batch, (done, wanted))
+                tuner = search_batches.new_tuner(cfg, trainable, launch, name, (done, wanted))
             # Trials are stopped while their training runs; what a stopped trial's training leaves
             # must not hold the resources the next trials wait for (pipeline.runtime.leftovers).
             try:

@@ -14,6 +14,11 @@ from pipeline.runtime.search_space import search_space
 SAMPLE_BATCHES_TAG = "hmsa.sample_batches"  # on the search's run: its sample count after each batch, "3,6"
 
 
+def batch_name(search: str, samples: tuple[int, int]) -> str:
+    """The Tune experiment of samples (first, end) of the search `search`."""
+    return f"{search}-samples-{samples[0]}-{samples[1]}"
+
+
 def finished_batches(parent) -> list[tuple[int, int]]:
     """The samples (first, end) of each finished batch of the search whose MLflow run is `parent`."""
     if parent is None:
@@ -22,7 +27,8 @@ def finished_batches(parent) -> list[tuple[int, int]]:
     return [((ends[i - 1] if i else 0), end) for i, end in enumerate(ends)]
 
 
-def new_tuner(cfg: PipelineConfig, trainable, launch, name: str, samples: tuple[int, int]):
+def new_tuner(cfg: PipelineConfig, trainable, launch, search: str, samples: tuple[int, int]):
+    """A Tune experiment for samples (first, end) of the search `search`."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
@@ -41,7 +47,8 @@ def new_tuner(cfg: PipelineConfig, trainable, launch, name: str, samples: tuple[
                                     search_alg=BasicVariantGenerator(max_concurrent=concurrency)),
         # A trial whose driver dies (a node lost, a Ray process crashing) restarts from its last
         # checkpoint instead of failing the search.
-        run_config=tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+        run_config=tune.RunConfig(name=batch_name(search, samples), storage_path=storage_path,
+                                  storage_filesystem=storage_filesystem,
                                   failure_config=tune.FailureConfig(max_failures=cfg.ray.max_failures),
                                   # Tune's own tables (a status table every 30 s, one per trial start and
                                   # end) were 40% of the main job's log: one line per trial start and end
