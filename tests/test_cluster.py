@@ -16,7 +16,7 @@ from components.training import poly_lr
 from tests.dvc_helpers import ROOT
 from tests.output_checks import project_tracebacks
 from tests.services import STACK, local_stack, wait_until
-from tests.train_helpers import read_metrics, stage_command, tiny_pyramid, write_params
+from tests.train_helpers import read_metrics, stage_command, tiny_pyramid, tiny_search, trial_rows, write_params
 
 pytestmark = pytest.mark.integration
 
@@ -106,15 +106,13 @@ def test_an_elastic_search_starts_each_trial_on_what_the_trial_before_freed(tmp_
     data = tiny_pyramid(tmp_path / "data", train_images=4, val_images=2)
     params = write_params(tmp_path, data, ray={"num_workers": [1, 2], "cpus_per_worker": 1},
                           mlflow={"experiment": "elastic-search"},
-                          tune={"num_samples": 1, "epochs": 1, "steps_per_epoch": None, "grace_period": 1,
-                                "train_scale_sets": {"s05_10": [0.5, 1.0]},
-                                "search": {"lr": {"grid": [0.01, 0.02, 0.03]}, "train_scales": {"choice": ["s05_10"]}}})
+                          tune=tiny_search(search={"lr": {"grid": [0.01, 0.02, 0.03]},
+                                                   "train_scales": {"choice": ["s05_10"]}}))
     done = subprocess.run(stage_command("tune", params), capture_output=True, text=True, env=stack.env,
                           timeout=600, cwd=tmp_path)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
-    with open(tmp_path / "tune" / "trials.csv") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = trial_rows(tmp_path)
     assert len(rows) == 3 and not any(int(r["failed"]) for r in rows), rows
     # Ray Train's controller logs this each time it finds no room for a trial's fewest workers: 19
     # times in a 3-trial run that stalled. A start racing the previous trial's teardown may meet it
@@ -127,7 +125,6 @@ def test_an_elastic_search_starts_each_trial_on_what_the_trial_before_freed(tmp_
 
 
 def _curve_rows(workdir: Path):
-    import csv
 
     with open(workdir / "curves.csv") as handle:
         for row in csv.DictReader(handle):

@@ -1,6 +1,5 @@
 """A tiny Ray Tune search end to end: ASHA, nested MLflow runs, best.yaml, resume, Ctrl-C."""
 
-import csv
 import re
 import signal
 import subprocess
@@ -17,6 +16,8 @@ from tests.train_helpers import (
     stage_command,
     stage_env,
     tiny_pyramid,
+    tiny_search,
+    trial_rows,
     write_params,
 )
 
@@ -39,11 +40,6 @@ def search_params(tmp_path, data):
               "train_scale_sets": {"s05_10": [0.5, 1.0]},
               "search": {"lr": {"grid": [0.1, 1e-9, 1e30]}, "train_scales": {"choice": ["s05_10"]}}},
     )
-
-
-def trial_rows(tmp_path):
-    with open(tmp_path / "tune" / "trials.csv") as handle:
-        return list(csv.DictReader(handle))
 
 
 def controllers_that_logged(output: str, text: str) -> set[str]:
@@ -158,10 +154,8 @@ def test_more_samples_continue_a_finished_search_and_keep_its_trials(tmp_path, r
     data = tiny_pyramid(tmp_path / "data", train_images=4, val_images=2)
 
     def search(samples: int) -> subprocess.CompletedProcess:
-        params = write_params(tmp_path, data, ray={"cpus_per_worker": 2}, tune={
-            "num_samples": samples, "epochs": 1, "steps_per_epoch": None, "grace_period": 1,
-            "train_scale_sets": {"s05_10": [0.5, 1.0]},
-            "search": {"lr": {"loguniform": [0.001, 0.1]}, "train_scales": {"choice": ["s05_10"]}}})
+        params = write_params(tmp_path, data, ray={"cpus_per_worker": 2}, tune=tiny_search(
+            num_samples=samples, search={"lr": {"loguniform": [0.001, 0.1]}, "train_scales": {"choice": ["s05_10"]}}))
         done = run_on_cluster(stage_command("tune", params), stage_env(params, **ray_head.client_env()), 600,
                               ray_head)
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
@@ -193,9 +187,8 @@ def test_a_trial_whose_workers_cannot_be_placed_fails_with_its_cause_and_the_sea
     whole wait; the next trial is tried; with no trial trained, the stage fails in one line."""
     data = tiny_pyramid(tmp_path / "data", train_images=4, val_images=2)
     params = write_params(tmp_path, data, ray={"cpus_per_worker": 2, "max_start_failures": 1, "max_failures": 3},
-                          tune={"num_samples": 1, "epochs": 1, "steps_per_epoch": None, "grace_period": 1,
-                                "train_scale_sets": {"s05_10": [0.5, 1.0]},
-                                "search": {"lr": {"grid": [0.01, 0.02]}, "train_scales": {"choice": ["s05_10"]}}})
+                          tune=tiny_search(search={"lr": {"grid": [0.01, 0.02]},
+                                                   "train_scales": {"choice": ["s05_10"]}}))
     env = stage_env(params, **ray_head.client_env(), RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="3")
     with cpus_held_by_another_job(ray_head):
         done = run_on_cluster(stage_command("tune", params), env, 400, ray_head)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import subprocess
 import sys
@@ -86,6 +87,18 @@ def checkpoint_dirs(workdir: Path) -> list[Path]:
 
 def read_metrics(workdir: Path) -> dict:
     return json.loads((workdir / "metrics.json").read_text())
+
+
+def tiny_search(**settings) -> dict:
+    """A `tune` section for a search of one-epoch trials on the tiny pyramid, one training set."""
+    return {"num_samples": 1, "epochs": 1, "steps_per_epoch": None, "grace_period": 1,
+            "train_scale_sets": {"s05_10": [0.5, 1.0]}, **settings}
+
+
+def trial_rows(workdir: Path) -> list[dict]:
+    """The rows of a search's trials.csv (tune.trials as write_params sets it)."""
+    with open(workdir / "tune" / "trials.csv") as handle:
+        return list(csv.DictReader(handle))
 
 
 def curve_epochs(workdir: Path) -> list[int]:
