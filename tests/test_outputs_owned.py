@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -68,6 +69,31 @@ def test_one_process_may_take_its_own_lock_again(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 
 
+def stopped_while_holding(command: list[str], lock: Path, attempts: int = 5) -> subprocess.Popen:
+    """Start `command` and stop it (SIGSTOP) while it holds `lock`. The lock is held once its file
+    names the run (written after the flock is taken); a run that let go of it between that check and
+    the stop (a busy machine can take longer than the whole run) is let finish, and another started."""
+    for _ in range(attempts):
+        run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env=python_env())
+        deadline = time.time() + 120
+        while time.time() < deadline and run.poll() is None and f"pid {run.pid} on" not in read_or_empty(lock):
+            time.sleep(0.01)
+        os.kill(run.pid, signal.SIGSTOP)
+        if run.poll() is None and f"pid {run.pid} on" in read_or_empty(lock):
+            return run
+        os.kill(run.pid, signal.SIGCONT)
+        assert run.wait(timeout=120) == 0, run.stderr.read()
+    raise AssertionError(f"no run of {command} could be stopped while it held {lock} in {attempts} tries")
+
+
+def read_or_empty(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
 def test_two_prepare_runs_on_one_output_do_not_mix(tmp_path):
     """The measured case: each run deleted the other's temporaries as stale and one reported success
     with files missing. The first run is stopped (SIGSTOP) while it holds the output, so the second
@@ -77,13 +103,8 @@ def test_two_prepare_runs_on_one_output_do_not_mix(tmp_path):
     params.write_text(f"prepare:\n  output: {out}\n  synthetic: {{train_images: 40, val_images: 4, height: 32, "
                       "width: 64}\n")
     command = [sys.executable, "-m", "pipeline.prepare", "--params", str(params)]
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=python_env())
-    deadline = time.time() + 120
-    while time.time() < deadline and not (tmp_path / ".raw.lock").exists() and first.poll() is None:
-        time.sleep(0.01)
-    os.kill(first.pid, signal.SIGSTOP)
+    first = stopped_while_holding(command, tmp_path / ".raw.lock")
     try:
-        assert first.poll() is None, first.stderr.read()
         second = subprocess.run(command, capture_output=True, text=True, env=python_env(), timeout=120)
     finally:
         os.kill(first.pid, signal.SIGCONT)
