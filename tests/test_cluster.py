@@ -82,6 +82,7 @@ def test_elastic_training_shrinks_when_a_node_goes_grows_when_it_returns_and_fin
     finally:
         subprocess.run([sys.executable, STACK, "start-node", "2", "--state", str(stack.state)], timeout=60)
     assert proc.returncode == 0, output[-4000:]
+    assert "Found credentials in environment variables" not in output  # boto's INFO line, once per worker
 
     metrics = read_metrics(tmp_path)
     workers = metrics["workers_per_epoch"]
@@ -108,8 +109,9 @@ def test_an_elastic_search_starts_each_trial_on_what_the_trial_before_freed(tmp_
                           mlflow={"experiment": "elastic-search"},
                           tune=tiny_search(search={"lr": {"grid": [0.01, 0.02, 0.03]},
                                                    "train_scales": {"choice": ["s05_10"]}}))
-    done = subprocess.run(stage_command("tune", params), capture_output=True, text=True, env=stack.env,
-                          timeout=600, cwd=tmp_path)
+    # --verbose: Ray Train's controller logs its decisions at INFO
+    done = subprocess.run(stage_command("tune", params), capture_output=True, text=True,
+                          env={**stack.env, "HMSA_VERBOSE": "1"}, timeout=600, cwd=tmp_path)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     rows = trial_rows(tmp_path)
@@ -118,6 +120,7 @@ def test_an_elastic_search_starts_each_trial_on_what_the_trial_before_freed(tmp_
     # times in a 3-trial run that stalled. A start racing the previous trial's teardown may meet it
     # once; it must not repeat.
     assert output.count("Deciding NOT to start") <= 2, output[-4000:]
+    assert output.count("Started training worker group") >= 3, output[-4000:]  # the decisions are in the log
     # Workers' start and one tiny epoch, even on a busy machine, are far below the old 180 s wait.
     waits = [float(r["first_epoch_after_s"]) for r in rows]
     print(f"seconds from each trial's start to its first epoch: {waits}")

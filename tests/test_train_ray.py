@@ -92,6 +92,11 @@ def test_a_killed_worker_and_then_a_killed_driver_resume_one_mlflow_run(tmp_path
         resumed_at = read_metrics(tmp_path)["resumed_at_epochs"]
         # resumed twice: after the worker (from epoch k >= 1), after the driver (from a later one)
         assert len(resumed_at) == 2 and 1 <= resumed_at[0] < resumed_at[1] and resumed_at[1] >= last, resumed_at
+        # Each restart says so in one line of the project's (Ray Train's own decision block, a
+        # traceback of 40 lines, is for --verbose).
+        assert f"resumed from the checkpoint of epoch {resumed_at[0]} of 6" in log.read_text(), log.read_text()[-3000:]
+        assert f"resumed from the checkpoint of epoch {resumed_at[1]} of 6" in done.stdout + done.stderr
+        assert "[FailurePolicy]" not in log.read_text()
         assert curve_epochs(tmp_path) == [1, 2, 3, 4, 5, 6]
 
         client = mlflow.MlflowClient(server.uri)
@@ -161,6 +166,11 @@ def test_ddp_code_change_trains_again_and_unchanged_rerun_reuses(tmp_path, data,
     assert "Reporting training result" not in first.stdout + first.stderr
     # Nor Ray's error-level line about its own preemption watcher (pipeline.runtime.ray_session.KNOWN_RAY_NOISE).
     assert "PreemptionWatcher" not in first.stdout + first.stderr
+    # Nor Ray's, Ray Train's or MLflow's INFO lines (joining the cluster, starting the worker group,
+    # the process group, the input example's validation, download bars): --verbose brings them back.
+    for chatter in ("Connected to Ray cluster", "Requesting resources", "Attempting to start training worker group",
+                    "Setting up process group", "INFO mlflow", "Downloading artifacts"):
+        assert chatter not in first.stdout + first.stderr, chatter
     # The logged model carries an input example and typed input: none of MLflow's warnings on it.
     for warning in ("An input example was not provided", "Add type hints to the `predict` method"):
         assert warning not in first.stdout + first.stderr, warning
@@ -238,11 +248,12 @@ def test_a_diverging_training_ends_at_once_without_retries(tmp_path, data, ray_h
     """A NaN loss is met again by every retry from the last checkpoint (same weights, data and
     settings): it used to be retried ray.max_failures times and end in a traceback minutes later."""
     params = write_params(tmp_path, data, train={"epochs": 3, "lr": 1e30}, ray={"max_failures": 3})
-    done = run_stage("train", params, timeout=300, **ray_head.client_env())
+    # --verbose: Ray Train's own decision lines are what shows that it did not retry
+    done = run_stage("train", params, timeout=300, **ray_head.client_env(), HMSA_VERBOSE="1")
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 1 and len(errors) == 1, done.stderr[-3000:]
     assert "training loss became" in errors[0] and "not retried" in errors[0], errors
-    assert "[FailurePolicy] RETRY" not in done.stderr  # Ray Train's own decision line: never a retry
+    assert "[FailurePolicy] RAISE" in done.stderr and "[FailurePolicy] RETRY" not in done.stderr
     assert not (tmp_path / "model").exists()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import logging
 import os
 import signal
 import sys
@@ -15,11 +16,35 @@ from components.config import ConfigError, load_config
 from components.redact import redact
 from pipeline.runtime.errors import ClusterError, SearchFailedError
 
-VERBOSE_VARIABLE = "HMSA_VERBOSE"  # "1" (a stage's --verbose): Ray Train's own report and checkpoint lines too
+VERBOSE_VARIABLE = "HMSA_VERBOSE"  # "1" (a stage's --verbose): Ray's and MLflow's own INFO lines too
 
 # Errors that are the user's to fix (a key, a path, a cluster setting): one line, no traceback.
 USER_ERRORS = (ConfigError, ClusterError, SearchFailedError, FileNotFoundError, FileExistsError, ValueError, KeyError,
                ConnectionError)
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_VARIABLE) == "1"
+
+
+def quiet_library_logs() -> None:
+    """Unless verbose: MLflow's INFO lines (its database's set-up, an input example's validation)
+    and its download progress bars stay out of a stage's log; its warnings and errors do not. Set
+    in the environment, so the processes the stage starts (a local Ray's workers) inherit it; a
+    user's own MLFLOW_LOGGING_LEVEL wins. Ray's side: ray_session.connect and trainer.build_trainer."""
+    if verbose():
+        return
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if "mlflow" in sys.modules:  # configured on import: too late for the variable alone
+        logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])
+
+
+def log_variables() -> dict[str, str]:
+    """The settings above, for the job's processes on other nodes of a cluster (which inherit
+    nothing from this one): --verbose reaches a Tune trial's Train controller and workers too."""
+    names = (VERBOSE_VARIABLE, "MLFLOW_LOGGING_LEVEL", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    return {name: os.environ[name] for name in names if name in os.environ}
 
 
 def run_stage(main: Callable[..., None], description: str,
@@ -32,12 +57,14 @@ def run_stage(main: Callable[..., None], description: str,
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error that is otherwise reported in one line")
     parser.add_argument("--verbose", action="store_true",
-                        help="also show Ray Train's own line for every report and checkpoint")
+                        help="also show Ray's and MLflow's own INFO lines (Ray Train's per report, checkpoint, "
+                             "worker start and retry decision; MLflow's database set-up and downloads)")
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args()
     if args.verbose:
         os.environ[VERBOSE_VARIABLE] = "1"
+    quiet_library_logs()
     # SIGTERM (a scheduler, `kill`, Ray job stop) unwinds like Ctrl-C, so MLflow runs end as KILLED.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # Ctrl-C unwinds (temporaries removed, runs marked KILLED) however the stage was started: a

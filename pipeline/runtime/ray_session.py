@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 
 from components.redact import redact
-from pipeline.runtime.common import VERBOSE_VARIABLE
+from pipeline.runtime.common import log_variables, verbose
 from pipeline.runtime.environment import Environment
 from pipeline.runtime.errors import ClusterError
 
@@ -81,9 +81,9 @@ def connect(env: Environment) -> str:
         os.environ.update(cluster_only_variables())  # read where a run starts: here, or in a Tune trial
         runtime_env = {"working_dir": str(REPO_ROOT), "excludes": WORKING_DIR_EXCLUDES,
                        "env_vars": {**env.worker_variables(), **train_controller_variables(),
-                                    **cluster_only_variables()}}
-        ray.init(address=env.ray_address, runtime_env=runtime_env, log_to_driver=True)
-        if os.environ.get(VERBOSE_VARIABLE) != "1":
+                                    **cluster_only_variables(), **log_variables()}}
+        ray.init(address=env.ray_address, runtime_env=runtime_env, log_to_driver=True, logging_level=_ray_log_level())
+        if not verbose():
             _drop_from_driver_log(KNOWN_RAY_NOISE)
         return f"the Ray cluster at {redact(env.ray_address)}"
     # A local instance listens on loopback only: nothing outside this machine needs to reach it.
@@ -94,12 +94,18 @@ def connect(env: Environment) -> str:
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
     os.environ.update(train_controller_variables())  # the local Ray's processes inherit them
     os.environ.update(local_only_variables())
-    if os.environ.get(VERBOSE_VARIABLE) != "1":
+    if not verbose():
         # Ray turns token authentication on for a local instance and says so in a warning on every
         # start; this one is the stage's own, on loopback, and ends with it.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(_node_ip_address="127.0.0.1", dashboard_port=dashboard)
+    ray.init(_node_ip_address="127.0.0.1", dashboard_port=dashboard, logging_level=_ray_log_level())
     return "a local Ray instance"
+
+
+def _ray_log_level() -> int:
+    """The driver's `ray` logger: its INFO lines (the instance started or joined, with the dashboard's
+    address) only when verbose; the stage says itself where it runs."""
+    return logging.INFO if verbose() else logging.WARNING
 
 
 # Ray Train's controller takes a worker's report when it polls the workers, every

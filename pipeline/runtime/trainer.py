@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import resource
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from components.training import (
     parameter_digest,
     train_one_epoch,
 )
-from pipeline.runtime.common import VERBOSE_VARIABLE
+from pipeline.runtime.common import verbose
 from pipeline.runtime.environment import Environment
 from pipeline.runtime.errors import ClusterError, NotRetriedError
 from pipeline.runtime.tracking import log_epoch
@@ -97,8 +96,10 @@ def _loaders(cfg: PipelineConfig, rank: int, world: int, pyramid_uri: str):
 def _quiet_ray_train() -> None:
     """Ray Train logs every report (a 700-character line) and checkpoint at INFO; the epoch line
     says what a person needs, and a stage's `--verbose` brings them back. The report line's logger
-    is named after its module's file, not its module."""
+    is named after its module's file, not its module. boto's INFO line on where it found credentials
+    (once per worker reading S3) goes the same way."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
     with contextlib.suppress(ImportError):
         from ray.train.v2._internal.execution import context as train_context
 
@@ -135,6 +136,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.train)
     state = _restore(model, optimizer)
+    if rank == 0 and state["resumed_at_epochs"]:
+        # What Ray Train's failure decision said at INFO: the workers restarted (after a failure,
+        # or the stage ran again after it was stopped) and go on from the last checkpoint.
+        sys.__stderr__.write(f"resumed from the checkpoint of epoch {state['epoch']} of {cfg.train.epochs}\n")
     if cfg.train.sync_batchnorm and world > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = ray.train.torch.prepare_model(model)
@@ -241,7 +246,7 @@ def build_trainer(cfg: PipelineConfig, launch, run_name: str, mlflow_run_id: str
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"params": cfg.model_dump(mode="json"), "mlflow_run_id": mlflow_run_id,
-                           "verbose": os.environ.get(VERBOSE_VARIABLE) == "1", **launch.loop_settings()},
+                           "verbose": verbose(), **launch.loop_settings()},
         scaling_config=ray.train.ScalingConfig(num_workers=low if low == high else (low, high),
                                                use_gpu=launch.use_gpu, resources_per_worker=resources,
                                                placement_strategy=rc.placement_strategy,
@@ -256,5 +261,9 @@ def build_trainer(cfg: PipelineConfig, launch, run_name: str, mlflow_run_id: str
                                                          checkpoint_score_attribute="val_miou",
                                                          checkpoint_score_order="max"),
             callbacks=[EndOnDeterministicErrors(), *(callbacks or [])],
+            # Ray Train's INFO lines (worker group requests and starts, process group set-up, each
+            # failure decision with its traceback: 40 lines when Tune stops a trial) with --verbose
+            # only; its warnings and errors always. Its own log files keep every level.
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
     )
