@@ -169,6 +169,10 @@ def test_more_samples_continue_a_finished_search_and_keep_its_trials(tmp_path, r
     rows = trial_rows(tmp_path)
     assert [r["sample"] for r in rows] == ["0", "1"] and rows[0] == first, rows
     assert more.stdout.count(" started: ") == 1  # one new trial
+    # Without --verbose, none of Tune's heading (its table, where results are, a TensorBoard command)
+    # nor Ray's INFO lines: the trial lines say what happens.
+    for chatter in ("Configuration for experiment", "View detailed results", "tensorboard", "Wrote the latest"):
+        assert chatter not in more.stdout + more.stderr, chatter
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("hmsa")
     (parent,) = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'tune'")

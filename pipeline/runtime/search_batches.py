@@ -7,8 +7,11 @@ experiment of its own; the search's MLflow run records the batches that finished
 
 from __future__ import annotations
 
+import os
+
 from components.config import PipelineConfig
 from pipeline.runtime import capacity, tune_trials
+from pipeline.runtime.common import verbose
 from pipeline.runtime.search_space import search_space
 
 SAMPLE_BATCHES_TAG = "hmsa.sample_batches"  # on the search's run: its sample count after each batch, "3,6"
@@ -33,6 +36,11 @@ def new_tuner(cfg: PipelineConfig, trainable, launch, search: str, samples: tupl
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
+    if not verbose():
+        # Tune's newer output engine prints the experiment's heading (a table, where its results
+        # are, a TensorBoard command) even at verbose=0, which its docstring calls silent; the
+        # older engine, still Tune's own switch, prints nothing at 0. Read when the search starts.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     storage_path, storage_filesystem = launch.run_storage()
     # ASHA compares the trials of one batch of samples: a continued search's new trials among themselves.
     scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.tune.epochs, grace_period=cfg.tune.grace_period,
