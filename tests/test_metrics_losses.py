@@ -38,8 +38,32 @@ def test_confusion_matrix_rejects_bad_input():
     cm = ConfusionMatrix(3)
     with pytest.raises(ValueError, match="shape"):
         cm.update(torch.zeros(2, 2), torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="outside"):
-        cm.update(torch.tensor([5]), torch.tensor([0]))
+    cm.update(torch.tensor([5, 1]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="1 pixels with class ids outside"):  # raised where the counts are read
+        cm.miou()
+
+
+def test_confusion_matrix_update_never_waits_for_the_device(monkeypatch):
+    """An evaluation batch adds to counts kept on the predictions' device: nothing in update() reads
+    a value on the host (a GPU would stop there for every batch), and ignored pixels, even with ids
+    out of range, are not counted."""
+    pred, target = torch.randint(0, 3, (2, 8, 8)), torch.randint(0, 3, (2, 8, 8))
+    target[0, 0] = 255
+    expected = ConfusionMatrix(3)
+    for p, t in zip(pred.reshape(-1).tolist(), target.reshape(-1).tolist(), strict=True):
+        if t != 255:
+            expected.matrix[t, p] += 1
+    cm = ConfusionMatrix(3)
+
+    def host_read(*_args, **_kwargs):
+        raise AssertionError("update() read a value on the host")
+
+    with monkeypatch.context() as patched:
+        for method in ("__bool__", "item", "tolist", "cpu", "numpy"):
+            patched.setattr(torch.Tensor, method, host_read)
+        cm.update(pred, target)
+        cm.update(pred, target)
+    assert torch.equal(cm.matrix, expected.matrix * 2)
 
 
 def test_cross_entropy_ignores_255_and_survives_empty_batches():
@@ -157,3 +181,23 @@ def test_a_training_history_is_summarized_from_its_epochs():
         "step_seconds": 0.375, "peak_memory_mb": 150.0, "replicas_in_sync": True, "workers_per_epoch": [2, 1],
         "worker_nodes": ["a", "b"]}
     assert summarize_history([epoch, {**later, "replicas_in_sync": False}])["replicas_in_sync"] is False
+
+
+def test_cuda_training_autotunes_convolutions_and_steps_the_optimizer_fused():
+    """What a CUDA worker gets (set without a GPU: the flag and the optimizer's choice): cuDNN's
+    autotuner for the fixed crop shapes, and the fused SGD step; a CPU worker keeps torch's default."""
+    from components.config import TrainConfig
+    from components.training import build_optimizer, prepare_device
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    assert build_optimizer(model, TrainConfig(), "cuda").defaults["fused"] is True
+    assert not build_optimizer(model, TrainConfig(), "cpu").defaults["fused"]
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        prepare_device(torch.device("cpu"))
+        assert torch.backends.cudnn.benchmark is False
+        prepare_device(torch.device("cuda"))
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = before

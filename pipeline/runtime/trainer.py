@@ -41,6 +41,7 @@ from components.training import (
     epoch_plan,
     evaluate,
     parameter_digest,
+    prepare_device,
     train_one_epoch,
 )
 from pipeline.runtime.common import verbose
@@ -121,6 +122,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    prepare_device(device)
     torch.manual_seed(cfg.train.seed)
     amp_dtype = autocast_dtype(cfg.train.precision, device)
     if rank == 0 and cfg.train.precision == "auto":
@@ -134,7 +136,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = build_model(cfg.model)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(model, cfg.train, device.type)
     state = _restore(model, optimizer)
     if rank == 0 and state["resumed_at_epochs"]:
         # What Ray Train's failure decision said at INFO: the workers restarted (after a failure,
