@@ -169,3 +169,37 @@ def test_process_labels_name_what_runs():
     assert label(["ray-dashboard-StateHead-0 (/venv/bin/python -B -c from x)"]) == "ray-dashboard-StateHead-0"
     assert label(["/venv/bin/python3", "-m", "benchmarks"]) == "benchmarks"
     assert label(["/opt/ray/core/src/ray/raylet/raylet", "--raylet_socket_name=x"]) == "raylet"
+
+
+# The Ray side (Ray, its Train and Tune) and the services (MLflow, S3) are blocked: the worker loop
+# runs without them.
+RUN_GPU_CHECK_WITHOUT_RAY = """
+import runpy, sys
+class Block:
+    def find_spec(self, name, *args):
+        if name.split('.')[0] in {{'ray', 'mlflow', 'dvc', 'boto3'}}:
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+sys.argv = ['gpu_check', '--images', '2', '--image-size', '96', '192', '--batch', '2', '--epochs', '1', '--steps',
+            '1', '--output', {output!r}]
+runpy.run_module('benchmarks.gpu_check', run_name='__main__')
+"""
+
+
+def test_gpu_check_runs_the_pipelines_worker_loop_without_ray(tmp_path):
+    """benchmarks.gpu_check trains with the code every Ray Train worker runs (worker_loop.py) in a
+    torch.distributed world of one (gloo here, NCCL on a GPU), on a pyramid it builds, and times the
+    same model's bare training step beside it."""
+    import json
+
+    output = tmp_path / "gpu_check.json"
+    done = subprocess.run([sys.executable, "-c", RUN_GPU_CHECK_WITHOUT_RAY.format(output=str(output))], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(output.read_text())
+    assert result["device"] == "cpu" and result["batch"] == 2 and result["crop"] == [192, 192]
+    (epoch,) = result["epochs"]
+    assert epoch["epoch"] == 1 and 0 <= epoch["val_miou"] <= 1 and epoch["step_seconds"] > 0
+    assert {"weights.safetensors", "train_state.pt"} <= set(result["checkpoint_files"])  # rank 0 checkpointed
+    assert result["benchmark_step_s"] > 0 and result["worker_over_benchmark"] > 0
+    assert "worker loop" in done.stdout and "epoch 1/1: loss " in done.stderr

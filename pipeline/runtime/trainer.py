@@ -1,10 +1,5 @@
-"""The one TorchTrainer builder shared by the `train` and `tune` stages, and its worker loop.
-
-Each worker: builds the model, restores the latest checkpoint when Ray hands one over (after a
-worker failure, an elastic resize, or when the same run is started again after a driver crash),
-trains with DDP on its shard, validates on its share of the val split, all-reduces the confusion
-matrices, and reports. Rank 0 writes the checkpoint (a saved-model directory plus the training
-state) and logs the epoch to MLflow; every worker reports, as Ray Train requires.
+"""The one TorchTrainer builder shared by the `train` and `tune` stages, and the Ray side of its
+workers: each runs pipeline/runtime/worker_loop.py through a Ray Train session.
 
 Workers read only what reaches every node: the pyramid at `pyramid_uri` (a published copy when
 workers may be remote), storage and tracking through the variables of pipeline/runtime/environment.py.
@@ -16,82 +11,49 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import resource
-import sys
-import tempfile
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray
 import ray.train
 import ray.train.torch
 import torch
-from torch.utils.data import DataLoader, Subset
 
-from components import methods
 from components.config import ConfigError, PipelineConfig, validate_config
-from components.data.dataset import PyramidEvalDataset, PyramidTrainDataset, loader_settings
-from components.data.pyramid import PyramidReader
-from components.models import build_model
-from components.models.saved import WEIGHTS_FILE, write_model_files
-from components.training import (
-    autocast_dtype,
-    bf16_blocker,
-    build_optimizer,
-    epoch_plan,
-    evaluate,
-    parameter_digest,
-    prepare_device,
-    train_one_epoch,
-)
 from pipeline.runtime.common import verbose
-from pipeline.runtime.environment import Environment
 from pipeline.runtime.errors import ClusterError, NotRetriedError
-from pipeline.runtime.tracking import log_epoch
-
-STATE_FILE = "train_state.pt"
+from pipeline.runtime.worker_loop import train_worker
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this worker: allocated GPU memory, or the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+class RayTrainSession:
+    """A Ray Train worker's session (pipeline.runtime.worker_loop.WorkerSession)."""
 
+    def __init__(self) -> None:
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
 
-def validation_scales(cfg: PipelineConfig) -> list[float]:
-    """Scales used for the per-epoch validation: what the method trains on."""
-    return methods.validation_scales(cfg.model.method, cfg.model.train_scales)
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(model)
 
+    def prepare_train_loader(self, loader):
+        return ray.train.torch.prepare_data_loader(loader, move_to_device=False)
 
-def _restore(model, optimizer) -> dict:
-    """Load the latest checkpoint Ray hands over, if any; returns the training state."""
-    from safetensors.torch import load_file
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield Path(directory)
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return {"epoch": 0, "history": [], "resumed_at_epochs": [], "samples": 0}
-    with checkpoint.as_directory() as directory:
-        model.load_state_dict(load_file(Path(directory) / WEIGHTS_FILE))
-        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state.pop("optimizer"))
-    state["resumed_at_epochs"] = [*state["resumed_at_epochs"], state["epoch"]]
-    return state
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        checkpoint = None if checkpoint_dir is None else ray.train.Checkpoint.from_directory(str(checkpoint_dir))
+        ray.train.report(metrics, checkpoint=checkpoint)
 
-
-def _loaders(cfg: PipelineConfig, rank: int, world: int, pyramid_uri: str):
-    reader = PyramidReader(pyramid_uri, Environment.from_environ().storage(pyramid_uri))
-    train_set = PyramidTrainDataset(reader, "train", cfg.model.train_scales, cfg.train.crop_size, cfg.loader,
-                                    seed=cfg.train.seed + rank)
-    loader_args = loader_settings(cfg.loader, cfg.ray.cpus_per_worker, ray.train.torch.get_device().type)
-    train_loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
-                              **loader_args)
-    # DistributedSampler shards the training set; it is not used for validation because it pads
-    # shards with repeated images, which would count them twice in the confusion matrix.
-    train_loader = ray.train.torch.prepare_data_loader(train_loader, move_to_device=False)
-    val_set = PyramidEvalDataset(reader, "val", validation_scales(cfg))
-    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size=1, **loader_args)
-    return train_set, train_loader, val_loader, reader.manifest["classes"]
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
 
 def _quiet_ray_train() -> None:
@@ -107,97 +69,12 @@ def _quiet_ray_train() -> None:
         logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
-def epoch_line(row: dict, epochs: int, seconds: float) -> str:
-    """One line per epoch, from rank 0: what was reached, how fast, and about how long is left."""
-    left = seconds * (epochs - row["epoch"])
-    return (f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f}, val mIoU {row['val_miou']:.4f}, "
-            f"{row['images_per_s']:.1f} images/s on {row['workers']} worker(s), {seconds:.0f} s; "
-            f"about {int(left // 60)} min {int(left % 60)} s left\n")
-
-
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = validate_config(loop_config["params"], source="train_loop_config")
     if not loop_config.get("verbose"):
         _quiet_ray_train()
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    prepare_device(device)
-    torch.manual_seed(cfg.train.seed)
-    amp_dtype = autocast_dtype(cfg.train.precision, device)
-    if rank == 0 and cfg.train.precision == "auto":
-        why_not = f" ({bf16_blocker()})" if amp_dtype is None else ""
-        # Written to the process's own stderr, not print(): Ray Train patches print() on workers to
-        # log the line and, once a library has wrapped sys.stdout/stderr, to echo it as well (twice).
-        sys.__stderr__.write(f"precision auto on {device.type}: "
-                             f"{str(amp_dtype or 'fp32').removeprefix('torch.')}{why_not}\n")
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
-
-    model = build_model(cfg.model)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.train, device.type)
-    state = _restore(model, optimizer)
-    if rank == 0 and state["resumed_at_epochs"]:
-        # What Ray Train's failure decision said at INFO: the workers restarted (after a failure,
-        # or the stage ran again after it was stopped) and go on from the last checkpoint.
-        sys.__stderr__.write(f"resumed from the checkpoint of epoch {state['epoch']} of {cfg.train.epochs}\n")
-    if cfg.train.sync_batchnorm and world > 1 and device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = ray.train.torch.prepare_model(model)
-    bare = model.module if hasattr(model, "module") else model
-
-    train_set, train_loader, val_loader, classes = _loaders(cfg, rank, world, loop_config["pyramid_uri"])
-    num_classes = len(classes["names"])
-    epoch_samples, steps = epoch_plan(len(train_set), cfg.train, cfg.ray.worker_range[1], world)
-    total_samples = epoch_samples * cfg.train.epochs
-    for epoch in range(state["epoch"], cfg.train.epochs):
-        started = time.monotonic()
-        train_set.set_epoch(epoch)
-        if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(model, train_loader, optimizer, cfg.model, cfg.train, device, amp_dtype,
-                                state["samples"], total_samples, cfg.train.batch_size * world, scaler,
-                                cfg.train.channels_last, max_steps=steps)
-        matrix = evaluate(model, val_loader, validation_scales(cfg), num_classes, device, amp_dtype,
-                          cfg.train.channels_last).all_reduce()
-        digests, nodes = [None] * world, [None] * world
-        node = ray.get_runtime_context().get_node_id()
-        if world > 1:
-            torch.distributed.all_gather_object(digests, parameter_digest(bare))
-            torch.distributed.all_gather_object(nodes, node)
-        else:
-            nodes = [node]
-        row = {
-            "epoch": epoch + 1,
-            "loss": stats["loss"],
-            "val_miou": matrix.miou(),
-            "val_pixel_accuracy": matrix.pixel_accuracy(),
-            "lr": stats["lr"],
-            "images_per_s": stats["images"] * world / max(stats["seconds"], 1e-9),
-            "epoch_seconds": stats["seconds"],
-            "step_seconds": stats["seconds"] / max(stats["steps"], 1),
-            "workers": world,
-            "nodes": sorted(set(nodes)),  # the Ray nodes this epoch's workers ran on
-            "samples_seen": stats["samples"],
-            "lr_at_samples": stats["samples"] - cfg.train.batch_size * world,  # where `lr` was set
-            "peak_memory_mb": peak_memory_mb(device),
-            "replicas_in_sync": int(len(set(digests)) == 1),
-        }
-        state.update(epoch=epoch + 1, samples=stats["samples"], history=[*state["history"], row])
-        report = {**row, "resumed_at_epochs": state["resumed_at_epochs"]}
-        if rank != 0:
-            ray.train.report(report, checkpoint=None)
-            continue
-        sys.__stderr__.write(epoch_line(row, cfg.train.epochs, time.monotonic() - started))
-        if loop_config.get("mlflow_run_id"):
-            log_epoch(loop_config["mlflow_uri"], loop_config["mlflow_run_id"], row, step=epoch + 1)
-        with tempfile.TemporaryDirectory(prefix="hmsa-checkpoint-") as checkpoint_dir:
-            # A checkpoint is a saved-model directory plus the training state.
-            metadata = {"epoch": epoch + 1, **row, "classes": classes}
-            write_model_files(bare, cfg.model, checkpoint_dir, metadata=metadata)
-            torch.save({**state, "optimizer": optimizer.state_dict()}, Path(checkpoint_dir) / STATE_FILE)
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
+    train_worker(cfg, RayTrainSession(), loop_config["pyramid_uri"], loop_config.get("mlflow_uri"),
+                 loop_config.get("mlflow_run_id"))
 
 
 # Worker errors that a retry meets again: from the same checkpoint, data and settings the loss becomes

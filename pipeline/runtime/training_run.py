@@ -29,7 +29,8 @@ from pipeline.runtime.common import ctrl_c_stays_an_interrupt
 from pipeline.runtime.environment import Environment
 from pipeline.runtime.errors import ClusterError
 from pipeline.runtime.launch import prepare_launch
-from pipeline.runtime.trainer import STATE_FILE, build_trainer, not_retried, start_failure, validation_scales
+from pipeline.runtime.trainer import build_trainer, not_retried, start_failure
+from pipeline.runtime.worker_loop import STATE_FILE, validation_scales
 
 
 def run_training(cfg: PipelineConfig) -> None:
