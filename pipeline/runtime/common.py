@@ -31,7 +31,8 @@ def quiet_library_logs() -> None:
     """Unless verbose: MLflow's INFO lines (its database's set-up, an input example's validation)
     and its download progress bars stay out of a stage's log; its warnings and errors do not. Set
     in the environment, so the processes the stage starts (a local Ray's workers) inherit it; a
-    user's own MLFLOW_LOGGING_LEVEL wins. Ray's side: ray_session.connect and trainer.build_trainer."""
+    user's own MLFLOW_LOGGING_LEVEL wins. Ray's side: ray_session.connect, trainer.build_trainer and
+    search_batches.new_tuner."""
     if verbose():
         return
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
