@@ -38,6 +38,7 @@ from components.data.synthetic import write_cityscapes_layout
 from components.storage import Storage
 from components.training import autocast_dtype
 from pipeline.runtime import output_files
+from pipeline.runtime.common import free_local_port
 from pipeline.runtime.worker_loop import train_worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,18 +92,12 @@ def check_config(model: str, method: str, epochs: int, batch: int | None, pyrami
     return raw
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def run_check(model: str, method: str, epochs: int, images: int, image_size: tuple[int, int], steps: int,
               workdir: Path, batch: int | None = None) -> dict:
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     pyramid = small_pyramid(workdir / "data", images, *image_size)
     cfg = validate_config(check_config(model, method, epochs, batch, pyramid), source="benchmarks.gpu_check")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_local_port()))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
     try:
         session = SingleProcessSession(device)

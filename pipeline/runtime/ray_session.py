@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 
 from components.redact import redact
-from pipeline.runtime.common import log_variables, verbose
+from pipeline.runtime.common import free_local_port, log_variables, verbose
 from pipeline.runtime.environment import Environment
 from pipeline.runtime.errors import ClusterError
 
@@ -90,7 +90,7 @@ def connect(env: Environment) -> str:
     # Its processes inherit RAY_API_SERVER_ADDRESS, so Ray Train's placement-group cleaner queries
     # this instance's State API even when another Ray runs on the machine (scanning for one, it
     # would fail to choose and never free a stopped Tune trial's workers).
-    dashboard = _free_local_port()
+    dashboard = free_local_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
     os.environ.update(train_controller_variables())  # the local Ray's processes inherit them
     os.environ.update(local_only_variables())
@@ -146,9 +146,3 @@ def cluster_only_variables() -> dict[str, str]:
     controller died (a stopped Tune trial) is withdrawn at once (pipeline.runtime.leftovers), not when it
     goes unrenewed. A local instance lives as long as the stage, and its 2 cores are spared the actor."""
     return {STATE_TRACKING: os.environ.get(STATE_TRACKING, "1")}
-
-
-def _free_local_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
