@@ -38,7 +38,7 @@ from components.data.synthetic import write_cityscapes_layout
 from components.storage import Storage
 from components.training import autocast_dtype
 from pipeline.runtime import output_files
-from pipeline.runtime.common import free_local_port
+from pipeline.runtime.ports import free_local_port
 from pipeline.runtime.worker_loop import train_worker
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,12 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from benchmarks import process_cpu
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pipeline.runtime.ports import RAY_NODE_PORTS_OF_ITS_OWN, free_local_port
 
 
 def python_env(**extra) -> dict:
@@ -72,7 +66,7 @@ class SeaweedS3:
         config.write_text(json.dumps({"identities": [{
             "name": "tests", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-        self.port = free_port()
+        self.port = free_local_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.log = workdir / "weed.log"
         args = [weed, "server", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -81,7 +75,7 @@ class SeaweedS3:
         # Every listener on its own free port, so parallel runs and leftovers never collide.
         for flag in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
                      "filer.port.grpc", "s3.port.grpc"):
-            args.append(f"-{flag}={free_port()}")
+            args.append(f"-{flag}={free_local_port()}")
         self._args = args
         self.start()
 
@@ -125,7 +119,7 @@ class RayHead:
 
         # Ray's Unix socket paths must stay short: a temp dir right under /tmp.
         workdir = self.workdir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-        self.port = free_port()
+        self.port = free_local_port()
         self.address = f"127.0.0.1:{self.port}"
         ray_bin = str(Path(sys.executable).parent / "ray")
         # Ray clusters started with `ray start` require token authentication; this one has its own.
@@ -133,14 +127,15 @@ class RayHead:
         # The dashboard serves the State API, which Ray Train's placement-group cleaner needs to free
         # a stopped Tune trial's workers; the variable makes it use this cluster's even when another
         # Ray runs on the machine (it would otherwise fail to choose, and the next trial wait forever).
-        dashboard = free_port()
+        dashboard = free_local_port()
         # `node_env`: what a node of a real cluster holds in its own environment (credentials).
         self.env = python_env(RAY_ADDRESS="", RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard}", **self.auth,
                               **node_env)
         subprocess.run([ray_bin, "start", "--head", f"--port={self.port}", f"--num-cpus={num_cpus}",
                         "--num-gpus=0", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-                        f"--dashboard-port={dashboard}",
-                        f"--temp-dir={workdir}"], check=True, capture_output=True, env=self.env)
+                        f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_local_port()}",
+                        *RAY_NODE_PORTS_OF_ITS_OWN, f"--temp-dir={workdir}"],
+                       check=True, capture_output=True, env=self.env)
         self._ray_bin = ray_bin
 
     def client_env(self) -> dict:
@@ -268,7 +263,7 @@ class MlflowServer:
     `admin_password`, MLflow's basic-auth app, whose only user is `admin`."""
 
     def __init__(self, workdir: Path, admin_password: str | None = None):
-        self.port = free_port()
+        self.port = free_local_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log = workdir / "mlflow.log"
         mlflow_bin = str(Path(sys.executable).parent / "mlflow")

@@ -259,3 +259,48 @@ def test_processes_the_tests_start_let_idle_openmp_threads_sleep():
     seen = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('OMP_WAIT_POLICY'))"],
                           capture_output=True, text=True, env=python_env(), check=True).stdout.strip()
     assert seen == os.environ.get("OMP_WAIT_POLICY") and seen not in ("None", ""), seen
+
+
+def test_ports_chosen_ahead_of_a_listener_are_out_of_reach_of_outgoing_connections():
+    """A port picked for a service (a stand-in cluster's GCS, a test's MLflow server) is free when
+    picked and bound by the service a moment later. From the kernel's range for outgoing connections
+    (what binding port 0 gives), any connection opened in between can take it: on a machine busy
+    with Ray that happened, and a stand-in cluster never came up. Ray nodes bind their other
+    listeners themselves (RAY_NODE_PORTS_OF_ITS_OWN): no fixed default port two nodes would share."""
+    import socket
+
+    from pipeline.runtime.ports import LOWEST, RAY_NODE_PORTS_OF_ITS_OWN, free_local_port
+
+    outgoing_from = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    picked = [free_local_port() for _ in range(50)]
+    assert all(LOWEST <= port < outgoing_from for port in picked), picked
+    assert len(set(picked)) > 40, picked  # random: two processes picking at once rarely meet
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", picked[0]))  # free indeed
+    assert {"--min-worker-port=0", "--max-worker-port=0", "--dashboard-agent-listen-port=0"} <= set(
+        RAY_NODE_PORTS_OF_ITS_OWN)
+
+
+def test_a_stand_in_node_that_exits_fails_the_start_at_once_with_its_log(tmp_path):
+    """infra/local/stack.py start: a Ray node whose `ray start` ends fails the start with that
+    node's log, instead of a 3-minute wait that ends with the head's log (which says nothing)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    import pytest
+
+    from pipeline.runtime.ports import free_local_port
+
+    spec = importlib.util.spec_from_file_location("stand_in_stack", INFRA / "local" / "stack.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    stack = module.Stack(tmp_path)
+    (tmp_path / "stack.json").write_text(json.dumps({"ports": {"ray": free_local_port()}, "token": "t" * 32,
+                                                     "access_key": "k", "secret_key": "s"}))
+    (tmp_path / "ray-node-1.log").write_text("raylet: bind: address already in use\n")
+    node = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(SystemExit) as failed:
+        stack._wait_for_nodes(2, started={"ray-node-1": node})
+    assert "ray-node-1 exited (3) before the cluster was up" in str(failed.value), failed.value
+    assert "address already in use" in str(failed.value)

@@ -21,8 +21,9 @@ from PIL import Image
 from components.gate import decide
 from components.models import build_model, save_model
 from pipeline.runtime import tracking
+from pipeline.runtime.ports import free_local_port
 from tests.conftest import tiny_model_config
-from tests.services import free_port, python_env
+from tests.services import python_env
 from tests.test_significance import uniform_image_matrices
 from tests.train_helpers import write_params
 
@@ -264,7 +265,7 @@ def test_champion_served_over_http_matches_predict(tmp_path, server):
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     expected = np.array(Image.open(tmp_path / "out" / "street_label.png"))
 
-    port = free_port()
+    port = free_local_port()
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the server execs uvicorn from PATH
     serve = subprocess.Popen(
         [

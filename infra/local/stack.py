@@ -33,12 +33,13 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from pipeline.runtime.ports import RAY_NODE_PORTS_OF_ITS_OWN, free_local_port
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -47,13 +48,7 @@ BUCKET = "hmsa"
 DEFAULT_PORTS = {"s3": 8333, "mlflow": 5000, "ray": 6379, "dashboard": 8265}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(check, what: str, timeout: float, log: Path) -> None:
+def wait_for(check, what: str, timeout: float, *logs: Path) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -62,8 +57,8 @@ def wait_for(check, what: str, timeout: float, log: Path) -> None:
         except Exception:  # noqa: BLE001 - not up yet
             pass
         time.sleep(0.5)
-    tail = log.read_text()[-2000:] if log.exists() else ""
-    raise SystemExit(f"{what} did not come up in {timeout:.0f} s; its log {log} ends with:\n{tail}")
+    tails = "\n".join(f"its log {log} ends with:\n{log.read_text()[-2000:]}" for log in logs if log.exists())
+    raise SystemExit(f"{what} did not come up in {timeout:.0f} s; {tails}")
 
 
 def spawn(args: list[str], log: Path, env: dict, pidfile: Path) -> subprocess.Popen:
@@ -157,7 +152,7 @@ class Stack:
         if self.settings_file.exists():
             raise SystemExit(f"a stack is already running from {self.state}: stop it first")
         self.state.mkdir(parents=True, exist_ok=True)
-        ports = {k: (free_port() if free_ports else v) for k, v in DEFAULT_PORTS.items()}
+        ports = {k: (free_local_port() if free_ports else v) for k, v in DEFAULT_PORTS.items()}
         key, secret = os.environ.get("AWS_ACCESS_KEY_ID") or "hmsa-local", secrets.token_hex(16)
         settings = {"ports": ports, "access_key": key, "secret_key": secret, "workers": 0 if services_only else workers,
                     "cpus_per_node": cpus_per_node, "token": secrets.token_hex(16), "free_ports": free_ports,
@@ -171,10 +166,9 @@ class Stack:
                 self._start_autoscaling_head(settings)
                 self._wait_for_nodes(1, marker=" ray.head.default")
             elif not services_only:
-                self._start_head(settings)
-                for node in range(1, workers + 1):
-                    self.start_node(node)
-                self._wait_for_nodes(workers + 1)
+                started = {"ray-head": self._start_head(settings)}  # by the names of their logs
+                started.update({f"ray-node-{node}": self.start_node(node) for node in range(1, workers + 1)})
+                self._wait_for_nodes(workers + 1, started=started)
         except BaseException:
             self.stop()
             raise
@@ -198,7 +192,7 @@ class Stack:
         if s["free_ports"]:
             for flag in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
                          "filer.port.grpc", "s3.port.grpc"):
-                args.append(f"-{flag}={free_port()}")
+                args.append(f"-{flag}={free_local_port()}")
         log = self.state / "weed.log"
         spawn(args, log, dict(os.environ), self.state / "weed.pid")
 
@@ -243,14 +237,6 @@ class Stack:
                 "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0",
                 "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{s['ports']['dashboard']}"}
 
-    def _node_ports(self, base: int) -> list[str]:
-        """Every listener of a node on its own port: several nodes share this machine's address."""
-        args = [f"--min-worker-port={base}", f"--max-worker-port={base + 499}"]
-        for flag in ("node-manager-port", "object-manager-port", "metrics-export-port",
-                     "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port"):
-            args.append(f"--{flag}={free_port()}")
-        return args
-
     def _head(self, s: dict, temp: Path, *extra: str) -> tuple[list[str], dict]:
         """The command and environment of a head with no CPUs (it schedules; it trains nothing)."""
         # A lost node is declared dead after about 3 s (Ray's default is about 15 s on real clusters),
@@ -258,22 +244,22 @@ class Stack:
         env = {**self._ray_env(), "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
         args = [str(BIN / "ray"), "start", "--head", "--block", f"--port={s['ports']['ray']}", "--num-cpus=0",
                 "--num-gpus=0", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *extra,
-                f"--dashboard-port={s['ports']['dashboard']}", f"--ray-client-server-port={free_port()}",
-                f"--temp-dir={temp}", *self._node_ports(30000)]
+                f"--dashboard-port={s['ports']['dashboard']}", f"--ray-client-server-port={free_local_port()}",
+                f"--temp-dir={temp}", *RAY_NODE_PORTS_OF_ITS_OWN]
         return args, env
 
-    def _start_head(self, s: dict) -> None:
+    def _start_head(self, s: dict) -> subprocess.Popen:
         args, env = self._head(s, Path(f"/tmp/ray-head-{s['ports']['ray']}"))  # Ray's socket paths must stay short
-        spawn(args, self.state / "ray-head.log", env, self.state / "ray-head.pid")
+        return spawn(args, self.state / "ray-head.log", env, self.state / "ray-head.pid")
 
-    def start_node(self, node: int) -> None:
+    def start_node(self, node: int) -> subprocess.Popen:
         """A worker node in its own mount namespace: the repository and /tmp are empty there."""
         s = self.settings
         ray_args = [str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{s['ports']['ray']}",
                     f"--num-cpus={s['cpus_per_node']}", "--num-gpus=0", "--node-ip-address=127.0.0.1",
-                    "--disable-usage-stats", *self._node_ports(30000 + 500 * node)]
-        spawn(hidden_from_the_driver(ray_args, f"{os.getpid()}-{node}"), self.state / f"ray-node-{node}.log",
-              self._ray_env(), self.state / f"ray-node-{node}.pid")
+                    "--disable-usage-stats", *RAY_NODE_PORTS_OF_ITS_OWN]
+        return spawn(hidden_from_the_driver(ray_args, f"{os.getpid()}-{node}"), self.state / f"ray-node-{node}.log",
+                     self._ray_env(), self.state / f"ray-node-{node}.pid")
 
     def _start_autoscaling_head(self, s: dict) -> None:
         """A head with no CPUs and Ray's autoscaler, in a mount namespace that hides the driver's
@@ -295,13 +281,22 @@ class Stack:
         """The node goes away at once, as a preempted machine does (SIGKILL, no clean shutdown)."""
         kill_groups([self.state / f"ray-node-{node}.pid"], signal.SIGKILL)
 
-    def _wait_for_nodes(self, count: int, marker: str = "node_") -> None:
-        """Until `ray status` lists `count` nodes (an autoscaled cluster lists them by node type)."""
+    def _wait_for_nodes(self, count: int, marker: str = "node_",
+                        started: dict[str, subprocess.Popen] | None = None) -> None:
+        """Until `ray status` lists `count` nodes (an autoscaled cluster lists them by node type).
+        One of the nodes just `started` (by its log's name) whose `ray start` ended fails the start at
+        once, with its log's end, instead of after the whole wait."""
         def enough() -> bool:
+            for name, proc in (started or {}).items():
+                if proc.poll() is not None:
+                    log = self.state / f"{name}.log"
+                    raise SystemExit(f"{name} exited ({proc.returncode}) before the cluster was up; its log {log} "
+                                     f"ends with:\n{log.read_text()[-2000:]}")
             done = subprocess.run([str(BIN / "ray"), "status", f"--address=127.0.0.1:{self.settings['ports']['ray']}"],
                                   capture_output=True, text=True, env=self._ray_env(), timeout=30)
             return done.returncode == 0 and done.stdout.count(marker) >= count
-        wait_for(enough, f"a Ray cluster of {count} nodes", 180, self.state / "ray-head.log")
+        logs = [self.state / "ray-head.log", *sorted(self.state.glob("ray-node-*.log"))]
+        wait_for(enough, f"a Ray cluster of {count} nodes", 180, *logs)
 
     # --- variables and stop ------------------------------------------------------------------
     def variables(self) -> dict:

@@ -8,7 +8,6 @@ import errno
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -47,13 +46,6 @@ def log_variables() -> dict[str, str]:
     nothing from this one): --verbose reaches a Tune trial's Train controller and workers too."""
     names = (VERBOSE_VARIABLE, "MLFLOW_LOGGING_LEVEL", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     return {name: os.environ[name] for name in names if name in os.environ}
-
-
-def free_local_port() -> int:
-    """A TCP port on loopback that nothing listens on now (for a process this one starts)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def run_stage(main: Callable[..., None], description: str,

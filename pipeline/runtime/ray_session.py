@@ -13,9 +13,10 @@ import socket
 from pathlib import Path
 
 from components.redact import redact
-from pipeline.runtime.common import free_local_port, log_variables, verbose
+from pipeline.runtime.common import log_variables, verbose
 from pipeline.runtime.environment import Environment
 from pipeline.runtime.errors import ClusterError
+from pipeline.runtime.ports import free_local_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The code DVC hashes: a change here is a new run (never a resume of the old one).
