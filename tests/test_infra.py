@@ -284,7 +284,6 @@ def test_ports_chosen_ahead_of_a_listener_are_out_of_reach_of_outgoing_connectio
 def test_a_stand_in_node_that_exits_fails_the_start_at_once_with_its_log(tmp_path):
     """infra/local/stack.py start: a Ray node whose `ray start` ends fails the start with that
     node's log, instead of a 3-minute wait that ends with the head's log (which says nothing)."""
-    import importlib.util
     import subprocess
     import sys
 
@@ -292,10 +291,7 @@ def test_a_stand_in_node_that_exits_fails_the_start_at_once_with_its_log(tmp_pat
 
     from pipeline.runtime.ports import free_local_port
 
-    spec = importlib.util.spec_from_file_location("stand_in_stack", INFRA / "local" / "stack.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    stack = module.Stack(tmp_path)
+    stack = stand_in_stack().Stack(tmp_path)
     (tmp_path / "stack.json").write_text(json.dumps({"ports": {"ray": free_local_port()}, "token": "t" * 32,
                                                      "access_key": "k", "secret_key": "s"}))
     (tmp_path / "ray-node-1.log").write_text("raylet: bind: address already in use\n")
@@ -304,3 +300,31 @@ def test_a_stand_in_node_that_exits_fails_the_start_at_once_with_its_log(tmp_pat
         stack._wait_for_nodes(2, started={"ray-node-1": node})
     assert "ray-node-1 exited (3) before the cluster was up" in str(failed.value), failed.value
     assert "address already in use" in str(failed.value)
+
+
+def stand_in_stack():
+    """infra/local/stack.py as a module (it is a script, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stand_in_stack", INFRA / "local" / "stack.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_stand_in_node_sees_only_the_python_environment_and_leaves_no_shared_folder(tmp_path):
+    """A stand-in node's mount namespace hides the repository and /tmp and keeps the Python
+    environment, through a folder under /run (shared by every namespace) that the node removes
+    itself once started. A folder left for a stack's `stop` to sweep was swept by another stack
+    stopping meanwhile (the suite runs stacks side by side), and a node then failed to start."""
+    import re
+    import subprocess
+    import sys
+
+    probe = "import os, pathlib, sys; print(len(os.listdir('/tmp')), pathlib.Path(sys.argv[1]).exists())"
+    command = stand_in_stack().hidden_from_the_driver([sys.executable, "-c", probe, str(ROOT / "pipeline")])
+    folders = re.findall(r"mount --bind '[^']+' '(/run/[^']+)'", command[-1])
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "False"], done.stdout  # /tmp empty, the repository hidden
+    assert not [folder for folder in folders if Path(folder).exists()], folders

@@ -31,10 +31,12 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -96,21 +98,24 @@ def kill_groups(pidfiles: list[Path], sig=signal.SIGTERM, grace: float = 10) -> 
 
 
 
-def hidden_from_the_driver(command: list[str], name: str) -> list[str]:
+def hidden_from_the_driver(command: list[str]) -> list[str]:
     """`command` in a mount namespace of its own where the repository and /tmp are empty: only the
     Python environment stays visible, as on another machine."""
     lines = ["set -e", "mount --make-rprivate /"]
-    hold = Path(f"/run/hmsa-stack-{name}")
     venv_hidden = REPO in VENV.parents or Path("/tmp") in VENV.parents
-    if venv_hidden:  # bind the Python environment elsewhere, hide the rest, then bind it back
-        hold.mkdir(parents=True, exist_ok=True)
+    if venv_hidden:
+        # Bind the Python environment to a folder of its own outside what gets hidden, hide the
+        # rest, bind it back, and drop that folder. Each namespace has its own folder and removes
+        # it itself: several stacks start and stop side by side (the test suite's processes), and
+        # a folder taken away mid-start by another stack's clean-up made a node fail to start.
+        hold = Path(tempfile.mkdtemp(prefix="hmsa-venv-", dir="/run"))
         lines.append(f"mount --bind '{VENV}' '{hold}'")
     lines.append("mount -t tmpfs hmsa-hidden /tmp")
     if Path("/tmp") not in REPO.parents:  # a checkout under /tmp is hidden already
         lines.append(f"mount -t tmpfs hmsa-hidden '{REPO}'")
     if venv_hidden:
-        lines += [f"mkdir -p '{VENV}'", f"mount --bind '{hold}' '{VENV}'"]
-    lines += ["cd /", "exec " + " ".join(f"'{a}'" for a in command)]
+        lines += [f"mkdir -p '{VENV}'", f"mount --bind '{hold}' '{VENV}'", f"umount '{hold}'", f"rmdir '{hold}'"]
+    lines += ["cd /", "exec " + shlex.join(command)]
     return ["unshare", "-m", "--propagation", "private", "bash", "-c", "\n".join(lines)]
 
 
@@ -258,7 +263,7 @@ class Stack:
         ray_args = [str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{s['ports']['ray']}",
                     f"--num-cpus={s['cpus_per_node']}", "--num-gpus=0", "--node-ip-address=127.0.0.1",
                     "--disable-usage-stats", *RAY_NODE_PORTS_OF_ITS_OWN]
-        return spawn(hidden_from_the_driver(ray_args, f"{os.getpid()}-{node}"), self.state / f"ray-node-{node}.log",
+        return spawn(hidden_from_the_driver(ray_args), self.state / f"ray-node-{node}.log",
                      self._ray_env(), self.state / f"ray-node-{node}.pid")
 
     def _start_autoscaling_head(self, s: dict) -> None:
@@ -274,7 +279,7 @@ class Stack:
         args, env = self._head(s, temp, f"--autoscaling-config={config}")
         env.update({"RAY_FAKE_CLUSTER": "1",  # the fake provider's own switch
                     "AUTOSCALER_UPDATE_INTERVAL_S": "1"})  # a round a second (real clusters: 5 s)
-        spawn(hidden_from_the_driver(args, f"{os.getpid()}-head"), self.state / "ray-head.log", env,
+        spawn(hidden_from_the_driver(args), self.state / "ray-head.log", env,
               self.state / "ray-head.pid")
 
     def stop_node(self, node: int) -> None:
@@ -311,9 +316,6 @@ class Stack:
     def stop(self) -> None:
         kill_groups(sorted(self.state.glob("ray-node-*.pid")), signal.SIGKILL)
         kill_groups([self.state / f"{name}.pid" for name in ("ray-head", "mlflow", "weed")])
-        for hold in Path("/run").glob("hmsa-stack-*"):
-            with contextlib.suppress(OSError):
-                hold.rmdir()
         if self.settings_file.exists():
             for temp in ("/tmp/ray-head-{}", "/run/hmsa-ray-{}"):
                 shutil.rmtree(Path(temp.format(self.settings["ports"]["ray"])), ignore_errors=True)
