@@ -2,13 +2,15 @@
 has torch but no Ray. Needs torch, pydantic and the project only.
 
     python -m benchmarks.gpu_check [--model default|paper] [--method hierarchical] [--epochs 3]
+                                   [--compile auto|on|off]
 
 It builds a small pyramid of generated images, starts torch.distributed with world size 1 (NCCL on
 CUDA, gloo on CPU), and runs pipeline/runtime/worker_loop.py, the code every Ray Train worker runs:
 the loader, the training steps, the per-epoch validation with its all-reduced confusion matrix and
 the checkpoint. Then it times benchmarks.steps' training step of the same model, crop and batch on
-random tensors in the same process: the ratio of the two steps is what the loader and the worker
-loop add. Writes results/bench/gpu_check.json.
+random tensors in the same process, compiled where the worker's model was (train.compile): the
+ratio of the two steps is what the loader and the worker loop add. Writes
+results/bench/gpu_check.json.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import yaml
 
 from benchmarks.gpu import METHODS, MODELS
 from benchmarks.machine import describe
-from benchmarks.steps import median, time_training_steps
+from benchmarks.steps import compile_static, median, time_training_steps
 from components.atomic import atomic_file
 from components.config import validate_config
 from components.data.prepare import prepare_dataset
@@ -36,7 +38,7 @@ from components.data.pyramid import build_pyramid
 from components.data.readers import read_cityscapes
 from components.data.synthetic import write_cityscapes_layout
 from components.storage import Storage
-from components.training import autocast_dtype
+from components.training import autocast_dtype, compiles
 from pipeline.runtime import output_files
 from pipeline.runtime.ports import free_local_port
 from pipeline.runtime.worker_loop import train_worker
@@ -80,23 +82,25 @@ def small_pyramid(root: Path, images: int, height: int, width: int) -> Path:
     return root / "pyramid"
 
 
-def check_config(model: str, method: str, epochs: int, batch: int | None, pyramid: Path) -> dict:
-    """params.yaml with the benchmark's model, crop and batch (its largest unless `batch`), and the
-    small pyramid."""
+def check_config(model: str, method: str, epochs: int, batch: int | None, pyramid: Path,
+                 compile_setting: str | bool = "auto") -> dict:
+    """params.yaml with the benchmark's model, crop and batch (its largest unless `batch`), the
+    small pyramid and `train.compile`."""
     settings, crop, batches = MODELS[model]
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["model"].update(settings, method=method, train_scales=METHODS[method])
-    raw["train"].update(epochs=epochs, batch_size=batch or batches[-1], crop_size=list(crop))
+    raw["train"].update(epochs=epochs, batch_size=batch or batches[-1], crop_size=list(crop), compile=compile_setting)
     raw["pyramid"]["output"] = str(pyramid)
     raw["ray"]["cpus_per_worker"] = max(1, (os.cpu_count() or 2) - 1)
     return raw
 
 
 def run_check(model: str, method: str, epochs: int, images: int, image_size: tuple[int, int], steps: int,
-              workdir: Path, batch: int | None = None) -> dict:
+              workdir: Path, batch: int | None = None, compile_setting: str | bool = "auto") -> dict:
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     pyramid = small_pyramid(workdir / "data", images, *image_size)
-    cfg = validate_config(check_config(model, method, epochs, batch, pyramid), source="benchmarks.gpu_check")
+    cfg = validate_config(check_config(model, method, epochs, batch, pyramid, compile_setting),
+                          source="benchmarks.gpu_check")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_local_port()))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
     try:
@@ -106,11 +110,14 @@ def run_check(model: str, method: str, epochs: int, images: int, image_size: tup
         dist.destroy_process_group()
     last = session.reports[-1]
     dtype = autocast_dtype(cfg.train.precision, device)
+    compiled = compiles(cfg.train.compile, device)
     bare_step = median(time_training_steps(cfg.model, tuple(cfg.train.crop_size), cfg.train.batch_size, steps,
-                                           dtype=dtype, channels_last=cfg.train.channels_last, device=device.type))
+                                           dtype=dtype, channels_last=cfg.train.channels_last, device=device.type,
+                                           wrap=compile_static if compiled else None))
     return {"machine": describe(), "device": str(device), "model": model, "method": method,
             "crop": cfg.train.crop_size, "batch": cfg.train.batch_size,
-            "precision": str(dtype or "fp32").removeprefix("torch."),
+            "precision": str(dtype or "fp32").removeprefix("torch."), "compiled": compiled,
+            "first_step_s": session.reports[0]["first_step_seconds"],
             "epochs": [{k: r[k] for k in ("epoch", "loss", "val_miou", "images_per_s", "step_seconds")}
                        for r in session.reports],
             "checkpoint_files": last["checkpoint_files"],
@@ -128,17 +135,21 @@ def main() -> None:
                         help="default: twice the crop's height, four times its width")
     parser.add_argument("--batch", type=int, default=None, help="default: the benchmark's largest for the model")
     parser.add_argument("--steps", type=int, default=10, help="benchmark steps timed")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                        help="train.compile (auto: on CUDA); the benchmark step is compiled to match")
     parser.add_argument("--output", default="results/bench/gpu_check.json")
     args = parser.parse_args()
     crop = MODELS[args.model][1]
     size = tuple(args.image_size) if args.image_size else (2 * crop[0], 4 * crop[1])
     with tempfile.TemporaryDirectory(prefix="hmsa-gpu-check-") as tmp:
-        result = run_check(args.model, args.method, args.epochs, args.images, size, args.steps, Path(tmp), args.batch)
+        result = run_check(args.model, args.method, args.epochs, args.images, size, args.steps, Path(tmp), args.batch,
+                           {"on": True, "off": False}.get(args.compile, "auto"))
     for epoch in result["epochs"]:
         print(f"epoch {epoch['epoch']}: loss {epoch['loss']:.4f}, val mIoU {epoch['val_miou']:.4f}, "
               f"{epoch['images_per_s']:.1f} images/s, {epoch['step_seconds']:.3f} s per step")
+    compiled = f", compiled, first step {result['first_step_s']:.0f} s" if result["compiled"] else ""
     print(f"{result['model']} {result['method']} batch {result['batch']} crop {result['crop']} on {result['device']} "
-          f"({result['precision']}): worker loop {result['worker_step_s']:.3f} s per step, benchmark step "
+          f"({result['precision']}{compiled}): worker loop {result['worker_step_s']:.3f} s per step, benchmark step "
           f"{result['benchmark_step_s']:.3f} s: {result['worker_over_benchmark']:.2f}x")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

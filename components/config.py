@@ -87,6 +87,10 @@ class TrainConfig(Section):
     loss: Literal["ce", "rmi"] = "ce"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
+    # torch.compile of the model (in YAML: auto, on or off). auto: on GPU workers, where it was worth
+    # 1.15-1.19x per step (benchmarks.gpu on an H200); off on CPU, where the compiled step was slower
+    # than eager (benchmarks' compile row). The first steps of training and of validation compile.
+    compile: Literal["auto", True, False] = "auto"
     sync_batchnorm: bool = True  # multi-GPU only: BN statistics over the global batch
     seed: Seed = 0
     # Cap on an epoch (quick runs): this many steps at the full worker count; None: the whole split.

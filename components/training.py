@@ -76,6 +76,11 @@ def prepare_device(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def compiles(setting: str | bool, device: torch.device) -> bool:
+    """Whether a `train.compile` value compiles the model on `device` (auto: on CUDA only)."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "cpu") -> torch.optim.SGD:
     """SGD with momentum; no weight decay on norm layers and biases (standard for segmentation).
     On CUDA the fused step: one kernel for all parameters instead of several per tensor."""
@@ -142,12 +147,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                     max_steps: int | None = None) -> dict:
     """One pass over `loader` (at most `max_steps`); the learning rate follows the global count of
     samples seen (`samples_per_step` = batch size x workers). Returns mean loss, images this
-    process saw, seconds, steps, the last learning rate and the global sample count at the end."""
+    process saw, seconds, steps, the last learning rate, the global sample count at the end, and the
+    first step's seconds (where a compiled model compiles)."""
     model.train()
     # The loss is summed on the device and read once per epoch: a .item() per step would make the
     # host wait for the device at every step.
     total_loss, images, steps, lr = torch.zeros((), device=device), 0, 0, train_cfg.lr
-    samples = first_sample
+    samples, first_step_seconds = first_sample, 0.0
     start = time.perf_counter()
     for batch in loader:
         if max_steps is not None and steps >= max_steps:
@@ -171,12 +177,15 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         images += target.shape[0]
         steps += 1
         samples += samples_per_step
+        if steps == 1:  # host time: compiling happens on the host, before the step's kernels run
+            first_step_seconds = time.perf_counter() - start
     mean_loss = total_loss.item() / max(images, 1)  # waits for the device once
     seconds = time.perf_counter() - start
     if not math.isfinite(mean_loss):
         raise FloatingPointError(f"training loss became {mean_loss} in the epoch ending at {samples} samples; "
                                  "lower train.lr")
-    return {"loss": mean_loss, "images": images, "seconds": seconds, "lr": lr, "steps": steps, "samples": samples}
+    return {"loss": mean_loss, "images": images, "seconds": seconds, "lr": lr, "steps": steps, "samples": samples,
+            "first_step_seconds": first_step_seconds}
 
 
 @torch.no_grad()

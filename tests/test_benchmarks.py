@@ -203,3 +203,57 @@ def test_gpu_check_runs_the_pipelines_worker_loop_without_ray(tmp_path):
     assert {"weights.safetensors", "train_state.pt"} <= set(result["checkpoint_files"])  # rank 0 checkpointed
     assert result["benchmark_step_s"] > 0 and result["worker_over_benchmark"] > 0
     assert "worker loop" in done.stdout and "epoch 1/1: loss " in done.stderr
+
+
+def test_train_compile_compiles_the_workers_model_in_place_where_it_is_on(tmp_path, capfd, monkeypatch):
+    """train.compile: the worker compiles its model (nn.Module.compile, in place) where the setting
+    is on (auto: on CUDA only; YAML's on/off are booleans), trains through the compiled model, keeps
+    the eager parameter names in its checkpoints and says what the first, compiling, step took.
+    Compiled here with Dynamo's eager backend: the same capture of the model, without Inductor's
+    minute of C++ compilation on a CPU."""
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    from benchmarks.gpu_check import SingleProcessSession, check_config, small_pyramid
+    from components.config import validate_config
+    from components.models import build_model
+    from components.training import compiles
+    from pipeline.runtime.worker_loop import train_worker
+    from tests.conftest import tiny_model_config
+
+    assert yaml.safe_load("compile: on") == {"compile": True} and yaml.safe_load("compile: off") == {"compile": False}
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not compiles("auto", cpu) and compiles("auto", cuda) and compiles(True, cpu) and not compiles(False, cuda)
+
+    compiled_models = []
+    eager_compile = torch.nn.Module.compile
+
+    def compile_with_dynamo_eager(module, *args, **kwargs):
+        compiled_models.append(module)
+        eager_compile(module, *args, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_with_dynamo_eager)
+
+    class Session(SingleProcessSession):
+        def report(self, metrics, checkpoint_dir):
+            super().report(metrics, checkpoint_dir)
+            self.reports[-1]["weights"] = sorted(load_file(checkpoint_dir / "weights.safetensors"))
+
+    pyramid = small_pyramid(tmp_path, 2, 64, 128)
+    model = tiny_model_config(method="hierarchical")
+    for setting, expected in (("auto", False), (True, True)):
+        raw = check_config("default", "hierarchical", 1, 2, pyramid, setting)
+        raw["model"].update(model.model_dump(mode="json", exclude={"num_classes"}))  # the data's own
+        raw["train"].update(crop_size=[64, 64], steps_per_epoch=2)
+        cfg = validate_config(raw, source="test")
+        session = Session(cpu)
+        train_worker(cfg, session, str(pyramid))
+        assert bool(compiled_models) is expected, setting
+        (report,) = session.reports
+        assert report["weights"] == sorted(build_model(cfg.model).state_dict()), "checkpoint names changed"
+        assert report["first_step_seconds"] > 0
+    torch._dynamo.reset()
+    logged = capfd.readouterr().err
+    assert "torch.compile on cpu (train.compile True)" in logged
+    assert logged.count(": compiling)") == 1, logged  # only the compiled run's epoch says so

@@ -33,6 +33,7 @@ from components.training import (
     autocast_dtype,
     bf16_blocker,
     build_optimizer,
+    compiles,
     epoch_plan,
     evaluate,
     parameter_digest,
@@ -79,11 +80,13 @@ def validation_scales(cfg: PipelineConfig) -> list[float]:
     return methods.validation_scales(cfg.model.method, cfg.model.train_scales)
 
 
-def epoch_line(row: dict, epochs: int, seconds: float) -> str:
-    """One line per epoch, from rank 0: what was reached, how fast, and about how long is left."""
+def epoch_line(row: dict, epochs: int, seconds: float, compiled_now: bool = False) -> str:
+    """One line per epoch, from rank 0: what was reached, how fast, and about how long is left
+    (`compiled_now`: this epoch compiled the model, and says what that took)."""
     left = seconds * (epochs - row["epoch"])
+    compiling = f" (first step {row['first_step_seconds']:.0f} s: compiling)" if compiled_now else ""
     return (f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f}, val mIoU {row['val_miou']:.4f}, "
-            f"{row['images_per_s']:.1f} images/s on {row['workers']} worker(s), {seconds:.0f} s; "
+            f"{row['images_per_s']:.1f} images/s on {row['workers']} worker(s), {seconds:.0f} s{compiling}; "
             f"about {int(left // 60)} min {int(left % 60)} s left\n")
 
 
@@ -145,6 +148,13 @@ def train_worker(cfg: PipelineConfig, session: WorkerSession, pyramid_uri: str, 
         say(f"resumed from the checkpoint of epoch {state['epoch']} of {cfg.train.epochs}\n")
     if cfg.train.sync_batchnorm and world > 1 and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    compiled = compiles(cfg.train.compile, device)
+    if compiled:
+        # In place (nn.Module.compile): the parameters' names, and so checkpoints and saved models,
+        # stay those of the eager model. Compiled lazily, by the first training and validation steps.
+        model.compile()
+        if rank == 0:
+            say(f"torch.compile on {device.type} (train.compile {cfg.train.compile}): the first steps compile\n")
     model = session.prepare_model(model)
     bare = model.module if hasattr(model, "module") else model
 
@@ -152,7 +162,8 @@ def train_worker(cfg: PipelineConfig, session: WorkerSession, pyramid_uri: str, 
     num_classes = len(classes["names"])
     epoch_samples, steps = epoch_plan(len(train_set), cfg.train, cfg.ray.worker_range[1], world)
     total_samples = epoch_samples * cfg.train.epochs
-    for epoch in range(state["epoch"], cfg.train.epochs):
+    first_epoch = state["epoch"]
+    for epoch in range(first_epoch, cfg.train.epochs):
         started = time.monotonic()
         train_set.set_epoch(epoch)
         if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
@@ -177,6 +188,7 @@ def train_worker(cfg: PipelineConfig, session: WorkerSession, pyramid_uri: str, 
             "images_per_s": stats["images"] * world / max(stats["seconds"], 1e-9),
             "epoch_seconds": stats["seconds"],
             "step_seconds": stats["seconds"] / max(stats["steps"], 1),
+            "first_step_seconds": stats["first_step_seconds"],
             "workers": world,
             "nodes": sorted(set(nodes)),  # the nodes this epoch's workers ran on
             "samples_seen": stats["samples"],
@@ -189,7 +201,7 @@ def train_worker(cfg: PipelineConfig, session: WorkerSession, pyramid_uri: str, 
         if rank != 0:
             session.report(report, None)
             continue
-        say(epoch_line(row, cfg.train.epochs, time.monotonic() - started))
+        say(epoch_line(row, cfg.train.epochs, time.monotonic() - started, compiled and epoch == first_epoch))
         if mlflow_run_id:
             from pipeline.runtime.tracking import log_epoch
 
