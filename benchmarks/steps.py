@@ -20,18 +20,27 @@ def training_step(cfg: ModelConfig, size: tuple[int, int], batch: int, dtype: to
     of random images, as a function to call: what one minibatch of this model costs, without data
     loading. `wrap` (e.g. compile_static) is applied to the built model."""
     torch.manual_seed(0)
+    return module_training_step(build_model(cfg), lambda output, target: segmentation_loss(output, target, cfg),
+                                cfg.num_classes, size, batch, dtype, channels_last, device, wrap)
+
+
+def module_training_step(model: torch.nn.Module, loss_of: Callable, num_classes: int, size: tuple[int, int],
+                         batch: int, dtype: torch.dtype | None = None, channels_last: bool = True,
+                         device: str = "cpu", wrap=None) -> Callable[[], None]:
+    """training_step for any segmentation model: `loss_of(output, target)` turns its output into
+    the loss (another library's model, timed beside ours)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = build_model(cfg).train().to(device=device, memory_format=fmt)
+    model = model.train().to(device=device, memory_format=fmt)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     if wrap is not None:
         model = wrap(model)
     image = torch.randn(batch, 3, *size, device=device).contiguous(memory_format=fmt)
-    target = torch.randint(0, cfg.num_classes, (batch, *size), device=device)
+    target = torch.randint(0, num_classes, (batch, *size), device=device)
 
     def step() -> None:
         with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
             output = model(image)
-        loss = segmentation_loss(output, target, cfg)
+        loss = loss_of(output, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -39,11 +48,8 @@ def training_step(cfg: ModelConfig, size: tuple[int, int], batch: int, dtype: to
     return step
 
 
-def time_training_steps(cfg: ModelConfig, size: tuple[int, int], batch: int, steps: int, warmup: int = 2,
-                        dtype: torch.dtype | None = None, channels_last: bool = True,
-                        device: str = "cpu", wrap=None) -> list[float]:
-    """Seconds of each of `steps` training steps (see training_step) after `warmup` untimed ones."""
-    step = training_step(cfg, size, batch, dtype, channels_last, device, wrap)
+def time_step(step: Callable[[], None], steps: int, warmup: int = 2, device: str = "cpu") -> list[float]:
+    """Seconds of each of `steps` calls of `step` after `warmup` untimed ones."""
     timings = []
     for index in range(warmup + steps):
         if device == "cuda":
@@ -55,6 +61,13 @@ def time_training_steps(cfg: ModelConfig, size: tuple[int, int], batch: int, ste
         if index >= warmup:
             timings.append(time.perf_counter() - start)
     return timings
+
+
+def time_training_steps(cfg: ModelConfig, size: tuple[int, int], batch: int, steps: int, warmup: int = 2,
+                        dtype: torch.dtype | None = None, channels_last: bool = True,
+                        device: str = "cpu", wrap=None) -> list[float]:
+    """Seconds of each of `steps` training steps (see training_step) after `warmup` untimed ones."""
+    return time_step(training_step(cfg, size, batch, dtype, channels_last, device, wrap), steps, warmup, device)
 
 
 def compile_static(model: torch.nn.Module, backend: str | Callable = "inductor") -> torch.nn.Module:

@@ -71,6 +71,39 @@ def test_gpu_benchmark_runs_every_eager_row_before_any_compiled_one():
     assert runs[0][0] == "paper" and all(not compiled for *_, compiled in planned_runs(compile_too=False))
 
 
+def test_gpu_benchmark_times_the_anchor_beside_the_paper_model_and_gives_the_targets_ratios():
+    """Where torchvision is installed, torchvision's deeplabv3_resnet50 runs right after the paper's
+    model, at its largest batch, eager and compiled; the ratios of utilisation the GPU targets are
+    about come from the rows that ran; any model's training FLOPs are counted on the meta device."""
+    import torch
+
+    from benchmarks.gpu import ANCHOR, MODELS, module_train_flops, planned_runs, target_ratios
+
+    runs = planned_runs(compile_too=True, anchor=True)
+    batch = MODELS["paper"][2][-1]
+    anchor_runs = [run for run in runs if run[0] == ANCHOR]
+    assert anchor_runs == [(ANCHOR, "single", batch, False), (ANCHOR, "single", batch, True)]
+    assert [compiled for *_, compiled in runs] == sorted(compiled for *_, compiled in runs)
+    assert [run for run in runs if run[0] != ANCHOR] == planned_runs(compile_too=True)
+
+    def row(model, method, tflops, compiled=False, at=batch):
+        return {"model": model, "method": method, "batch": at, "achieved_tflops_per_s": tflops,
+                "variant": "bf16 channels_last" + (" compiled" if compiled else "")}
+
+    rows = [row("paper", "single", 200.0), row("paper", "hierarchical", 170.0), row(ANCHOR, "single", 160.0),
+            row("paper", "single", 999.0, at=2), row("paper", "single", 250.0, compiled=True)]
+    assert target_ratios(rows) == {"paper single over anchor, eager": 1.25,
+                                   "paper hierarchical over single, eager": 0.85}  # no compiled pair ran
+
+    def conv():  # 3 -> 19 channels, 1x1: 2 * 3 * 19 FLOPs per pixel forward, as many for the weights' gradient
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 19, 1, bias=False))
+
+    def loss(output, target):
+        return torch.nn.functional.cross_entropy(output, target)
+
+    assert module_train_flops(conv, loss, (8, 8), 2) == 2 * (2 * 3 * 19 * 64 * 2)  # the image needs no gradient
+
+
 def test_profile_covers_the_training_step_and_runs_without_yaml():
     """The profiler sees forward, loss and backward of a training step; `--model paper` (the GPU
     profile) imports nothing a GPU machine lacks."""
