@@ -196,8 +196,8 @@ class LoaderConfig(Section):
     hue: float = Field(0.02, ge=0, le=0.5)
     photometric_probability: float = Field(0.8, ge=0, le=1)
     class_uniform: float = Field(0.0, ge=0, le=1)  # share of samples drawn by rare-class sampling
-    # loader processes per training worker; auto: one fewer than the worker's CPUs, at most 4
-    # (the training threads keep the rest), and 0 on a single CPU
+    # loader processes per training worker; auto: one fewer than the worker's CPUs (on CPU at most
+    # 4: the training threads keep the rest), and 0 on a single CPU
     # (a process each, per training worker: more than 64 is a typo, not a machine)
     workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = "auto"
 

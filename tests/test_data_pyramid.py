@@ -152,8 +152,13 @@ def test_loader_processes_and_pinned_memory_are_sized_from_the_machine():
     auto = LoaderConfig()
     assert loader_settings(auto, cpus=1)["num_workers"] == 0  # a loader process would take the only CPU
     assert loader_settings(auto, cpus=2) == {"num_workers": 1, "persistent_workers": True, "pin_memory": False}
-    assert loader_settings(auto, cpus=16, device_type="cuda")["num_workers"] == 4
-    assert loader_settings(auto, cpus=16, device_type="cuda")["pin_memory"] is True
+    assert loader_settings(auto, cpus=16)["num_workers"] == 4  # CPU training: its threads keep the rest
+    # A GPU worker: every CPU but its own feeds the GPU, in pinned memory, 8 batches ahead in all
+    assert loader_settings(auto, cpus=16, device_type="cuda") == {
+        "num_workers": 15, "persistent_workers": True, "pin_memory": True, "prefetch_factor": 2}
+    assert loader_settings(auto, cpus=3, device_type="cuda")["prefetch_factor"] == 4
+    assert loader_settings(auto, cpus=1, device_type="cuda") == {"num_workers": 0, "persistent_workers": False,
+                                                                 "pin_memory": True}  # DataLoader refuses prefetch
     assert loader_settings(LoaderConfig(workers=0), cpus=8)["num_workers"] == 0
 
 

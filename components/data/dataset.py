@@ -8,6 +8,8 @@ same for all levels of one sample, so the levels stay aligned.
 
 from __future__ import annotations
 
+import math
+
 import albumentations as A
 import numpy as np
 import torch
@@ -21,11 +23,23 @@ MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
 STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
 
 
+# Batches prepared ahead, over all of a GPU worker's loader processes: a few slow samples (a large
+# random scale, a slow read) are absorbed without the GPU waiting.
+GPU_BATCHES_AHEAD = 8
+
+
 def loader_settings(cfg: LoaderConfig, cpus: float, device_type: str = "cpu") -> dict:
-    """DataLoader arguments sized from the machine: loader processes from `loader.workers` (auto:
-    from the CPUs a training worker has) and pinned memory when batches go to a GPU."""
-    workers = max(0, min(4, int(cpus) - 1)) if cfg.workers == "auto" else cfg.workers
-    return {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": device_type == "cuda"}
+    """DataLoader arguments sized from the CPUs a training worker has. `loader.workers: auto`: on
+    CPU one process fewer than those CPUs, at most 4 (the training threads need the rest); on a
+    GPU all but one (the GPU computes; the worker's own process launches its kernels), each keeping
+    enough batches ahead that together they hold GPU_BATCHES_AHEAD, and batches in pinned memory."""
+    gpu = device_type == "cuda"
+    automatic = max(0, int(cpus) - 1) if gpu else max(0, min(4, int(cpus) - 1))
+    workers = automatic if cfg.workers == "auto" else cfg.workers
+    settings = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": gpu}
+    if gpu and workers > 0:
+        settings["prefetch_factor"] = max(2, math.ceil(GPU_BATCHES_AHEAD / workers))
+    return settings
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
