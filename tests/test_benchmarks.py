@@ -288,5 +288,5 @@ def test_train_compile_compiles_the_workers_model_in_place_where_it_is_on(tmp_pa
         assert report["first_step_seconds"] > 0
     torch._dynamo.reset()
     logged = capfd.readouterr().err
-    assert "torch.compile on cpu (train.compile True)" in logged
+    assert "torch.compile on cpu (train.compile: on)" in logged
     assert logged.count(": compiling)") == 1, logged  # only the compiled run's epoch says so

@@ -154,7 +154,8 @@ def train_worker(cfg: PipelineConfig, session: WorkerSession, pyramid_uri: str, 
         # stay those of the eager model. Compiled lazily, by the first training and validation steps.
         model.compile()
         if rank == 0:
-            say(f"torch.compile on {device.type} (train.compile {cfg.train.compile}): the first steps compile\n")
+            setting = {True: "on", False: "off"}.get(cfg.train.compile, cfg.train.compile)  # YAML's on is True
+            say(f"torch.compile on {device.type} (train.compile: {setting}): the first steps compile\n")
     model = session.prepare_model(model)
     bare = model.module if hasattr(model, "module") else model
 
