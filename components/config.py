@@ -14,7 +14,16 @@ import warnings
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from components.methods import eval_scales_problem, train_scales_problem
 from components.scales import crop_grid_step
@@ -40,6 +49,21 @@ def _check_scale_set(scales: list[float]) -> list[float]:
 
 
 ScaleSet = Annotated[list[float], AfterValidator(_check_scale_set)]
+
+
+def _switch(value: Any) -> Any:
+    """auto, on or off. YAML 1.1 (PyYAML, which reads params.yaml) already makes on/off booleans;
+    written as strings (quoted, in JSON, or by a YAML 1.2 tool) they mean the same."""
+    if isinstance(value, bool):
+        return value
+    named = {"auto": "auto", "on": True, "true": True, "off": False, "false": False}.get(
+        value.strip().lower() if isinstance(value, str) else "")
+    if named is None:
+        raise ValueError("should be auto, on or off")
+    return named
+
+
+Switch = Annotated[Literal["auto", True, False], BeforeValidator(_switch)]
 
 
 class Section(BaseModel):
@@ -90,7 +114,7 @@ class TrainConfig(Section):
     # torch.compile of the model (in YAML: auto, on or off). auto: on GPU workers, where it was worth
     # 1.15-1.19x per step (benchmarks.gpu on an H200); off on CPU, where the compiled step was slower
     # than eager (benchmarks' compile row). The first steps of training and of validation compile.
-    compile: Literal["auto", True, False] = "auto"
+    compile: Switch = "auto"
     sync_batchnorm: bool = True  # multi-GPU only: BN statistics over the global batch
     seed: Seed = 0
     # Cap on an epoch (quick runs): this many steps at the full worker count; None: the whole split.
@@ -109,7 +133,7 @@ class RayConfig(Section):
     # A fixed count, or [min, max] for elastic training: the run goes on with fewer workers when a
     # node goes and grows again when one comes back.
     num_workers: int | tuple[int, int] = 1
-    use_gpu: Literal["auto", True, False] = "auto"  # auto: GPU workers when the cluster has GPUs
+    use_gpu: Switch = "auto"  # auto: GPU workers when the cluster has GPUs
     cpus_per_worker: float = Field(2, gt=0)
     gpus_per_worker: float = Field(1, gt=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"

@@ -169,6 +169,22 @@ def test_worker_count_or_elastic_range(workers, ok):
             validate_config({"ray": {"num_workers": workers}})
 
 
+@pytest.mark.parametrize("written, meant", [("on", True), ("off", False), ("'on'", True), ('"Off"', False),
+                                            ("true", True), ("auto", "auto"), ("'auto'", "auto")])
+def test_switches_take_auto_on_or_off_however_the_yaml_writes_them(written, meant):
+    """train.compile and ray.use_gpu: PyYAML reads a plain on/off as a boolean, a quoted one (or
+    JSON, or a YAML 1.2 tool's output) as a string; both mean the same."""
+    raw = yaml.safe_load(f"train: {{compile: {written}}}\nray: {{use_gpu: {written}}}")
+    cfg = validate_config(raw)
+    assert cfg.train.compile == meant and cfg.ray.use_gpu == meant
+
+
+@pytest.mark.parametrize("bad", ["sometimes", 2, None])
+def test_a_switch_that_is_not_auto_on_or_off_names_the_key_and_the_choices(bad):
+    with pytest.raises(ConfigError, match=r"train.compile: should be auto, on or off \(got "):
+        validate_config({"train": {"compile": bad}})
+
+
 def test_no_stage_lists_a_cluster_setting_as_a_param():
     """Pointing the checkout at a cluster, bucket or tracking server must invalidate no stage."""
     import yaml
