@@ -301,7 +301,9 @@ class Stack:
                                   capture_output=True, text=True, env=self._ray_env(), timeout=30)
             return done.returncode == 0 and done.stdout.count(marker) >= count
         logs = [self.state / "ray-head.log", *sorted(self.state.glob("ray-node-*.log"))]
-        wait_for(enough, f"a Ray cluster of {count} nodes", 180, *logs)
+        # Generous: a node that exits ends the wait at once (above); only slowness waits it out (on a
+        # machine busy with other Ray work, a whole stack has taken 83 s to come up).
+        wait_for(enough, f"a Ray cluster of {count} nodes", 300, *logs)
 
     # --- variables and stop ------------------------------------------------------------------
     def variables(self) -> dict:
