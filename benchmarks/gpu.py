@@ -25,6 +25,7 @@ import torch
 from benchmarks.machine import describe
 from benchmarks.steps import (
     compile_static,
+    compiled_step_seconds,
     matmul_flops_per_second,
     median,
     module_training_step,
@@ -32,7 +33,7 @@ from benchmarks.steps import (
     training_step,
 )
 from components.config import ModelConfig
-from components.flops import train_step_flops
+from components.flops import count_flops, train_step_flops
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s, from the vendors' data sheets.
 BF16_PEAK = {"H200": 989e12, "H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
@@ -72,16 +73,8 @@ def bf16_peak(name: str) -> float | None:
 
 def module_train_flops(build: Callable[[], torch.nn.Module], loss_of: Callable, size, batch: int) -> int:
     """FLOPs of forward, loss and backward of the model `build` makes, counted on the meta device."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"):
-        model = build().train()
-        image = torch.empty(batch, 3, *size)
-        target = torch.zeros(batch, *size, dtype=torch.int64)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        loss_of(model(image), target).backward()
-    return counter.get_total_flops()
+    return count_flops(build, lambda model, image, target: loss_of(model.train()(image), target).backward(),
+                       size, batch)
 
 
 def planned_runs(compile_too: bool, anchor: bool = False) -> list[tuple[str, str, int, bool]]:
@@ -121,12 +114,11 @@ def measure(model_name: str, method: str, batch: int, compiled: bool, steps: int
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
     step_fn, flops, size = step_and_flops(model_name, method, batch, device, compile_static if compiled else None)
+    compile_seconds: float | None = None
     if compiled:
-        timings = time_step(step_fn, steps + 2, warmup=0, device=device)
-        step = median(timings[2:])
-        compile_seconds: float | None = timings[0] - step
+        step, compile_seconds = compiled_step_seconds(step_fn, steps, device)
     else:
-        step, compile_seconds = median(time_step(step_fn, steps, device=device)), None
+        step = median(time_step(step_fn, steps, device=device))
     return {"model": model_name, "method": method,
             "variant": "bf16 channels_last" + (" compiled" if compiled else ""), "crop": list(size),
             "batch": batch, "images_per_s": batch / step, "step_s": step, "train_tflops_per_step": flops / 1e12,

@@ -63,6 +63,15 @@ def time_step(step: Callable[[], None], steps: int, warmup: int = 2, device: str
     return timings
 
 
+def compiled_step_seconds(step: Callable[[], None], steps: int, device: str = "cpu") -> tuple[float, float]:
+    """(median step seconds, compile seconds) of a step whose model is compiled: the first call
+    compiles (the second may still recompile a little), so the median is of the `steps` calls after
+    those two, and the first call's excess over it is the compile time."""
+    timings = time_step(step, steps + 2, warmup=0, device=device)
+    step_seconds = median(timings[2:])
+    return step_seconds, timings[0] - step_seconds
+
+
 def time_training_steps(cfg: ModelConfig, size: tuple[int, int], batch: int, steps: int, warmup: int = 2,
                         dtype: torch.dtype | None = None, channels_last: bool = True,
                         device: str = "cpu", wrap=None) -> list[float]:

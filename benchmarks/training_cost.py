@@ -23,11 +23,13 @@ import torch
 
 from benchmarks.steps import (
     compile_static,
+    compiled_step_seconds,
     conv_matmul_flops_per_second,
     in_fresh_process,
     matmul_flops_per_second,
     median,
     time_training_steps,
+    training_step,
 )
 from components.config import ModelConfig, PipelineConfig, load_config
 from components.flops import train_step_flops
@@ -115,13 +117,12 @@ def compile_gain(model, size, batch: int, steps: int, precision: str, measured: 
     it pays when the saving per step times the steps of a run exceeds the compile time."""
     dtype = torch.bfloat16 if precision == "bf16" else None
     try:
-        timings = time_training_steps(model, size, batch, steps + 2, warmup=0, dtype=dtype, wrap=compile_static)
+        step, compile_seconds = compiled_step_seconds(training_step(model, size, batch, dtype, wrap=compile_static),
+                                                      steps)
     except Exception as err:  # noqa: BLE001 - a missing C++ compiler, an unsupported op: reported, not fatal
         print(f"  torch.compile: not measured ({type(err).__name__}: {str(err)[:200]})")
         return {"error": f"{type(err).__name__}: {str(err)[:500]}"}
-    step = median(timings[2:])
     eager = measured[precision]["median_step_s"]
-    compile_seconds = timings[0] - step
     saving = eager - step
     result = {"precision": precision, "eager_step_s": eager, "compiled_step_s": step, "speedup": eager / step,
               "compile_s": compile_seconds,

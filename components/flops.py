@@ -7,7 +7,10 @@ forward pass, the method's loss and the backward pass, with the method's trainin
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from components.config import ModelConfig
@@ -15,21 +18,30 @@ from components.losses import segmentation_loss
 from components.models.build import build_model
 
 
-def _count(cfg: ModelConfig, scales: list[float], image_size: tuple[int, int], train: bool, batch: int) -> int:
+def count_flops(build: Callable[[], nn.Module], run: Callable[[nn.Module, torch.Tensor, torch.Tensor], None],
+                image_size: tuple[int, int], batch: int = 1) -> int:
+    """FLOPs of `run(model, image, target)` for the model `build()` makes, with a batch of images
+    of `image_size` and their labels, all on the meta device (a multiply-add counts as 2)."""
     with torch.device("meta"):
-        model = build_model(cfg.model_copy(update={"pretrained": None}))
+        model = build()
         image = torch.empty(batch, 3, *image_size)
         target = torch.zeros(batch, *image_size, dtype=torch.int64)
-    model.train(train)
     counter = FlopCounterMode(display=False)
     with counter:
+        run(model, image, target)
+    return counter.get_total_flops()
+
+
+def _count(cfg: ModelConfig, scales: list[float], image_size: tuple[int, int], train: bool, batch: int) -> int:
+    def run(model: nn.Module, image: torch.Tensor, target: torch.Tensor) -> None:
+        model.train(train)
         if train:
-            output = model(image, scales)
-            segmentation_loss(output, target, cfg).backward()
+            segmentation_loss(model(image, scales), target, cfg).backward()
         else:
             with torch.no_grad():
                 model(image, scales)
-    return counter.get_total_flops()
+
+    return count_flops(lambda: build_model(cfg.model_copy(update={"pretrained": None})), run, image_size, batch)
 
 
 def inference_flops(cfg: ModelConfig, scales: list[float], image_size: tuple[int, int], batch: int = 1) -> int:
