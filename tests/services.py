@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from benchmarks import process_cpu
+from pipeline.runtime.mlflow_server import MLFLOW_SERVER_VARIABLES
 from pipeline.runtime.ports import RAY_NODE_PORTS_OF_ITS_OWN, free_local_port
 
 
@@ -281,7 +282,7 @@ class MlflowServer:
             "--workers",
             "1",
         ]
-        env = python_env()
+        env = python_env(**MLFLOW_SERVER_VARIABLES)
         if admin_password is not None:
             # The repository's own auth config, with this folder's user database.
             config = (Path(__file__).resolve().parents[1] / "infra" / "mlflow" / "basic_auth.ini").read_text()

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import yaml
 from packaging.requirements import Requirement
 
+from pipeline.runtime.mlflow_server import MLFLOW_SERVER_VARIABLES
 from tests.dvc_helpers import ROOT
 
 INFRA = ROOT / "infra"
@@ -190,6 +191,8 @@ def test_mlflow_server_has_auth_s3_artifacts_and_real_options():
         assert f"--{name}" in help_text, f"mlflow server has no option --{name}"
     env = {v["name"]: v for v in container["env"]}
     assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    for name, value in MLFLOW_SERVER_VARIABLES.items():  # as the local stack's and the tests' servers
+        assert env[name]["value"] == value, name
     auth_ini = ROOT / env["MLFLOW_AUTH_CONFIG_PATH"]["value"].removeprefix(dockerfile_workdir() + "/")
     assert "admin_password" not in auth_ini.read_text().replace("# admin_password", "")
     config_map = kuberay("ConfigMap")

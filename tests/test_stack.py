@@ -9,6 +9,8 @@ import urllib.request
 
 import pytest
 
+from benchmarks import process_cpu
+from pipeline.runtime.mlflow_server import JOB_PROCESS_MARKERS
 from tests.dvc_helpers import ROOT
 from tests.services import python_env
 
@@ -39,6 +41,12 @@ def test_services_only_starts_s3_and_mlflow_and_no_ray(tmp_path):
         assert listening(ports["s3"]) and listening(ports["mlflow"])
         with urllib.request.urlopen(f"{variables['MLFLOW_TRACKING_URI']}/health", timeout=10) as answer:
             assert answer.status == 200
+        # The server alone: none of MLflow's job runner and consumer processes, which the pipeline
+        # never uses (pipeline/runtime/mlflow_server.py)
+        snap = process_cpu.snapshot()
+        server_tree = process_cpu.descendants(snap, int((state / "mlflow.pid").read_text()))
+        assert not [snap.command_lines[pid] for pid in server_tree
+                    if any(marker in snap.command_lines[pid] for marker in JOB_PROCESS_MARKERS)]
         client = boto3.session.Session().client(
             "s3", endpoint_url=variables["AWS_ENDPOINT_URL"], region_name="us-east-1",
             aws_access_key_id=variables["AWS_ACCESS_KEY_ID"], aws_secret_access_key=variables["AWS_SECRET_ACCESS_KEY"])

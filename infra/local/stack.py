@@ -41,6 +41,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from pipeline.runtime.mlflow_server import MLFLOW_SERVER_VARIABLES
 from pipeline.runtime.ports import RAY_NODE_PORTS_OF_ITS_OWN, free_local_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -220,7 +221,8 @@ class Stack:
             config=Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1}))
 
     def _start_mlflow(self, s: dict) -> None:
-        env = {**os.environ, **self._aws_env(s), "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{s['ports']['s3']}"}
+        env = {**os.environ, **self._aws_env(s), **MLFLOW_SERVER_VARIABLES,
+               "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{s['ports']['s3']}"}
         uri = f"http://127.0.0.1:{s['ports']['mlflow']}"
         args = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(s["ports"]["mlflow"]),
                 "--backend-store-uri", f"sqlite:///{self.state / 'mlflow.db'}",

@@ -1,0 +1,16 @@
+"""How every MLflow tracking server of this project is started: the variables its process gets.
+
+MLflow 3's server starts, beside itself, a job runner and a pool of huey consumer processes for its
+own server-side jobs (GenAI judges, trace roll-ups). The pipeline submits none of them, and the
+processes are not free: measured on a 2-core machine, about 20 CPU-s per server start (each imports
+MLflow), 180 CPU-s of the test suite. So the local stack, the Kubernetes Deployment
+(infra/kuberay/mlflow.yaml, checked by tests/test_infra.py) and the tests' servers turn them off.
+Standard library only, so infra/local/stack.py can use it.
+"""
+
+from __future__ import annotations
+
+MLFLOW_SERVER_VARIABLES = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+# What the job runner and its consumers are called in a process list: what must not be there.
+JOB_PROCESS_MARKERS = ("mlflow.server.jobs", "huey_consumer")
