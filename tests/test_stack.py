@@ -10,12 +10,13 @@ import urllib.request
 import pytest
 
 from benchmarks import process_cpu
-from pipeline.runtime.mlflow_server import JOB_PROCESS_MARKERS
 from tests.dvc_helpers import ROOT
 from tests.services import python_env
 
 pytestmark = pytest.mark.integration
 STACK = str(ROOT / "infra" / "local" / "stack.py")
+# MLflow's job runner and its consumers, as a process list shows them (pipeline/runtime/mlflow_server.py)
+JOB_PROCESS_MARKERS = ("mlflow.server.jobs", "huey_consumer")
 
 
 def listening(port: int) -> bool:

@@ -12,6 +12,3 @@ Standard library only, so infra/local/stack.py can use it.
 from __future__ import annotations
 
 MLFLOW_SERVER_VARIABLES = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-
-# What the job runner and its consumers are called in a process list: what must not be there.
-JOB_PROCESS_MARKERS = ("mlflow.server.jobs", "huey_consumer")
