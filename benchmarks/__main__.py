@@ -94,6 +94,11 @@ def summary(results: dict) -> str:
         f"{orch['two_over_one_workers_speedup']:.2f}x |"
     )
     lines.append(
+        f"| evaluation of all evaluate.scale_sets at once over one set after another | (reported) | "
+        f"{inf['all_sets']['ratio']:.2f}x ({inf['all_sets']['ms_per_image']:.0f} against "
+        f"{inf['all_sets']['one_after_another_ms_per_image']:.0f} ms/image) |"
+    )
+    lines.append(
         f"| pyfunc model over direct call, {inf['pyfunc']['scales']} | (reported) | "
         f"{inf['pyfunc']['ratio']:.2f}x ({inf['pyfunc']['ms_per_image']:.0f} ms/image) |"
     )

@@ -39,6 +39,21 @@ def batched_latency(model, scales, size, batch: int, repeats: int, dtype) -> flo
     return median(timings) / batch
 
 
+def all_sets_latency(model, scale_sets, size, batch: int, repeats: int, dtype) -> float:
+    """Per-image seconds of every set of `scale_sets` at once, each distinct scale run once
+    (MultiScaleSegmenter.forward_sets, what evaluation does)."""
+    images = torch.randn(batch, 3, *size)
+    timings = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        for step in range(repeats + 1):
+            start = time.perf_counter()
+            for output in model.forward_sets(images, scale_sets):
+                output.fused.argmax(1)
+            if step:
+                timings.append(time.perf_counter() - start)
+    return median(timings) / batch
+
+
 def pyfunc_latency(model_cfg, size, scales, repeats: int) -> tuple[float, float]:
     """(per-image seconds through mlflow.pyfunc with PNG decoding, the same model called directly)."""
     import mlflow
@@ -90,11 +105,17 @@ def run(params: str, repeats: int) -> dict:
         row["measured_over_predicted"] = row["latency_ms"] / row["predicted_ms"]
         print(f"  {row['scales']!s:22s} {row['gflops']:6.2f} GFLOPs  {row['latency_ms']:7.1f} ms/image "
               f"(batch {batch})  predicted {row['predicted_ms']:7.1f}  -> {row['measured_over_predicted']:.2f}x")
+    separate = sum(row["latency_ms"] for row in rows)
+    together = 1000 * all_sets_latency(model, cfg.evaluate.scale_sets, size, batch, repeats, dtype)
+    print(f"  all {len(rows)} sets at once, each scale run once: {together:.1f} ms/image against {separate:.1f} "
+          f"one set after another -> {together / separate:.2f}x")
     served_scales = model_cfg.train_scales
     pyfunc, direct = pyfunc_latency(model_cfg, size, served_scales, repeats)
     print(f"  pyfunc at {served_scales}: {1000 * pyfunc:.1f} ms/image against {1000 * direct:.1f} direct "
           f"-> {pyfunc / direct:.2f}x")
     return {"image_size": list(size), "batch": batch, "precision": str(dtype or "fp32"), "scale_sets": rows,
+            "all_sets": {"ms_per_image": together, "one_after_another_ms_per_image": separate,
+                         "ratio": together / separate},
             "pyfunc": {"scales": served_scales, "ms_per_image": 1000 * pyfunc, "direct_ms_per_image": 1000 * direct,
                        "ratio": pyfunc / direct}}
 

@@ -33,44 +33,79 @@ def batches(dataset: Dataset, indices: list[int], batch_size: int):
     yield from pending.values()
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_scale_passes(model, inputs: dict[float, torch.Tensor], scale_sets: list[list[float]],
+                       device: torch.device) -> tuple[dict, dict[float, float]]:
+    """The segmenter's output at each distinct scale of `scale_sets`, run once, and each pass's
+    seconds (waiting for the device): a set's cost is its own scales' passes and its fusion."""
+    distinct = sorted({s for scales in scale_sets for s in scales})
+    outputs, seconds = {}, {}
+    for scale, image in model.images_at(inputs, distinct).items():
+        start = time.perf_counter()
+        outputs[scale] = model.segmenter(image, with_attention=model.attention_needed(scale, scale_sets))
+        _synchronize(device)
+        seconds[scale] = time.perf_counter() - start
+    return outputs, seconds
+
+
 @torch.no_grad()
 def evaluate_shard(model, dataset: Dataset, indices: list[int], scale_sets: list[list[float]], num_classes: int,
                    flip: bool = False, batch_size: int = 4, dtype: torch.dtype | None = None,
                    device: torch.device | str = "cpu", attention_set: int | None = None) -> list[dict]:
     """Confusion matrix, summed forward seconds and image count of `model` at each scale set, over
     the images `indices` of `dataset`; for scale_sets[attention_set], also the attention sums by
-    class of that same forward pass. Shards of one split merge by summing (merge_shards)."""
+    class of that same forward pass. Shards of one split merge by summing (merge_shards).
+
+    Each image is read once and run once at each distinct scale of all the sets, whose fusions
+    share those passes (MultiScaleSegmenter.forward_sets); a set's seconds are its own scales'
+    passes and its fusion, what evaluating it alone would take."""
     device = torch.device(device)
     model.eval()
-    results = []
-    for position, scales in enumerate(scale_sets):
-        matrix, seconds, images, per_image = ConfusionMatrix(num_classes), 0.0, 0, []
-        attention = AttentionSums(scales, num_classes) if position == attention_set else None
-        for batch in batches(dataset, indices, batch_size):
-            inputs = {s: torch.stack([item["images"][s] for item in batch]).to(device) for s in batch[0]["images"]}
-            start = time.perf_counter()
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                output = model(inputs, scales)
+    sets = [model.check_scales(scales) for scales in scale_sets]
+    matrices = [ConfusionMatrix(num_classes) for _ in sets]
+    per_image: list[list[np.ndarray]] = [[] for _ in sets]
+    seconds, images = [0.0] * len(sets), 0
+    attention = AttentionSums(scale_sets[attention_set], num_classes) if attention_set is not None else None
+    for batch in batches(dataset, indices, batch_size):
+        inputs = {s: torch.stack([item["images"][s] for item in batch]).to(device) for s in batch[0]["images"]}
+        predictions, attention_output = [], None
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            passes, pass_seconds = timed_scale_passes(model, inputs, sets, device)
+            if flip:
+                flipped_inputs = {s: torch.flip(t, dims=[-1]) for s, t in inputs.items()}
+                flipped, flipped_seconds = timed_scale_passes(model, flipped_inputs, sets, device)
+                pass_seconds = {s: t + flipped_seconds[s] for s, t in pass_seconds.items()}
+            for position, scales in enumerate(sets):
+                start = time.perf_counter()
+                output = model.fuse(passes, scales)
                 logits = output.fused
                 if flip:
-                    flipped = {s: torch.flip(t, dims=[-1]) for s, t in inputs.items()}
-                    logits = logits + torch.flip(model(flipped, scales).fused, dims=[-1])
-            predictions = logits.argmax(1).cpu()  # the copy to the host waits for the device
-            seconds += time.perf_counter() - start
-            labels = [item["label"] for item in batch]
-            for label, prediction in zip(labels, predictions, strict=True):
+                    logits = logits + torch.flip(model.fuse(flipped, scales).fused, dims=[-1])
+                predictions.append(logits.argmax(1).cpu())  # the copy to the host waits for the device
+                seconds[position] += time.perf_counter() - start + sum(pass_seconds[s] for s in scales)
+                if position == attention_set:
+                    attention_output = output
+        labels = [item["label"] for item in batch]
+        for position, set_predictions in enumerate(predictions):
+            for label, prediction in zip(labels, set_predictions, strict=True):
                 one = ConfusionMatrix(num_classes)
                 one.update(prediction, label)
-                per_image.append(one.matrix.numpy())
-                matrix.matrix += one.matrix
-            if attention is not None:
-                attention.add(output.scale_weights(), labels)
-            images += len(batch)
+                per_image[position].append(one.matrix.numpy())
+                matrices[position].matrix += one.matrix
+        if attention is not None and attention_output is not None:
+            attention.add(attention_output.scale_weights(), labels)
+        images += len(batch)
+    results = []
+    for position, scales in enumerate(scale_sets):
         # Per image too: the ablation's bootstrap over val images resamples them.
-        result = {"scales": list(scales), "matrix": matrix.matrix.numpy(), "seconds": seconds, "images": images,
-                  "image_matrices": np.stack(per_image) if per_image else np.zeros((0, num_classes, num_classes),
-                                                                                   np.int64)}
-        if attention is not None:
+        result = {"scales": list(scales), "matrix": matrices[position].matrix.numpy(), "seconds": seconds[position],
+                  "images": images, "image_matrices": np.stack(per_image[position]) if per_image[position]
+                  else np.zeros((0, num_classes, num_classes), np.int64)}
+        if attention is not None and position == attention_set:
             result["attention_sums"], result["attention_counts"] = attention.sums, attention.counts
         results.append(result)
     return results

@@ -93,6 +93,35 @@ def test_hierarchical_on_unseen_scale_sets(tmp_path, data, local_ray):
     assert (tmp_path / "out" / "pareto.csv").read_text().startswith("scales,gflops,miou")
 
 
+def test_an_image_is_read_once_and_run_once_per_distinct_scale_of_all_the_sets(data):
+    """Three sets over 0.5, 1.0 and 2.0 (six passes if each set ran alone): each val image is read
+    once and the segmenter runs once per scale (twice with flip); every set's figures are those it
+    gets evaluated alone, and its seconds are those of its own scales."""
+    from components.evaluation import evaluate_shard
+
+    model = build_model(tiny_model_config(num_classes=19, train_scales=[0.5, 1.0])).eval()
+    reader = PyramidReader(str(data / "pyramid"))
+    sets = [[1.0], [0.5, 1.0], [0.5, 1.0, 2.0]]
+    reads, passes = [], []
+
+    class CountedReads(PyramidEvalDataset):
+        def __getitem__(self, index: int) -> dict:
+            reads.append(index)
+            return super().__getitem__(index)
+
+    dataset = CountedReads(reader, "val", [0.5, 1.0, 2.0])
+    model.segmenter.register_forward_hook(lambda *_: passes.append(1))
+    indices = list(range(len(dataset)))
+    results = evaluate_shard(model, dataset, indices, sets, 19, flip=True, batch_size=len(indices))
+    assert sorted(reads) == indices and len(passes) == 2 * 3  # one batch: 3 scales, and their flips
+    for scales, result in zip(sets, results, strict=True):
+        (alone,) = evaluate_shard(model, dataset, indices, [scales], 19, flip=True, batch_size=len(indices))
+        assert np.array_equal(result["matrix"], alone["matrix"]), scales
+        assert np.array_equal(result["image_matrices"], alone["image_matrices"]), scales
+        assert result["seconds"] > 0 and result["images"] == len(indices)
+    assert results[0]["seconds"] < results[2]["seconds"]  # 1.0 alone costs less than 0.5, 1.0 and 2.0
+
+
 @pytest.mark.integration  # a local Ray cluster
 def test_shards_and_batches_give_the_metrics_of_one_pass(tmp_path, data, local_ray):
     """Three workers with batches of two against one image at a time in this process: the same

@@ -53,3 +53,25 @@ def test_training_and_validation_scales_follow_the_row(method):
     assert problem is not None
     with pytest.raises(ConfigError, match="model.train_scales"):
         validate_config({"model": {"method": method, "train_scales": wrong}})
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sets_sharing_their_scale_passes_fuse_as_each_set_alone(method):
+    """forward_sets runs the segmenter once per distinct scale of all the sets (evaluation and the
+    scale search ask for many sets of the same images); each set's output is the one it has alone."""
+    import torch
+
+    model = build_model(tiny_model_config(method=method, train_scales=TRAINED_ON[method])).eval()
+    sets = PREDICTS_AT[method]
+    passes = []
+    model.segmenter.register_forward_hook(lambda _module, inputs, _output: passes.append(inputs[0].shape[-1]))
+    image = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        shared = model.forward_sets(image, sets)
+        assert len(passes) == len({s for scales in sets for s in scales})  # one pass per distinct scale
+        for scales, output in zip(sets, shared, strict=True):
+            alone = model(image, scales)
+            assert torch.equal(output.fused, alone.fused), (method, scales)
+            weights, alone_weights = output.scale_weights(), alone.scale_weights()
+            assert weights.keys() == alone_weights.keys()
+            assert all(torch.equal(weights[s], alone_weights[s]) for s in weights)

@@ -20,7 +20,7 @@ from torch import nn
 
 from components.methods import eval_scales_problem
 from components.models import fusion
-from components.models.segmenter import Segmenter
+from components.models.segmenter import Segmenter, SegmenterOutput
 from components.scales import scaled_size
 
 
@@ -80,7 +80,7 @@ class MultiScaleSegmenter(nn.Module):
             raise ValueError(f"scale set {scales}: {why}")
         return scales
 
-    def _images_at(self, images: torch.Tensor | dict[float, torch.Tensor], scales: list[float]):
+    def images_at(self, images: torch.Tensor | dict[float, torch.Tensor], scales: list[float]):
         """The image at each scale: taken from a given pyramid when present, else resized from 1.0."""
         if isinstance(images, dict):
             if 1.0 not in images:
@@ -91,16 +91,36 @@ class MultiScaleSegmenter(nn.Module):
         size = (base.shape[-2], base.shape[-1])
         return {s: images[s] if s in images else fusion.resize(base, scaled_size(size, s)) for s in scales}
 
+    def attention_needed(self, scale: float, scale_sets: list[list[float]]) -> bool:
+        """Hierarchical fusion never reads the attention of a set's top scale: the head runs at a
+        scale only where some set (sorted, as check_scales gives them) holds a scale above it."""
+        if self.method != "hierarchical":
+            return True
+        return any(scale in scales and scale != scales[-1] for scales in scale_sets)
+
     def forward(
         self, images: torch.Tensor | dict[float, torch.Tensor], scales: list[float] | None = None
     ) -> MultiScaleOutput:
-        scales = self.check_scales(self.train_scales if scales is None else scales)
-        # Hierarchical fusion never reads the top scale's attention: its head is not run there.
-        top = max(scales) if self.method == "hierarchical" else None
-        per_scale = {
-            s: self.segmenter(img, with_attention=s != top) for s, img in self._images_at(images, scales).items()
-        }
-        logits = {s: out.logits for s, out in per_scale.items()}
+        (output,) = self.forward_sets(images, [self.train_scales if scales is None else scales])
+        return output
+
+    def forward_sets(
+        self, images: torch.Tensor | dict[float, torch.Tensor], scale_sets: list[list[float]]
+    ) -> list[MultiScaleOutput]:
+        """The output at each of `scale_sets`, running the segmenter once per distinct scale: a
+        scale's logits, attention and features are the same in every set that holds it; only the
+        fusion differs. (Evaluating [1.0], [0.5, 1.0] and [0.5, 1.0, 2.0] costs one pass at each of
+        0.5, 1.0 and 2.0, not six passes.)"""
+        sets = [self.check_scales(scales) for scales in scale_sets]
+        distinct = sorted({s for scales in sets for s in scales})
+        per_scale = {s: self.segmenter(img, with_attention=self.attention_needed(s, sets))
+                     for s, img in self.images_at(images, distinct).items()}
+        return [self.fuse(per_scale, scales) for scales in sets]
+
+    def fuse(self, per_scale: dict[float, SegmenterOutput], scales: list[float]) -> MultiScaleOutput:
+        """The method's fusion of the segmenter's outputs at `scales` (a set check_scales accepted;
+        `per_scale` may hold more scales than the set)."""
+        logits = {s: per_scale[s].logits for s in scales}
         if self.method == "single":
             return MultiScaleOutput(fused=logits[1.0], logits=logits)
         if self.method == "avgpool":
@@ -108,10 +128,12 @@ class MultiScaleSegmenter(nn.Module):
         if self.method == "maxpool":
             return MultiScaleOutput(fused=fusion.max_fuse(logits), logits=logits)
         if self.method == "hierarchical":
-            attention = {s: out.attention for s, out in per_scale.items() if s != top}
-            return MultiScaleOutput(
-                fused=fusion.hierarchical_fuse(logits, attention), logits=logits, attention=attention
-            )
+            maps: dict[float, torch.Tensor] = {}
+            for s in scales[:-1]:  # the top scale's map is never read
+                scale_map = per_scale[s].attention
+                if scale_map is not None:  # (a missing one: hierarchical_fuse names it)
+                    maps[s] = scale_map
+            return MultiScaleOutput(fused=fusion.hierarchical_fuse(logits, maps), logits=logits, attention=maps)
         # explicit: features of every scale on the 1.0 feature grid, concatenated in ascending order.
         grid = per_scale[1.0].features.shape[-2:]
         stacked = torch.cat([fusion.resize(per_scale[s].features, grid) for s in scales], dim=1)
