@@ -105,13 +105,13 @@ def test_elastic_training_shrinks_when_a_node_goes_grows_when_it_returns_and_fin
 
 @pytest.mark.timeout(900)
 def test_an_elastic_search_starts_each_trial_on_what_the_trial_before_freed(tmp_path, stack):
-    """Three elastic trials one after another on the two nodes (each asks for both CPUs): each
-    starts training on the CPUs the trial before it freed. A reservation of an ended trial's
-    controller once held them for 180 s, and every trial after the first waited that long idle."""
+    """Two elastic trials one after another on the two nodes (each asks for both CPUs): the second
+    starts training on the CPUs the first freed. A reservation of an ended trial's controller once
+    held them for 180 s, and every trial after the first waited that long idle."""
     data = tiny_pyramid(tmp_path / "data", train_images=4, val_images=2)
     params = write_params(tmp_path, data, ray={"num_workers": [1, 2], "cpus_per_worker": 1},
                           mlflow={"experiment": "elastic-search"},
-                          tune=tiny_search(search={"lr": {"grid": [0.01, 0.02, 0.03]},
+                          tune=tiny_search(search={"lr": {"grid": [0.01, 0.02]},
                                                    "train_scales": {"choice": ["s05_10"]}}))
     # --verbose: Ray Train's controller logs its decisions at INFO
     done = subprocess.run(stage_command("tune", params), capture_output=True, text=True,
@@ -119,12 +119,12 @@ def test_an_elastic_search_starts_each_trial_on_what_the_trial_before_freed(tmp_
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     rows = trial_rows(tmp_path)
-    assert len(rows) == 3 and not any(int(r["failed"]) for r in rows), rows
+    assert len(rows) == 2 and not any(int(r["failed"]) for r in rows), rows
     # Ray Train's controller logs this each time it finds no room for a trial's fewest workers: 19
     # times in a 3-trial run that stalled. A start racing the previous trial's teardown may meet it
     # once; it must not repeat.
-    assert output.count("Deciding NOT to start") <= 2, output[-4000:]
-    assert output.count("Started training worker group") >= 3, output[-4000:]  # the decisions are in the log
+    assert output.count("Deciding NOT to start") <= 1, output[-4000:]
+    assert output.count("Started training worker group") >= 2, output[-4000:]  # the decisions are in the log
     # Workers' start and one tiny epoch, even on a busy machine, are far below the old 180 s wait.
     waits = [float(r["first_epoch_after_s"]) for r in rows]
     print(f"seconds from each trial's start to its first epoch: {waits}")
