@@ -42,13 +42,12 @@ def timed_scale_passes(model, inputs: dict[float, torch.Tensor], scale_sets: lis
                        device: torch.device) -> tuple[dict, dict[float, float]]:
     """The segmenter's output at each distinct scale of `scale_sets`, run once, and each pass's
     seconds (waiting for the device): a set's cost is its own scales' passes and its fusion."""
-    distinct = sorted({s for scales in scale_sets for s in scales})
     outputs, seconds = {}, {}
-    for scale, image in model.images_at(inputs, distinct).items():
-        start = time.perf_counter()
-        outputs[scale] = model.segmenter(image, with_attention=model.attention_needed(scale, scale_sets))
+    start = time.perf_counter()
+    for scale, output in model.scale_passes(inputs, scale_sets):
         _synchronize(device)
-        seconds[scale] = time.perf_counter() - start
+        outputs[scale], seconds[scale] = output, time.perf_counter() - start
+        start = time.perf_counter()
     return outputs, seconds
 
 

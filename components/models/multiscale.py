@@ -13,6 +13,7 @@ The output type is the same in training and inference; losses live outside (comp
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -112,10 +113,16 @@ class MultiScaleSegmenter(nn.Module):
         fusion differs. (Evaluating [1.0], [0.5, 1.0] and [0.5, 1.0, 2.0] costs one pass at each of
         0.5, 1.0 and 2.0, not six passes.)"""
         sets = [self.check_scales(scales) for scales in scale_sets]
-        distinct = sorted({s for scales in sets for s in scales})
-        per_scale = {s: self.segmenter(img, with_attention=self.attention_needed(s, sets))
-                     for s, img in self.images_at(images, distinct).items()}
+        per_scale = dict(self.scale_passes(images, sets))
         return [self.fuse(per_scale, scales) for scales in sets]
+
+    def scale_passes(self, images: torch.Tensor | dict[float, torch.Tensor],
+                     sets: list[list[float]]) -> Iterator[tuple[float, SegmenterOutput]]:
+        """The segmenter's pass at each distinct scale of `sets` (checked, sorted), one at a time
+        (evaluation times each)."""
+        distinct = sorted({s for scales in sets for s in scales})
+        for scale, image in self.images_at(images, distinct).items():
+            yield scale, self.segmenter(image, with_attention=self.attention_needed(scale, sets))
 
     def fuse(self, per_scale: dict[float, SegmenterOutput], scales: list[float]) -> MultiScaleOutput:
         """The method's fusion of the segmenter's outputs at `scales` (a set check_scales accepted;
