@@ -64,6 +64,11 @@ def test_an_experiment_on_an_empty_autoscaling_cluster_reaches_a_teammates_clone
                      prepare={"synthetic": {"train_images": 4, "val_images": 2, "height": 1024, "width": 2048},
                               "workers": 1},
                      train={"crop_size": [256, 256]},
+                     # Scale sets up to 1.0: a 2.0 pass at this size is a 4096x2048 forward, four
+                     # times the work of the 1.0 pass, through the same code as the 64x96 sets of
+                     # tests/test_e2e_dvc.py; the scales are what these stages compute, not where.
+                     evaluate={"scale_sets": [[1.0], [0.5, 1.0]]},
+                     eval_scales={"scale_sets": {"s10": [1.0], "s05_10": [0.5, 1.0]}},
                      # one data task at a time: the autoscaler adds one node for prepare and pyramid,
                      # and the training's launch must still ask it for the second (what this test holds)
                      pyramid={"workers": 1})

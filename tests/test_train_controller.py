@@ -92,3 +92,83 @@ def test_a_local_ray_polls_often_and_runs_no_preemption_watcher_unless_the_user_
     assert "RayTrainWorker" in as_configured["actors"] and "TrainController" in as_configured["actors"]
     assert "PreemptionWatcher" not in as_configured["actors"]
     assert "PreemptionWatcher" in as_the_user_asks["actors"]
+
+
+# Joins Ray as a stage does, for a job that trains or one of plain tasks, runs a task, and lists
+# the Ray processes the driver started (a local instance's are its children).
+RAY_PROCESSES = """
+import json, os, sys, ray
+from pathlib import Path
+from pipeline.runtime import ray_session
+from pipeline.runtime.environment import Environment
+ray_session.connect(Environment.from_environ(), trains=sys.argv[1] == "trains")
+assert ray.get(ray.remote(num_cpus=1)(lambda: 1).remote()) == 1
+parents = {}
+for stat in Path("/proc").glob("[0-9]*/stat"):
+    try:
+        parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
+        pass
+ours, found = {os.getpid()}, True
+while found:
+    found = {pid for pid, parent in parents.items() if parent in ours} - ours
+    ours |= found
+commands = []
+for pid in ours - {os.getpid()}:
+    try:
+        commands.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\\0", b" ").decode())
+    except OSError:
+        pass  # ended since
+print(json.dumps(commands))
+"""
+
+
+def local_ray_processes(tmp_path, job: str) -> list[str]:
+    done = subprocess.run([sys.executable, "-c", RAY_PROCESSES, job], capture_output=True, text=True, timeout=300,
+                          env=python_env(RAY_ADDRESS="", HMSA_STORAGE=str(tmp_path / "store")))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_local_ray_starts_its_dashboard_only_for_a_job_that_trains(tmp_path):
+    """Ray Train's placement-group cleaner reads the State API, which a module of the dashboard
+    serves (each module a process of its own: the state, jobs, metrics, ... heads); a job of plain
+    tasks (evaluation) needs none of them, and on 2 cores they cost about 3 of the 10 CPU-s that a
+    local instance takes to start, run a task and stop."""
+    def dashboard_modules(processes: list[str]) -> list[str]:
+        return [p.split()[0] for p in processes if p.startswith("ray-dashboard-")]
+
+    assert "ray-dashboard-StateHead-0" in dashboard_modules(local_ray_processes(tmp_path, "trains"))
+    tasks_only = local_ray_processes(tmp_path, "tasks")
+    assert any("ray::IDLE" in p for p in tasks_only) and not dashboard_modules(tasks_only), tasks_only
+
+
+def test_evaluation_asks_for_a_ray_of_plain_tasks_and_training_for_one_that_trains(tmp_path, monkeypatch):
+    """Which local Ray each kind of work asks for (the one above), up to the point where it joins."""
+    from components.config import load_config
+    from components.models import build_model
+    from pipeline.runtime import launch, ray_session
+    from pipeline.runtime.eval_workers import evaluate_all
+    from pipeline.runtime.training_run import run_training
+    from tests.conftest import tiny_model_config
+    from tests.train_helpers import tiny_pyramid, write_params
+
+    asked = []
+
+    class Joined(Exception):
+        pass
+
+    def connect(env, trains: bool = True) -> str:
+        asked.append(trains)
+        raise Joined
+
+    monkeypatch.setattr(ray_session, "connect", connect)
+    monkeypatch.setenv("HMSA_STORAGE", str(tmp_path / "store"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = load_config(write_params(tmp_path, tiny_pyramid(tmp_path / "data", train_images=2, val_images=1)))
+    model_cfg = tiny_model_config(num_classes=cfg.model.num_classes)
+    with pytest.raises(Joined):
+        evaluate_all(cfg, build_model(model_cfg).eval(), model_cfg, [[1.0]], flip=False)
+    with pytest.raises(Joined):
+        run_training(cfg)
+    assert asked == [False, True] and launch.ray_session.connect is connect

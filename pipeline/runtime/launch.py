@@ -60,14 +60,15 @@ def check_full_batches(cfg: PipelineConfig, pyramid: str) -> None:
 
 
 def prepare_launch(cfg: PipelineConfig, env: Environment | None = None, trains: bool = True) -> Launch:
-    """`trains`: the run trains (train, tune, ablation), so its batches are checked against the data."""
+    """`trains`: the run trains (train, tune, ablation), so its batches are checked against the data
+    and a local Ray gets what Ray Train needs (ray_session.connect)."""
     check_classes(cfg.model.num_classes, cfg.pyramid.output)
     if trains:
         check_full_batches(cfg, cfg.pyramid.output)
     env = env or Environment.from_environ()
     cluster.check_tracking(env)
     checkpoint_root = cluster.check_storage(env)
-    where = ray_session.connect(env)
+    where = ray_session.connect(env, trains)
     use_gpu = capacity.provide(cfg.ray, cfg.ray.scale_up_timeout_s)
     remote = cluster.workers_may_be_remote()
     if remote:

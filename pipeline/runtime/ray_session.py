@@ -68,11 +68,14 @@ def _drop_from_driver_log(known: tuple[str, ...]) -> None:
     dispatcher.add_handler("ray_print_logs", forward_all_but_known)
 
 
-def connect(env: Environment) -> str:
+def connect(env: Environment, trains: bool = True) -> str:
     """Join the cluster of RAY_ADDRESS, or start a local Ray; returns a description for the log.
 
     On a cluster the job carries the code this checkout holds (what DVC hashed) and the variables
-    workers need; workers never run whatever copy their image happens to have."""
+    workers need; workers never run whatever copy their image happens to have. `trains`: the job
+    runs Ray Train (train, tune, the ablation's trainings); a local Ray for a job of plain tasks
+    (evaluation) starts without the dashboard, which only Ray Train's placement-group cleaner
+    needs here, and which costs a 2-core machine 3 of the 8 CPU-s a local start and stop takes."""
     import ray
 
     if ray.is_initialized():
@@ -87,7 +90,14 @@ def connect(env: Environment) -> str:
         if not verbose():
             _drop_from_driver_log(KNOWN_RAY_NOISE)
         return f"the Ray cluster at {redact(env.ray_address)}"
+    if not verbose():
+        # Ray turns token authentication on for a local instance and says so in a warning on every
+        # start; this one is the stage's own, on loopback, and ends with it.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # A local instance listens on loopback only: nothing outside this machine needs to reach it.
+    if not trains:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=_ray_log_level())
+        return "a local Ray instance"
     # Its processes inherit RAY_API_SERVER_ADDRESS, so Ray Train's placement-group cleaner queries
     # this instance's State API even when another Ray runs on the machine (scanning for one, it
     # would fail to choose and never free a stopped Tune trial's workers).
@@ -95,10 +105,6 @@ def connect(env: Environment) -> str:
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
     os.environ.update(train_controller_variables())  # the local Ray's processes inherit them
     os.environ.update(local_only_variables())
-    if not verbose():
-        # Ray turns token authentication on for a local instance and says so in a warning on every
-        # start; this one is the stage's own, on loopback, and ends with it.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(_node_ip_address="127.0.0.1", dashboard_port=dashboard, logging_level=_ray_log_level())
     return "a local Ray instance"
 
