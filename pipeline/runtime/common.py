@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import gc
 import logging
 import os
 import signal
@@ -91,6 +92,17 @@ def run_stage(main: Callable[..., None], description: str,
         stop_forwarding_ray_output()
         print(f"error: {redact(err)}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        skip_the_collection_at_exit()
+
+
+def skip_the_collection_at_exit() -> None:
+    """The stage's work is done (or has failed): leave what is still alive out of the full garbage
+    collection that Python's exit runs. With torch, Ray and MLflow loaded that pass alone took about
+    1.1 of the 1.6 CPU-s a stage process spent after its last line, on every stage of every run.
+    Exit handlers (Ray's shutdown, MLflow's, logging's flush) still run; objects left in reference
+    cycles are not finalized, which Python does not promise at exit either."""
+    gc.freeze()
 
 
 @contextlib.contextmanager
