@@ -74,8 +74,9 @@ def connect(env: Environment, trains: bool = True) -> str:
     On a cluster the job carries the code this checkout holds (what DVC hashed) and the variables
     workers need; workers never run whatever copy their image happens to have. `trains`: the job
     runs Ray Train (train, tune, the ablation's trainings); a local Ray for a job of plain tasks
-    (evaluation) starts without the dashboard, which only Ray Train's placement-group cleaner
-    needs here, and which costs a 2-core machine 3 of the 8 CPU-s a local start and stop takes."""
+    (evaluation) starts without the dashboard's modules, which only Ray Train's placement-group
+    cleaner needs here (their State API), and which cost a 2-core machine about 3 of the 10 CPU-s
+    that a local instance takes to start, run a task and stop."""
     import ray
 
     if ray.is_initialized():
