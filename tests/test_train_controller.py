@@ -46,7 +46,8 @@ def test_a_joined_cluster_polls_train_workers_often_unless_the_user_says_otherwi
 # Two fits on the local Ray a stage starts: as configured, then with the user's own setting. Each
 # training loop lists the live actors of the job for a few seconds (Ray Train starts its helpers
 # next to the first steps), and the poll interval its worker process sees, into a file of the
-# driver's disk (one machine).
+# driver's disk (one machine). Where the watcher is asked for, the listing goes on until it shows
+# (at most 120 s): on a busy machine Ray Train started it after the first 6 s.
 ACTORS_DURING_TRAINING = """
 import json, os, sys, tempfile
 import ray.train
@@ -58,9 +59,11 @@ ray_session.connect(Environment.from_environ())
 def loop(config):
     import os, time
     from ray.util.state import list_actors
-    seen = set()
-    for _ in range(12):
+    seen, start = set(), time.monotonic()
+    while time.monotonic() - start < (120 if config["asked"] else 6):
         seen |= {actor.class_name for actor in list_actors(filters=[("state", "=", "ALIVE")])}
+        if config["asked"] and "PreemptionWatcher" in seen:
+            break
         time.sleep(0.5)
     with open(config["out"], "w") as out:
         json.dump({"actors": sorted(seen), "poll": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}, out)
@@ -71,7 +74,7 @@ for setting in (None, "1"):
         os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = setting
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "actors.json")
-        TorchTrainer(loop, train_loop_config={"out": out},
+        TorchTrainer(loop, train_loop_config={"out": out, "asked": setting is not None},
                      scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
                      run_config=ray.train.RunConfig(storage_path=tmp, name="actors")).fit()
         seen.append(json.load(open(out)))
