@@ -125,10 +125,12 @@ def test_an_elastic_search_starts_each_trial_on_what_the_trial_before_freed(tmp_
     # once; it must not repeat.
     assert output.count("Deciding NOT to start") <= 1, output[-4000:]
     assert output.count("Started training worker group") >= 2, output[-4000:]  # the decisions are in the log
-    # Workers' start and one tiny epoch, even on a busy machine, are far below the old 180 s wait.
+    # Workers' start and one tiny epoch stay below the old 180 s hold whatever the load: with a CPU
+    # hog beside the suite the second trial's took 66 s (a 60 s bound failed). The count of
+    # decisions above is the check that no load moves.
     waits = [float(r["first_epoch_after_s"]) for r in rows]
     print(f"seconds from each trial's start to its first epoch: {waits}")
-    assert max(waits) < 60, waits
+    assert max(waits) < 150, waits
 
 
 def _curve_rows(workdir: Path):
