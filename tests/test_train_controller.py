@@ -97,15 +97,19 @@ def test_a_local_ray_polls_often_and_runs_no_preemption_watcher_unless_the_user_
     assert "PreemptionWatcher" in as_the_user_asks["actors"]
 
 
-# Joins Ray as a stage does, for a job that trains or one of plain tasks, runs a task, and lists
-# the Ray processes the driver started (a local instance's are its children).
+# Joins Ray as a stage does, for a job that trains or one of plain tasks, runs a task (or, with
+# "idle", waits as long as a task takes here), and lists the Ray processes the driver started (a
+# local instance's are its children).
 RAY_PROCESSES = """
-import json, os, sys, ray
+import json, os, sys, time, ray
 from pathlib import Path
 from pipeline.runtime import ray_session
 from pipeline.runtime.environment import Environment
 ray_session.connect(Environment.from_environ(), trains=sys.argv[1] == "trains")
-assert ray.get(ray.remote(num_cpus=1)(lambda: 1).remote()) == 1
+if sys.argv[2:] == ["idle"]:
+    time.sleep(3)
+else:
+    assert ray.get(ray.remote(num_cpus=1)(lambda: 1).remote()) == 1
 parents = {}
 for stat in Path("/proc").glob("[0-9]*/stat"):
     try:
@@ -126,9 +130,9 @@ print(json.dumps(commands))
 """
 
 
-def local_ray_processes(tmp_path, job: str) -> list[str]:
-    done = subprocess.run([sys.executable, "-c", RAY_PROCESSES, job], capture_output=True, text=True, timeout=300,
-                          env=python_env(RAY_ADDRESS="", HMSA_STORAGE=str(tmp_path / "store")))
+def local_ray_processes(tmp_path, job: str, *mode: str) -> list[str]:
+    done = subprocess.run([sys.executable, "-c", RAY_PROCESSES, job, *mode], capture_output=True, text=True,
+                          timeout=300, env=python_env(RAY_ADDRESS="", HMSA_STORAGE=str(tmp_path / "store")))
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -144,6 +148,18 @@ def test_a_local_ray_starts_its_dashboard_only_for_a_job_that_trains(tmp_path):
     assert "ray-dashboard-StateHead-0" in dashboard_modules(local_ray_processes(tmp_path, "trains"))
     tasks_only = local_ray_processes(tmp_path, "tasks")
     assert any("ray::IDLE" in p for p in tasks_only) and not dashboard_modules(tasks_only), tasks_only
+
+
+def test_a_local_ray_starts_no_worker_process_ahead_of_work(tmp_path):
+    """Ray starts one idle worker process per CPU when its first driver connects; a stage's own
+    instance has one driver, and its work starts the processes it needs (the Train controller and
+    workers are actors, each a process of its own). The ones started ahead and never used cost about
+    1 CPU-s each per stage on 2 cores."""
+    def worker(command: str) -> bool:  # titled ray::IDLE once it has started; its script before that
+        return command.startswith("ray::IDLE") or any(a.endswith("default_worker.py") for a in command.split()[:2])
+
+    workers = [p for p in local_ray_processes(tmp_path, "trains", "idle") if worker(p)]
+    assert not workers, workers
 
 
 def test_evaluation_asks_for_a_ray_of_plain_tasks_and_training_for_one_that_trains(tmp_path, monkeypatch):

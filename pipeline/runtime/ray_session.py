@@ -96,6 +96,7 @@ def connect(env: Environment, trains: bool = True) -> str:
         # start; this one is the stage's own, on loopback, and ends with it.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # A local instance listens on loopback only: nothing outside this machine needs to reach it.
+    os.environ.update(local_only_variables())  # the local Ray's processes inherit them
     if not trains:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=_ray_log_level())
         return "a local Ray instance"
@@ -105,7 +106,6 @@ def connect(env: Environment, trains: bool = True) -> str:
     dashboard = free_local_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
     os.environ.update(train_controller_variables())  # the local Ray's processes inherit them
-    os.environ.update(local_only_variables())
     ray.init(_node_ip_address="127.0.0.1", dashboard_port=dashboard, logging_level=_ray_log_level())
     return "a local Ray instance"
 
@@ -131,6 +131,7 @@ def train_controller_variables() -> dict[str, str]:
 
 
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+PRESTART_WORKERS = "RAY_prestart_worker_first_driver"
 
 
 def local_only_variables() -> dict[str, str]:
@@ -139,8 +140,14 @@ def local_only_variables() -> dict[str, str]:
     Ray Train starts a preemption watcher per run, an actor that polls for nodes being drained (an
     autoscaler or a spot reclaim). Nothing drains the node of an instance this process started, and
     on a 2-core machine every process of Ray's that wakes up takes time from the training threads
-    (benchmarks.orchestration shows the cores Ray's processes use)."""
-    return {PREEMPTION_WATCHER: os.environ.get(PREEMPTION_WATCHER, "0")}
+    (benchmarks.orchestration shows the cores Ray's processes use).
+
+    Ray also starts one idle worker process per CPU when the first driver connects, ahead of any
+    work. A stage's own instance has one driver, and its work (the Train controller and workers,
+    evaluation tasks) starts the processes it needs as it comes; the ones started ahead and never
+    used cost a 2-core machine about 1 CPU-s each per stage."""
+    return {PREEMPTION_WATCHER: os.environ.get(PREEMPTION_WATCHER, "0"),
+            PRESTART_WORKERS: os.environ.get(PRESTART_WORKERS, "0")}
 
 
 STATE_TRACKING = "RAY_TRAIN_ENABLE_STATE_TRACKING"
