@@ -177,7 +177,7 @@ def dockerfile_workdir() -> str:
     return re.search(r"^WORKDIR (\S+)", (INFRA / "docker/Dockerfile").read_text(), flags=re.MULTILINE).group(1)
 
 
-def test_mlflow_server_has_auth_s3_artifacts_and_real_options():
+def test_mlflow_server_has_auth_s3_artifacts_and_real_options(monkeypatch):
     deployment, service = kuberay("Deployment"), kuberay("Service")
     container = check_pod_template(deployment["spec"]["template"], "mlflow")[0]
     assert container["command"] == ["mlflow", "server"]
@@ -195,6 +195,12 @@ def test_mlflow_server_has_auth_s3_artifacts_and_real_options():
         assert env[name]["value"] == value, name
     auth_ini = ROOT / env["MLFLOW_AUTH_CONFIG_PATH"]["value"].removeprefix(dockerfile_workdir() + "/")
     assert "admin_password" not in auth_ini.read_text().replace("# admin_password", "")
+    # A successful credential check is cached, as MLflow reads the file: uncached, every request
+    # (several per epoch per run) costs the server a scrypt hash, about 0.1 CPU-s.
+    from mlflow.server.auth.config import read_auth_config
+
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(auth_ini))
+    assert read_auth_config().auth_cache_ttl_seconds > 0
     config_map = kuberay("ConfigMap")
     assert config_map["data"]["MLFLOW_TRACKING_URI"].startswith(f"http://{service['metadata']['name']}:")
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
