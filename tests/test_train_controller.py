@@ -130,7 +130,8 @@ print(json.dumps(commands))
 """
 
 
-def local_ray_processes(tmp_path, job: str, *mode: str) -> list[str]:
+def local_ray_processes(tmp_path, job: str, idle: bool = False) -> list[str]:
+    mode = ["idle"] if idle else []
     done = subprocess.run([sys.executable, "-c", RAY_PROCESSES, job, *mode], capture_output=True, text=True,
                           timeout=300, env=python_env(RAY_ADDRESS="", HMSA_STORAGE=str(tmp_path / "store")))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -158,7 +159,7 @@ def test_a_local_ray_starts_no_worker_process_ahead_of_work(tmp_path):
     def worker(command: str) -> bool:  # titled ray::IDLE once it has started; its script before that
         return command.startswith("ray::IDLE") or any(a.endswith("default_worker.py") for a in command.split()[:2])
 
-    workers = [p for p in local_ray_processes(tmp_path, "trains", "idle") if worker(p)]
+    workers = [p for p in local_ray_processes(tmp_path, "trains", idle=True) if worker(p)]
     assert not workers, workers
 
 
