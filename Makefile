@@ -8,11 +8,20 @@ SHELL := /bin/bash
 VENV := .venv
 STAMP := $(VENV)/.installed
 
+UV_VERSION := 0.13.10
+
+# uv installs the lock: about 15 s on a 2-core machine with nothing cached, where pip took 90 (pip
+# unpacks and byte-compiles one file at a time). pip installs only uv itself, pinned. --no-deps: the
+# lock is already resolved; uv only downloads and installs. --compile-bytecode: each process would
+# otherwise compile every module it imports, where bytecode files are not written
+# (PYTHONDONTWRITEBYTECODE), about 5 CPU-s for a stage's imports. Local wheel folders that pip is
+# configured with (PIP_FIND_LINKS: this machine's CPU build of torch) are uv's too.
 $(STAMP): requirements.lock pyproject.toml requirements.in requirements-dev.in
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
-	# --no-deps: the lock is already resolved; pip only downloads and installs.
-	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -r requirements.lock 2>&1 | { grep -v "is ignored: it is neither" || true; }
-	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	$(VENV)/bin/pip install -q --disable-pip-version-check uv==$(UV_VERSION) 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	links=(); for link in $${UV_FIND_LINKS:-$${PIP_FIND_LINKS:-}}; do links+=(--find-links "$$link"); done; \
+	$(VENV)/bin/uv pip install -q --python $(VENV)/bin/python --no-deps --compile-bytecode "$${links[@]}" -r requirements.lock
+	$(VENV)/bin/uv pip install -q --python $(VENV)/bin/python --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 .PHONY: install repro ablation bench test test-fast lint
