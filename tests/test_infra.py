@@ -262,8 +262,8 @@ def test_make_installs_the_lock_with_a_pinned_uv_and_compiled_bytecode():
     process would compile its imports again. The machine's local wheels (PIP_FIND_LINKS) stay found."""
     text = (ROOT / "Makefile").read_text()
     recipe = re.search(r"^\$\(STAMP\):.*\n((?:\t.*\n)+)", text, flags=re.MULTILINE).group(1)
-    version = re.search(r"^UV_VERSION := (\S+)$", text, flags=re.MULTILINE).group(1)
-    assert re.fullmatch(r"\d+\.\d+\.\d+", version) and "pip install" in recipe and "uv==$(UV_VERSION)" in recipe
+    version = re.search(r"^UV_VERSION := (\d+\.\d+\.\d+)$", text, flags=re.MULTILINE)
+    assert version and "pip install" in recipe and "uv==$(UV_VERSION)" in recipe, recipe  # uv itself, pinned
     (lock_install,) = [line for line in recipe.splitlines() if "-r requirements.lock" in line]
     assert "uv pip install" in lock_install and "--no-deps" in lock_install, lock_install
     assert "--compile-bytecode" in lock_install and "PIP_FIND_LINKS" in recipe, recipe
