@@ -14,13 +14,16 @@ UV_VERSION := 0.13.10
 # unpacks and byte-compiles one file at a time). pip installs only uv itself, pinned. --no-deps: the
 # lock is already resolved; uv only downloads and installs. --compile-bytecode: each process would
 # otherwise compile every module it imports, where bytecode files are not written
-# (PYTHONDONTWRITEBYTECODE), about 5 CPU-s for a stage's imports. Local wheel folders that pip is
-# configured with (PIP_FIND_LINKS: this machine's CPU build of torch) are uv's too.
+# (PYTHONDONTWRITEBYTECODE), about 5 CPU-s for a stage's imports. Where pip is pointed elsewhere by
+# its variables (PIP_FIND_LINKS: a folder with the CPU build of torch; PIP_INDEX_URL,
+# PIP_EXTRA_INDEX_URL: a mirror), uv is too; uv's own UV_* variables work as well.
 $(STAMP): requirements.lock pyproject.toml requirements.in requirements-dev.in
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check uv==$(UV_VERSION) 2>&1 | { grep -v "is ignored: it is neither" || true; }
-	links=(); for link in $${UV_FIND_LINKS:-$${PIP_FIND_LINKS:-}}; do links+=(--find-links "$$link"); done; \
-	$(VENV)/bin/uv pip install -q --python $(VENV)/bin/python --no-deps --compile-bytecode "$${links[@]}" -r requirements.lock
+	where=(); for link in $${PIP_FIND_LINKS:-}; do where+=(--find-links "$$link"); done; \
+	for index in $${PIP_EXTRA_INDEX_URL:-}; do where+=(--extra-index-url "$$index"); done; \
+	where+=($${PIP_INDEX_URL:+--index-url "$$PIP_INDEX_URL"}); \
+	$(VENV)/bin/uv pip install -q --python $(VENV)/bin/python --no-deps --compile-bytecode "$${where[@]}" -r requirements.lock
 	$(VENV)/bin/uv pip install -q --python $(VENV)/bin/python --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
