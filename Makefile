@@ -10,8 +10,8 @@ STAMP := $(VENV)/.installed
 
 UV_VERSION := 0.13.10
 
-# uv installs the lock: about 15 s on a 2-core machine with nothing cached, where pip took 90 (pip
-# unpacks and byte-compiles one file at a time). pip installs only uv itself, pinned. --no-deps: the
+# uv installs the lock: the whole install took 30 s on a 2-core machine with nothing cached, where
+# pip took 95 s for the lock alone (pip unpacks and byte-compiles one file at a time). pip installs only uv itself, pinned. --no-deps: the
 # lock is already resolved; uv only downloads and installs. --compile-bytecode: each process would
 # otherwise compile every module it imports, where bytecode files are not written
 # (PYTHONDONTWRITEBYTECODE), about 5 CPU-s for a stage's imports. Where pip is pointed elsewhere by

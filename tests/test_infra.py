@@ -257,7 +257,7 @@ def test_make_test_starts_the_longest_modules_first():
 
 def test_make_installs_the_lock_with_a_pinned_uv_and_compiled_bytecode():
     """The install that `make repro` and `make test` start with on a fresh machine: pip unpacked and
-    byte-compiled the lock one file at a time (about 90 s on 2 cores); uv installs it in about 15. uv
+    byte-compiled the lock one file at a time (95 s on 2 cores); uv installs it in about 30. uv
     compiles no bytecode unless asked, and where Python writes none (PYTHONDONTWRITEBYTECODE) every
     process would compile its imports again. The machine's local wheels (PIP_FIND_LINKS) stay found."""
     text = (ROOT / "Makefile").read_text()
