@@ -11,12 +11,12 @@ STAMP := $(VENV)/.installed
 UV_VERSION := 0.13.10
 
 # uv installs the lock: the whole install took 30 s on a 2-core machine with nothing cached, where
-# pip took 95 s for the lock alone (pip unpacks and byte-compiles one file at a time). pip installs only uv itself, pinned. --no-deps: the
-# lock is already resolved; uv only downloads and installs. --compile-bytecode: each process would
-# otherwise compile every module it imports, where bytecode files are not written
-# (PYTHONDONTWRITEBYTECODE), about 5 CPU-s for a stage's imports. Where pip is pointed elsewhere by
-# its variables (PIP_FIND_LINKS: a folder with the CPU build of torch; PIP_INDEX_URL,
-# PIP_EXTRA_INDEX_URL: a mirror), uv is too; uv's own UV_* variables work as well.
+# pip took 95 s for the lock alone (pip unpacks and byte-compiles one file at a time). pip installs
+# only uv itself, pinned. --no-deps: the lock is already resolved; uv only downloads and installs.
+# --compile-bytecode: each process would otherwise compile every module it imports, where bytecode
+# files are not written (PYTHONDONTWRITEBYTECODE), about 5 CPU-s for a stage's imports. Where pip is
+# pointed elsewhere by its variables (PIP_FIND_LINKS: a folder with the CPU build of torch;
+# PIP_INDEX_URL, PIP_EXTRA_INDEX_URL: a mirror), uv is too; uv's own UV_* variables work as well.
 $(STAMP): requirements.lock pyproject.toml requirements.in requirements-dev.in
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check uv==$(UV_VERSION) 2>&1 | { grep -v "is ignored: it is neither" || true; }
@@ -41,8 +41,8 @@ bench: $(STAMP)
 
 # Whole test modules in two processes (-n 2 --dist loadfile): a module's services and trained
 # fixtures stay shared by its tests, and the two cores are kept busy while one module waits (a
-# third process gained nothing: with two the cores were busy 92% of the run, with three 98%, and
-# the run took as long). The modules go out longest first (tests/conftest.py); xdist would
+# third process gained nothing: with two the cores were busy about 90% of the run, with three
+# 98%, and the run took as long). The modules go out longest first (tests/conftest.py); xdist would
 # otherwise reorder them by their number of tests, which sends the long single-test modules last,
 # to run alone at the end. The slowest tests are listed at the end, to keep the suite within its
 # 20 minutes.
